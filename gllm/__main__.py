@@ -1,0 +1,5 @@
+import sys
+
+from gllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""Scheduler: one rule fills each step's token budget, decodes first, then prompt chunks.
+
+Every sequence has ``num_computed_tokens`` and ``num_tokens``; a step gives each scheduled sequence a
+chunk of its uncomputed tokens (one token for a decode, up to the remaining budget for a prompt). Prompt
+chunks and decodes share one packed batch: there is no separate prefill phase. When the KV cache runs
+out of blocks, the lowest-priority, newest running sequence is preempted (its blocks freed) and later
+recomputed from scratch, with the help of the prefix cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from gllm.engine.sequence import Sequence, Status
+from gllm.kv import BlockManager
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so its last position is sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulePlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # one-token chunks first
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int):
+        self.blocks = block_manager
+        self.max_batch_size = max_batch_size
+        self.token_budget = token_budget
+        self.waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by sort_key
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        heapq.heappush(self.waiting, (seq.sort_key, seq))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulePlan:
+        plan = SchedulePlan()
+        budget = self.token_budget
+        order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.sort_key))
+        i = 0
+        while i < len(order) and budget > 0:
+            seq = order[i]
+            n = min(seq.num_remaining, budget)
+            while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                victim = order.pop()  # the last candidate: prompt chunks, lowest priority, newest
+                self._preempt(victim, plan)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+                plan.chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+                i += 1
+        if not plan.preempted:
+            budget = self._admit(plan, budget)
+        plan.chunks.sort(key=lambda c: c.num_tokens > 1)
+        return plan
+
+    def _admit(self, plan: SchedulePlan, budget: int) -> int:
+        """Start waiting sequences while budget, batch slots and free blocks allow (never preempting)."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0][1]
+            if seq.num_computed_tokens == 0 and not seq.block_table:
+                seq.block_table, seq.block_keys = self.blocks.match_prefix(seq.token_ids)
+                seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
+                if seq.num_tokens == seq.num_prompt_tokens:  # cache hits count only for a fresh prompt
+                    seq.num_cached_tokens = seq.num_computed_tokens
+            n = min(seq.num_remaining, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                self.blocks.free(seq.block_table)  # give back the prefix hits; retry in a later step
+                seq.block_keys, seq.num_computed_tokens = [], 0
+                break
+            heapq.heappop(self.waiting)
+            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            plan.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return budget
+
+    def _preempt(self, seq: Sequence, plan: SchedulePlan) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        self.num_preemptions += 1
+        plan.preempted.append(seq)
+        self.add(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_keys = []
+        seq.num_computed_tokens = 0
+
+    def update(self, plan: SchedulePlan, sampled: dict[Sequence, int]) -> list[tuple[Sequence, int, str | None]]:
+        """Advance computed counts, append sampled tokens, cache full blocks, finish what is done.
+
+        Returns ``(sequence, token_id, finish_reason)`` for every sampled token, in plan order.
+        """
+        events = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if seq.status is not Status.RUNNING:
+                continue  # finished by an abort during the step
+            seq.num_computed_tokens += chunk.num_tokens
+            token = sampled.get(seq)
+            reason = None if token is None else seq.append(token)
+            self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens)
+            if token is not None:
+                events.append((seq, token, reason))
+            if reason is not None:
+                self.finish(seq, reason)
+        return events
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (done, stopped or aborted) and free its blocks; idempotent."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting = [(k, s) for k, s in self.waiting if s is not seq]
+            heapq.heapify(self.waiting)
+        self._release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,68 @@
+"""BlockManager: gives each sequence the cache blocks it needs, shares cached prefixes, frees in reverse.
+
+A sequence owns a *block table* (list of block ids): token ``i`` of the sequence lives in block
+``table[i // block_size]`` at offset ``i % block_size``. Full blocks whose tokens are all computed get a
+chained hash (``hash(parent_hash, token_ids)``) and enter the prefix cache, so a later sequence starting
+with the same tokens takes them instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+from gllm.kv.block_pool import BlockKey, BlockPool
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[BlockKey]]:
+        """Take (reference) the cached blocks of the longest cached prefix of ``token_ids``.
+
+        The match covers at most ``len(token_ids) - 1`` tokens, so the last token is always computed and
+        yields logits. Returns the blocks and their keys; the caller owns one reference to each block.
+        """
+        if not self.enable_prefix_caching:
+            return [], []
+        blocks: list[int] = []
+        keys: list[BlockKey] = []
+        parent = None
+        for start in range(0, len(token_ids) - 1 - self.block_size + 1, self.block_size):
+            key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]))
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            self.pool.incref(block)
+            blocks.append(block)
+            keys.append(key)
+            parent = key.hash
+        return blocks, keys
+
+    def can_grow(self, block_table: list[int], num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(block_table) <= self.pool.num_free
+
+    def grow(self, block_table: list[int], num_tokens: int) -> None:
+        """Append blocks until the table can hold ``num_tokens`` tokens (check ``can_grow`` first)."""
+        while len(block_table) * self.block_size < num_tokens:
+            block_table.append(self.pool.allocate())
+
+    def commit(self, block_table: list[int], keys: list[BlockKey], token_ids: list[int], num_computed: int) -> None:
+        """Hash and cache every block that is now full of computed tokens (``keys`` grows in place)."""
+        if not self.enable_prefix_caching:
+            return
+        while (len(keys) + 1) * self.block_size <= num_computed:
+            i = len(keys)
+            parent = keys[-1].hash if keys else None
+            key = BlockKey(parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
+            self.pool.register(block_table[i], key)
+            keys.append(key)
+
+    def free(self, block_table: list[int]) -> None:
+        """Release a sequence's blocks, last first, so that a prefix's tail is evicted before its head."""
+        for block in reversed(block_table):
+            self.pool.free(block)
+        block_table.clear()

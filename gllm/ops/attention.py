@@ -1,0 +1,83 @@
+"""Default attention path on the paged KV cache (CPU and any torch device).
+
+The cache of one layer is a tensor ``[2, num_blocks, block_size, kv_heads, head_dim]`` (keys, values).
+A step first writes the new tokens' K/V into their slots, then attends:
+
+* query (decode) attention: one token per sequence, all such sequences in one batched call over their
+  gathered blocks, with a padding mask for sequences shorter than the longest;
+* context attention: each prompt chunk attends to its cached prefix and causally among itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gllm.ops.metadata import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys and values ``[T, kv_heads, D]`` in the cache at their flat slots ``[T]``."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
+def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of a batch of sequences laid out contiguously: ``[B, kv_heads, num_blocks * bs, D]``."""
+    blocks = kv_cache[:, block_tables[:, :num_blocks]]  # [2, B, nb, bs, kvh, D]
+    two, batch, nb, bs, kvh, dim = blocks.shape
+    blocks = blocks.view(two, batch, nb * bs, kvh, dim).transpose(2, 3)
+    return blocks[0], blocks[1]
+
+
+def decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
+    """One query token per sequence: ``q [B, H, D]`` over each sequence's first ``seq_lens`` cached tokens."""
+    block_size = kv_cache.shape[2]
+    k, v = _gather(kv_cache, block_tables, -(-max_len // block_size))
+    valid = torch.arange(k.shape[2], device=q.device) < seq_lens.unsqueeze(1)  # [B, L]: padding bias
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def context_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float
+) -> torch.Tensor:
+    """A prompt chunk ``q [Q, H, D]`` at the end of a ``seq_len``-token context: causal, offset by the prefix."""
+    q_len = q.shape[0]
+    block_size = kv_cache.shape[2]
+    k, v = _gather(kv_cache, block_table.unsqueeze(0), -(-seq_len // block_size))
+    k, v = k[:, :, :seq_len], v[:, :, :seq_len]
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+    if q_len == seq_len:
+        out = F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= query_pos  # causal bias with prefix
+        out = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention for a whole packed batch ``q [T, H, D]``: decodes in one call, then each prompt chunk."""
+    nd = meta.num_decodes
+    if nd == meta.num_seqs:
+        return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_list), scale)
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = decode_attention(
+            q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_list[:nd]), scale
+        )
+    start = nd
+    for i in range(nd, meta.num_seqs):
+        q_len = meta.query_lens_list[i]
+        out[start : start + q_len] = context_attention(
+            q[start : start + q_len], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale
+        )
+        start += q_len
+    return out

@@ -1,0 +1,75 @@
+"""ModelRunner: turns a schedule into one packed batch, runs the model, returns the logits to sample.
+
+The runner owns the model and the KV cache memory. It knows nothing of requests beyond what a chunk
+says: which tokens to compute, where they sit in their sequence, and which blocks hold the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gllm.model import LlamaModel
+from gllm.ops import AttentionMetadata
+
+
+@dataclass
+class BatchChunk:
+    """The part of one sequence computed in a step."""
+
+    token_ids: list[int]  # the new tokens
+    start: int  # position of the first new token
+    block_table: list[int]
+    sample: bool  # whether the last new token's logits are needed
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_caches: list[torch.Tensor], block_size: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(self, chunks: list[BatchChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Pack the chunks (one-token chunks first) into input ids, positions, metadata and logits rows."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        query_lens, seq_lens = [], []
+        for c in chunks:
+            n = len(c.token_ids)
+            input_ids += c.token_ids
+            span = range(c.start, c.start + n)
+            positions += span
+            slots += [c.block_table[p // bs] * bs + p % bs for p in span]
+            if c.sample:
+                logits_rows.append(len(input_ids) - 1)
+            query_lens.append(n)
+            seq_lens.append(c.start + n)
+        width = max(len(c.block_table) for c in chunks)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
+        num_decodes = next((i for i, q in enumerate(query_lens) if q > 1), len(query_lens))
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            query_lens_list=query_lens,
+            seq_lens_list=seq_lens,
+            num_decodes=num_decodes,
+            block_size=bs,
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta,
+            torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+        )
+
+    def execute(self, chunks: list[BatchChunk]) -> torch.Tensor:
+        """Compute the chunks' K/V into the cache; return float32 logits ``[num sampled chunks, vocab]``."""
+        input_ids, positions, meta, logits_rows = self.prepare(chunks)
+        return self.model(input_ids, positions, self.kv_caches, meta, logits_rows)
