@@ -1,0 +1,147 @@
+"""Turn a batch of logits into next tokens and the log-probabilities clients asked for.
+
+What a client gets (the protocol promises this):
+
+* Logprobs are the raw log-softmax of the model's logits, before temperature, top-k and top-p: the
+  sampled token's logprob, its rank and the top-n alternatives. A chess bot ranking moves gets the same
+  numbers whatever sampling settings it uses. Rank = 1 + the number of tokens with a strictly larger logit.
+* Each row samples with its own settings: divide by temperature, keep the top-k, keep the top-p of what is
+  left (renormalised), draw. Ties at the filter boundaries follow :mod:`gllm.sample.filters`: tokens
+  rank by (logit descending, index ascending), so ``top_k=1`` is greedy even under ties.
+* Temperature 0 is argmax of the raw logits, ties to the lowest index, like ``torch.argmax``.
+* A draw is the exponential race ``argmax(probs / E)``, ``E ~ Exp(1)`` per token, computed as
+  ``argmax(logits / T - log E)``; it picks token ``i`` with probability ``probs[i]``. A row with its own
+  generator draws exactly ``V`` noise values from it and nothing else does, so its tokens do not depend on
+  which other rows share the batch or where it sits. Rows without one share the sampler's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gllm.sample.filters import filter_logits
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """One request's sampling settings for its row of the batch.
+
+    ``generator`` must live on the logits' device; give one to seeded requests so that their tokens are
+    reproducible whatever else runs beside them.
+    """
+
+    temperature: float = 1.0  # 0 => greedy (argmax)
+    top_k: int = 0  # 0 => off
+    top_p: float = 1.0  # 1.0 => off; in (0, 1]
+    num_logprobs: int = 0  # how many top alternatives to return
+    generator: torch.Generator | None = None  # None => the sampler's shared generator
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_logprobs < 0:
+            raise ValueError(f"num_logprobs must be >= 0, got {self.num_logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def filtered(self) -> bool:
+        """Whether this row needs the sorted top-k / top-p path (greedy rows never do)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+
+@dataclass
+class SamplerOutput:
+    """Per row of the batch: the chosen token and its raw logprobs (see the module docstring)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_logprobs: list[list[tuple[int, float]]]  # (token_id, logprob), best first; [] when not asked
+
+
+class Sampler:
+    """Samples one token per row of a logits batch; stateless apart from the shared generator."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """Choose a token for each row of ``logits [B, V]`` (any float dtype; the math runs in float32)."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        logits = logits.float()
+        token_ids = self._choose(logits, rows)
+        return _output(logits, token_ids, [row.num_logprobs for row in rows])
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        if all(row.greedy for row in rows):
+            return torch.argmax(logits, dim=-1)
+        device = logits.device
+        # Greedy rows ride along at temperature 1, unfiltered, with noise 1 (log 1 = 0): their score is
+        # the raw logit itself, so the same argmax picks their greedy token.
+        temperature = torch.tensor([row.temperature or 1.0 for row in rows], device=device)
+        scores = logits / temperature[:, None]
+        if any(row.filtered for row in rows):
+            top_k = [row.top_k if row.filtered else 0 for row in rows]
+            top_p = [row.top_p if row.filtered else 1.0 for row in rows]
+            scores = filter_logits(
+                scores,
+                top_k=torch.tensor(top_k, device=device) if any(top_k) else None,
+                top_p=torch.tensor(top_p, device=device) if min(top_p) < 1.0 else None,
+            )
+        return torch.argmax(scores - self._noise(rows, logits.shape[1], device).log(), dim=-1)
+
+    def _noise(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
+        """``Exp(1)`` noise ``[B, V]``: one shared draw for unseeded rows, ``V`` per seeded row, 1 if greedy."""
+        noise = torch.ones(len(rows), vocab, device=device)
+        shared = [i for i, row in enumerate(rows) if not row.greedy and row.generator is None]
+        if shared:
+            draw = torch.empty(len(shared), vocab, device=device)
+            noise[shared] = draw.exponential_(generator=self._shared_generator(device))
+        for i, row in enumerate(rows):
+            if not row.greedy and row.generator is not None:
+                noise[i] = torch.empty(vocab, device=device).exponential_(generator=row.generator)
+        # Exp(1) may round to 0; log(0) = -inf would turn a masked token's -inf score into NaN.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return generator
+
+
+def _output(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int]) -> SamplerOutput:
+    """Raw logprob, rank and top-n of each chosen token, brought to the host in one copy."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = token_ids[:, None]
+    ranks = (logits > logits.gather(1, chosen)).sum(dim=-1, keepdim=True) + 1
+    top_n = min(max(num_logprobs, default=0), logits.shape[1])
+    top_values, top_ids = torch.topk(logprobs, top_n, dim=-1)
+    # float64 holds token ids and ranks exactly, so one tensor (one device sync) carries everything.
+    parts = [chosen, ranks, logprobs.gather(1, chosen), top_ids, top_values]
+    packed = torch.cat([part.double() for part in parts], dim=-1)
+    out = SamplerOutput(token_ids=[], logprobs=[], ranks=[], top_logprobs=[])
+    for row, n in zip(packed.tolist(), num_logprobs):
+        out.token_ids.append(int(row[0]))
+        out.ranks.append(int(row[1]))
+        out.logprobs.append(row[2])
+        ids, values = row[3 : 3 + top_n], row[3 + top_n :]
+        out.top_logprobs.append([(int(ids[j]), values[j]) for j in range(min(n, top_n))])
+    return out
