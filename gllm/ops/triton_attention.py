@@ -1,0 +1,224 @@
+"""Triton kernels for the paged KV cache: the GPU versions of ``write_kv`` and ``decode_attention``.
+
+Same signatures and results as the torch path in ``gllm.ops.attention``; that path gathers every block of
+the batch into a padded copy before attending, these kernels read K/V in place through the block table.
+
+* ``triton_write_kv``: grid ``(T,)``, one program per new token; it copies that token's ``[kv_heads, D]``
+  keys and values into its cache slot.
+* ``triton_decode_attention``: grid ``(B, kv_heads, splits)``. One program holds all the query heads that
+  share one KV head (grouped-query attention), so each K/V tile is loaded once for the whole group. It walks
+  its sequence in tiles of ``_TILE`` tokens, looks up each token's block in the block table, and keeps an
+  online softmax in float32. Long sequences with few programs are cut into ``splits`` ranges of tokens
+  (flash-decoding); each range leaves a partial output and its log-sum-exp, which torch merges afterwards.
+
+Limits: every ``seq_len >= 1``; the last dimension of ``q``, ``k``, ``v`` and the cache is contiguous;
+``q`` and the cache share a dtype (float32, float16 or bfloat16). Any ``head_dim``, ``block_size`` and
+group size work; they are padded to powers of two and at least 16 because ``tl.dot`` needs tiles of at
+least 16 in every dimension, and the padded rows and columns are masked. Float32 products are exact
+(``input_precision="ieee"``, no TF32); with 16-bit caches the softmax weights are rounded to the cache
+dtype before they multiply V, as in FlashAttention.
+
+The module imports without Triton (the engine imports ``gllm.ops`` everywhere); ``triton_available()``
+says whether the kernels can run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: nothing here is launched, and triton_available() says so
+    triton = None
+    tl = None
+
+
+_TILE = 64  # tokens per K/V tile: big enough for tl.dot and for wide loads, small enough for registers
+_TARGET_PROGRAMS = 256  # split sequences until about this many programs run (two per SM on an H100)
+_MIN_TILES_PER_SPLIT = 4  # below this a split costs more in merging than it gains in parallelism
+
+
+def triton_available() -> bool:
+    """True when the kernels can run here: Triton is installed and a GPU (or Triton's CPU interpreter) is on."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.cache
+def _jitted(kernel: Callable[..., None]) -> Any:
+    """Wrap a kernel with ``triton.jit`` at its first launch: Triton reads ``TRITON_INTERPRET`` when it
+    wraps, and by then a test (or a CPU-only run) has had the chance to set it, whatever imported us first."""
+    return triton.jit(kernel)
+
+
+def _pad(n: int) -> int:
+    """Smallest power of two ``>= max(n, 16)``: the tile sizes ``tl.arange`` and ``tl.dot`` accept."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _write_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, slots_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kv, stride_block, stride_token, stride_head,
+    kv_heads,
+    HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    slot = tl.load(slots_ptr + token)
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, DIM_PAD)[None, :]
+    mask = (heads < kv_heads) & (dims < HEAD_DIM)
+    dst = cache_ptr + (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_token
+    dst += heads * stride_head + dims
+    k = tl.load(k_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+    v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    tl.store(dst, k, mask=mask)
+    tl.store(dst + stride_kv, v, mask=mask)
+
+
+def triton_write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys and values ``[T, kv_heads, D]`` in the cache at their flat slots ``[T]``."""
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    assert kv_cache.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "head_dim must be contiguous"
+    _jitted(_write_kv_kernel)[(num_tokens,)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        kv_heads,
+        HEAD_DIM=head_dim, HEADS_PAD=_pad(kv_heads), DIM_PAD=_pad(head_dim), BLOCK_SIZE=block_size,
+    )  # fmt: skip
+
+
+def _decode_kernel(
+    q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh,
+    stride_kv, stride_block, stride_token, stride_head,
+    stride_table,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    split_len, scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * split_len
+    end = tl.minimum(seq_len, start + split_len)
+
+    rows = tl.arange(0, GROUP_PAD)  # query heads of this KV head, padded to a tl.dot tile
+    dims = tl.arange(0, DIM_PAD)
+    cols = tl.arange(0, TILE)
+    heads = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)
+    qk_scale = scale * 1.4426950408889634  # log2(e): the softmax runs on exp2
+    row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    k_base = cache_ptr + kv_head * stride_head
+    table = tables_ptr + seq * stride_table
+
+    for tile in range(start, end, TILE):  # every tile holds a valid token, so row_max turns finite at once
+        pos = tile + cols
+        pos_ok = pos < end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0)
+        token = block * stride_block + (pos % BLOCK_SIZE) * stride_token  # int64: large caches are safe
+        kv_mask = pos_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [TILE, DIM_PAD]
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, TILE]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        p = tl.exp2(s - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        v = tl.load(k_base + stride_kv + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        row_max = new_max
+
+    has_keys = row_sum > 0  # false only for a split that starts past this sequence's end
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    out_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + dims[None, :]
+    tl.store(out_ptrs, acc / safe_sum[:, None], mask=row_ok[:, None] & dim_ok[None, :])
+    if STORE_LSE:  # natural-log log-sum-exp of the scores, for merging the splits
+        lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=row_ok)
+
+
+def _dot_dtype(cache_dtype: torch.dtype) -> tl.dtype:
+    """Operand dtype of the kernel's ``tl.dot``: the cache's own, so 16-bit caches run on tensor cores.
+
+    Triton's CPU interpreter multiplies bfloat16 operands as their raw 16-bit patterns, so under the
+    interpreter bfloat16 tiles are widened to float32 first (float16 is correct there and stays native).
+    """
+    if cache_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[cache_dtype]
+
+
+def _num_splits(programs: int, max_len: int) -> int:
+    """How many token ranges to cut each sequence into so that a small batch still fills the GPU."""
+    tiles = -(-max_len // _TILE)
+    return max(1, min(_TARGET_PROGRAMS // programs, tiles // _MIN_TILES_PER_SPLIT))
+
+
+def triton_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_len: int,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: ``q [B, H, D]`` over each sequence's first ``seq_lens`` cached tokens.
+
+    ``num_splits`` overrides the heuristic that cuts long sequences across programs (tests use it).
+    """
+    batch, num_heads, head_dim = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    assert kv_cache.stride(-1) == 1, "head_dim of the cache must be contiguous"
+    q = q.contiguous()
+    group = num_heads // kv_heads
+    if num_splits is None:
+        num_splits = _num_splits(batch * kv_heads, max_len)
+    tiles = -(-max_len // _TILE)
+    split_len = -(-tiles // num_splits) * _TILE
+    num_splits = -(-max_len // split_len)  # no range that starts past the longest sequence
+
+    dot_dtype = _dot_dtype(kv_cache.dtype)
+    out = torch.empty_like(q)
+    if num_splits == 1:
+        partial, lse = out.unsqueeze(2), out  # the kernel writes the final result; lse is not stored
+    else:
+        partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _jitted(_decode_kernel)[(batch, kv_heads, num_splits)](
+        q, kv_cache, block_tables, seq_lens, partial, lse,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        split_len, scale,
+        GROUP=group, GROUP_PAD=_pad(group), HEAD_DIM=head_dim, DIM_PAD=_pad(head_dim),
+        BLOCK_SIZE=block_size, TILE=_TILE, STORE_LSE=num_splits > 1,
+        DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else None,  # fp32: exact, no TF32
+    )  # fmt: skip
+    if num_splits == 1:
+        return out
+    weights = torch.softmax(lse, dim=-1).unsqueeze(-1)  # each range's share of the softmax mass
+    return (partial * weights).sum(2).to(q.dtype)
