@@ -21,7 +21,7 @@ class BatchChunk:
     token_ids: list[int]  # the new tokens
     start: int  # position of the first new token
     block_table: list[int]
-    sample: bool  # whether the last new token's logits are needed
+    num_logits: int  # how many of the last new tokens need logits (1: sampling; all: logprobs of given tokens)
 
 
 class ModelRunner:
@@ -45,8 +45,7 @@ class ModelRunner:
             span = range(c.start, c.start + n)
             positions += span
             slots += [c.block_table[p // bs] * bs + p % bs for p in span]
-            if c.sample:
-                logits_rows.append(len(input_ids) - 1)
+            logits_rows += range(len(input_ids) - c.num_logits, len(input_ids))
             query_lens.append(n)
             seq_lens.append(c.start + n)
         width = max(len(c.block_table) for c in chunks)
@@ -69,7 +68,16 @@ class ModelRunner:
             torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
 
-    def execute(self, chunks: list[BatchChunk]) -> torch.Tensor:
-        """Compute the chunks' K/V into the cache; return float32 logits ``[num sampled chunks, vocab]``."""
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (copy-on-write of forked sequences) in every layer's cache."""
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for kv in self.kv_caches:
+            kv.index_copy_(1, dst, kv.index_select(1, src))
+
+    def execute(self, chunks: list[BatchChunk], copies: list[tuple[int, int]] = ()) -> torch.Tensor:
+        """Compute the chunks' K/V into the cache; return float32 logits of the rows the chunks asked for."""
+        if copies:
+            self.copy_blocks(list(copies))
         input_ids, positions, meta, logits_rows = self.prepare(chunks)
         return self.model(input_ids, positions, self.kv_caches, meta, logits_rows)

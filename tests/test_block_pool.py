@@ -58,7 +58,7 @@ tokens_st = st.lists(st.integers(0, 2), min_size=1, max_size=24)  # tiny alphabe
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["add", "grow", "free"]), tokens_st, st.integers(0, 10)), max_size=60),
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "grow", "free", "fork"]), tokens_st, st.integers(0, 10)), max_size=60),
        caching=st.booleans())
 def test_block_manager_invariants(ops, caching):
     manager = BlockManager(num_blocks=12, block_size=4, enable_prefix_caching=caching)
@@ -79,11 +79,20 @@ def test_block_manager_invariants(ops, caching):
         elif op == "grow" and live:
             table, keys, tokens, _ = live[pick % len(live)]
             tokens.append(pick % 3)
-            if manager.can_grow(table, len(tokens)):
-                manager.grow(table, len(tokens))
+            if manager.can_grow(table, len(tokens), len(tokens) - 1):
+                copies = manager.grow(table, len(tokens), len(tokens) - 1)
+                target = table[(len(tokens) - 1) // 4]
+                # A write lands only in a block nobody else holds and no cache entry describes.
+                assert manager.pool.ref_counts[target] == 1 and manager.pool.keys[target] is None
+                assert all(dst == target for _, dst in copies)
                 manager.commit(table, keys, tokens, len(tokens))
             else:
                 tokens.pop()
+        elif op == "fork" and live:
+            table, keys, tokens, computed = live[pick % len(live)]
+            child: list[int] = []
+            manager.share(table, child)
+            live.append((child, list(keys), list(tokens), computed))
         elif op == "free" and live:
             table, *_ = live.pop(pick % len(live))
             manager.free(table)

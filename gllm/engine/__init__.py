@@ -5,5 +5,16 @@
 
 from gllm.engine.llm_engine import LLMEngine, StepOutput
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
+from gllm.engine.scoring import CandidateScore, ScoreRequest, ScoreResult
 
-__all__ = ["GenerationRequest", "GenerationResult", "GeneratorParams", "LLMEngine", "StepOutput", "TokenDelta"]
+__all__ = [
+    "CandidateScore",
+    "GenerationRequest",
+    "GenerationResult",
+    "GeneratorParams",
+    "LLMEngine",
+    "ScoreRequest",
+    "ScoreResult",
+    "StepOutput",
+    "TokenDelta",
+]

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from gllm.engine.output import RequestOutput
+from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
-from gllm.engine.scheduler import Scheduler
+from gllm.engine.scheduler import SchedulePlan, Scheduler
+from gllm.engine.scoring import ScoreRequest, ScoreResult
 from gllm.engine.sequence import Sequence, Status
 from gllm.engine.streaming import AsyncDriver
 from gllm.kv import BlockManager, allocate_kv_cache, bytes_per_block
@@ -67,10 +68,13 @@ class LLMEngine(AsyncDriver):
         self.runner = ModelRunner(self.model, kv, params.block_size, self.device)
         self.scheduler = Scheduler(self.block_manager, params.max_batch_size, params.token_budget)
         self.sampler = Sampler(params.seed)
-        self._inbox: collections.deque[tuple[Sequence, RequestOutput]] = collections.deque()
+        self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
-        self._live: dict[str, RequestOutput] = {}
+        self._jobs: dict[str, GenerationJob | ScoreJob] = {}  # by request id, until their result is out
+        self._job_of: dict[Sequence, GenerationJob | ScoreJob] = {}
+        self._sampled_info: dict[Sequence, tuple[float, int, list[tuple[int, float]]]] = {}
         self._arrivals = itertools.count()
+        self._ids = itertools.count()
         self._counters = collections.Counter()
 
     def _num_kv_blocks(self, dtype: torch.dtype) -> int:
@@ -82,13 +86,16 @@ class LLMEngine(AsyncDriver):
         return p.max_batch_size * -(-self.max_seq_len // p.block_size)
 
     # ----------------------------------------------------------------- requests
-    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+    def _check_ids(self, ids: list[int], what: str) -> list[int]:
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"{what} has ids outside the vocabulary (0..{self.config.vocab_size - 1}): {bad[:5]}")
+        return list(ids)
+
+    def prompt_ids(self, req: GenerationRequest | ScoreRequest) -> list[int]:
         """Token ids of a request's prompt (text tokenized, or chat template applied)."""
         if req.prompt_token_ids is not None:
-            ids = list(req.prompt_token_ids)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt_token_ids has ids outside the vocabulary (0..{self.config.vocab_size - 1}): {bad[:5]}")
+            ids = self._check_ids(req.prompt_token_ids, "prompt_token_ids")
         elif self.tokenizer is None:
             raise ValueError(f"model {self.model_name} has no tokenizer: pass prompt_token_ids")
         elif req.messages is not None:
@@ -105,37 +112,84 @@ class LLMEngine(AsyncDriver):
             )
         return ids
 
-    def add_request(self, req: GenerationRequest) -> str:
-        """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
-        req.validate()
-        ids = self.prompt_ids(req)
-        max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
+    def _check_room(self, max_tokens: int) -> None:
         if self.block_manager.blocks_needed(max_tokens) > self.block_manager.pool.num_blocks:
             raise ValueError(
                 f"the KV cache ({self.block_manager.pool.num_blocks} blocks) cannot hold {max_tokens} tokens; "
                 "give the engine more KV blocks or ask for fewer tokens"
             )
-        request_id = req.request_id or f"req-{next(self._arrivals)}"
-        if request_id in self._live:
+
+    def _new_request_id(self, given: str | None) -> str:
+        request_id = given or f"req-{next(self._ids)}"
+        if request_id in self._jobs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        generator = None
-        if req.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(req.seed)
-        eos = frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else self.eos_token_ids)
-        seq = Sequence(
-            request_id=request_id,
-            token_ids=ids,
-            num_prompt_tokens=len(ids),
-            max_tokens=max_tokens,
-            sampling=SamplingRow(req.temperature, req.top_k, req.top_p, req.logprobs, generator),
-            priority=req.priority,
-            arrival=next(self._arrivals),
-            eos_token_ids=eos,
-        )
-        output = RequestOutput(seq, self.tokenizer, req.stop)
-        self._live[request_id] = output
-        self._inbox.append((seq, output))
         return request_id
+
+    def add_request(self, req: GenerationRequest) -> str:
+        """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
+        req.validate()
+        ids = self.prompt_ids(req)
+        max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
+        self._check_room(max_tokens)
+        request_id = self._new_request_id(req.request_id)
+        eos = frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else self.eos_token_ids)
+        seqs = []
+        for i in range(req.n):
+            generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed + i)
+            seqs.append(Sequence(
+                request_id=request_id if i == 0 else f"{request_id}#{i}",
+                token_ids=list(ids),
+                num_prompt_tokens=len(ids),
+                max_tokens=max_tokens,
+                sampling=SamplingRow(req.temperature, req.top_k, req.top_p, req.logprobs, generator),
+                priority=req.priority,
+                arrival=next(self._arrivals),
+                eos_token_ids=eos,
+                fork_index=i,
+                logits_from=0 if req.prompt_logprobs else None,
+            ))
+        seqs[0].pending_forks = seqs[1:]
+        self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs))
+        return request_id
+
+    def add_score(self, req: ScoreRequest) -> str:
+        """Validate and queue a score request; returns its id. See ``gllm.engine.scoring`` for tokenization."""
+        req.validate()
+        prompt = self.prompt_ids(req)
+        targets, texts = [], []
+        for c in req.candidates:
+            if isinstance(c, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"model {self.model_name} has no tokenizer: give candidates as token ids")
+                ids = self.tokenizer.encode(c, add_special_tokens=False)
+                if not ids:
+                    raise ValueError(f"candidate {c!r} has no tokens")
+            else:
+                ids = self._check_ids(c, "candidate")
+            targets.append(ids)
+            texts.append(c if isinstance(c, str) else (self.tokenizer.decode(ids) if self.tokenizer else ""))
+        longest = len(prompt) + max(map(len, targets))
+        if longest > self.max_seq_len:
+            raise ValueError(f"prompt plus the longest candidate is {longest} tokens; max_seq_len is {self.max_seq_len}")
+        self._check_room(longest)
+        request_id = self._new_request_id(req.request_id)
+        common = dict(num_prompt_tokens=len(prompt), max_tokens=longest, sampling=SamplingRow(0.0),
+                      priority=req.priority, samples=False)
+        parent = Sequence(request_id=request_id, token_ids=list(prompt), arrival=next(self._arrivals), **common)
+        cands = [
+            Sequence(request_id=f"{request_id}#{i}", token_ids=prompt + t[:-1], arrival=next(self._arrivals),
+                     fork_index=i, logits_from=len(prompt), **common)
+            for i, t in enumerate(targets)
+        ]
+        parent.pending_forks = cands
+        self._submit(ScoreJob(parent, cands, targets, texts))
+        return request_id
+
+    def _submit(self, job: GenerationJob | ScoreJob) -> None:
+        self._jobs[job.request_id] = job
+        for seq in job.seqs:
+            self._job_of[seq] = job
+        self._inbox.append(job.seqs[0])
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; unknown or finished ids are ignored (aborts are idempotent)."""
@@ -148,65 +202,88 @@ class LLMEngine(AsyncDriver):
     def step(self) -> StepOutput:
         """Schedule, run the model, sample, and post-process one batch."""
         out = StepOutput()
-        self._take_new_work(out)
+        self._take_new_work()
         plan = self.scheduler.schedule()
-        if not plan.chunks:
-            return out
-        now = time.perf_counter()
-        for c in plan.chunks:
-            c.seq.scheduled_time = c.seq.scheduled_time or now
-        chunks = [
-            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.samples)
-            for c in plan.chunks
-        ]
-        logits = self.runner.execute(chunks)
-        sampling_seqs = [c.seq for c in plan.chunks if c.samples]
-        sampled = self.sampler(logits, [s.sampling for s in sampling_seqs])
-        events = self.scheduler.update(plan, dict(zip(sampling_seqs, sampled.token_ids)))
-        row = {seq: i for i, seq in enumerate(sampling_seqs)}
-        for seq, token, reason in events:
-            i = row[seq]
-            output = self._live[seq.request_id]
-            delta, final = output.add_token(
-                token, sampled.logprobs[i], sampled.ranks[i], sampled.top_logprobs[i], reason
-            )
-            if final is not None and reason is None:
-                self.scheduler.finish(seq, final)
-            out.deltas.append(delta)
-            if final is not None:
-                out.finished.append(self._close(output, final))
-        self._counters["steps"] += 1
-        self._counters["generated_tokens"] += len(events)
+        if plan.chunks:
+            now = time.perf_counter()
+            for c in plan.chunks:
+                c.seq.scheduled_time = c.seq.scheduled_time or now
+            chunks = [
+                BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.num_logits)
+                for c in plan.chunks
+            ]
+            logits = self.runner.execute(chunks, plan.copies)
+            sampled = self._sample(plan, logits)
+            for seq, token, reason in self.scheduler.update(plan, sampled):
+                job = self._job_of[seq]
+                delta, final = job.on_token(seq, token, *self._sampled_info[seq], reason)
+                if final is not None and reason is None:
+                    self.scheduler.finish(seq, final)  # a stop string
+                out.deltas.append(delta)
+            self._counters["steps"] += 1
+            self._counters["computed_tokens"] += plan.num_tokens
+            self._counters["block_copies"] += len(plan.copies)
+            self._counters["generated_tokens"] += len(sampled)
+        self._collect_finished(out)
         return out
 
-    def _take_new_work(self, out: StepOutput) -> None:
+    def _sample(self, plan: SchedulePlan, logits: torch.Tensor) -> dict[Sequence, int]:
+        """Record logprobs of given tokens, then sample every sequence (and new fork) that needs a token."""
+        seqs, rows = [], []
+        row = 0
+        for c in plan.chunks:
+            k = c.num_logits
+            seq = c.seq
+            if k and (seq.logits_from is not None or not seq.samples):
+                first = c.start + c.num_tokens - k
+                self._job_of[seq].record_logprobs(seq, first, logits[row : row + k].log_softmax(-1))
+            if c.samples:
+                for s in (seq, *seq.pending_forks):
+                    seqs.append(s)
+                    rows.append(row + k - 1)
+            row += k
+        self._sampled_info = {}
+        if not seqs:
+            return {}
+        out = self.sampler(logits[rows], [s.sampling for s in seqs])
+        for i, s in enumerate(seqs):
+            self._sampled_info[s] = (out.logprobs[i], out.ranks[i], out.top_logprobs[i])
+        return dict(zip(seqs, out.token_ids))
+
+    def _take_new_work(self) -> None:
         while self._inbox:
-            seq, _ = self._inbox.popleft()
+            seq = self._inbox.popleft()
             if seq.status is not Status.FINISHED:
                 self.scheduler.add(seq)
         while self._aborts:
-            output = self._live.get(self._aborts.popleft())
-            if output is not None:
-                self.scheduler.finish(output.seq, "aborted")
-                out.finished.append(self._close(output, "aborted"))
+            job = self._jobs.get(self._aborts.popleft())
+            for seq in job.seqs if job else ():
+                self.scheduler.finish(seq, "aborted")
 
-    def _close(self, output: RequestOutput, reason: str) -> GenerationResult:
-        del self._live[output.seq.request_id]
-        result = output.finish(reason)
-        self._counters["finished_requests"] += 1
-        self._counters["prompt_tokens"] += output.seq.num_prompt_tokens
-        self._counters["cached_prompt_tokens"] += output.seq.num_cached_tokens
-        m = result.metrics
-        log.debug("%s %s prompt=%d new=%d cached=%d ttft=%sms total=%sms", result.request_id, reason,
-                  len(result.prompt_token_ids), len(result.token_ids), result.num_cached_tokens, m["ttft_ms"], m["total_ms"])
-        return result
+    def _collect_finished(self, out: StepOutput) -> None:
+        for seq in self.scheduler.drain_finished():
+            job = self._job_of.pop(seq)
+            if job.done and self._jobs.pop(job.request_id, None) is not None:
+                result = job.result()
+                out.finished.append(result)
+                self._counters["finished_requests"] += 1
+                self._counters["prompt_tokens"] += len(result.prompt_token_ids)
+                self._counters["cached_prompt_tokens"] += result.num_cached_tokens
+                log.debug("%s %s prompt=%d cached=%d %s", result.request_id, result.finish_reason,
+                          len(result.prompt_token_ids), result.num_cached_tokens, result.metrics)
 
     # ------------------------------------------------------------- conveniences
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run requests to completion on this thread; results in input order."""
-        ids = [self.add_request(r) for r in requests]
-        results: dict[str, GenerationResult] = {}
-        while len(results) < len(ids):
+        return self._run([self.add_request(r) for r in requests])
+
+    def score(self, req: ScoreRequest) -> ScoreResult:
+        """Score candidates synchronously (see ``enqueue_score`` for the async form)."""
+        return self._run([self.add_score(req)])[0]
+
+    def _run(self, ids: list[str]) -> list:
+        results: dict[str, GenerationResult | ScoreResult] = {}
+        while any(i not in results for i in ids):
             for r in self.step().finished:
                 results[r.request_id] = r
         return [results[i] for i in ids]
@@ -217,6 +294,7 @@ class LLMEngine(AsyncDriver):
             "kv_blocks_total": pool.num_blocks,
             "kv_blocks_in_use": pool.num_in_use,
             "kv_blocks_cached": pool.num_cached,
+            "prefix_caching": self.block_manager.enable_prefix_caching,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "preemptions": self.scheduler.num_preemptions,

@@ -48,6 +48,8 @@ class GenerationRequest:
     logprobs: int = 0  # top-n alternatives per token; the sampled token's logprob is always returned
     priority: int = 0  # higher runs first; FCFS within a priority
     ignore_eos: bool = False  # for benchmarks: run to max_new_tokens
+    n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
+    prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
     request_id: str | None = None  # assigned by the engine when missing
 
     def validate(self) -> None:
@@ -65,6 +67,8 @@ class GenerationRequest:
             raise ValueError(f"top_k must be an integer >= 0, 0 meaning off (got {self.top_k})")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1 (got {self.n})")
         if self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 (got {self.logprobs})")
         if self.stop is not None and (
@@ -86,6 +90,7 @@ class TokenDelta:
     top_logprobs: list[tuple[int, float]]
     finished: bool = False
     finish_reason: str | None = None
+    fork: int = 0  # which of the request's n continuations
 
 
 @dataclass
@@ -100,3 +105,5 @@ class GenerationResult:
     prompt_token_ids: list[int]
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: dict[str, Any] = field(default_factory=dict)  # queued_ms, ttft_ms, total_ms
+    prompt_logprobs: list[float | None] | None = None  # when asked: None for the first prompt token
+    forks: list["GenerationResult"] = field(default_factory=list)  # all n continuations when n > 1, this one first

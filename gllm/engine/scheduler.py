@@ -26,15 +26,28 @@ class ScheduledChunk:
         return self.seq.num_computed_tokens
 
     @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so its last position is sampled."""
+    def completes(self) -> bool:
+        """Whether this chunk reaches the end of the sequence (its last position is sampled, or scored)."""
         return self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        return self.completes and self.seq.samples
+
+    @property
+    def num_logits(self) -> int:
+        """How many of the chunk's last positions need logits."""
+        end = self.start + self.num_tokens
+        if self.seq.logits_from is not None and end > self.seq.logits_from:
+            return end - max(self.start, self.seq.logits_from)
+        return 1 if self.completes else 0
 
 
 @dataclass
 class SchedulePlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # one-token chunks first
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks to copy before the step
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +62,7 @@ class Scheduler:
         self.waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._finished: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -65,13 +79,13 @@ class Scheduler:
         while i < len(order) and budget > 0:
             seq = order[i]
             n = min(seq.num_remaining, budget)
-            while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+            while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n, seq.num_computed_tokens):
                 victim = order.pop()  # the last candidate: prompt chunks, lowest priority, newest
                 self._preempt(victim, plan)
                 if victim is seq:
                     break
             else:
-                self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+                plan.copies += self.blocks.grow(seq.block_table, seq.num_computed_tokens + n, seq.num_computed_tokens)
                 plan.chunks.append(ScheduledChunk(seq, n))
                 budget -= n
                 i += 1
@@ -85,7 +99,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0][1]
             if seq.num_computed_tokens == 0 and not seq.block_table:
-                seq.block_table, seq.block_keys = self.blocks.match_prefix(seq.token_ids)
+                seq.block_table, seq.block_keys = self.blocks.match_prefix(seq.token_ids[: seq.cache_limit])
                 seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
                 if seq.num_tokens == seq.num_prompt_tokens:  # cache hits count only for a fresh prompt
                     seq.num_cached_tokens = seq.num_computed_tokens
@@ -115,24 +129,49 @@ class Scheduler:
         seq.num_computed_tokens = 0
 
     def update(self, plan: SchedulePlan, sampled: dict[Sequence, int]) -> list[tuple[Sequence, int, str | None]]:
-        """Advance computed counts, append sampled tokens, cache full blocks, finish what is done.
+        """Advance computed counts, start forks, append sampled tokens, cache full blocks, finish what is done.
 
-        Returns ``(sequence, token_id, finish_reason)`` for every sampled token, in plan order.
+        ``sampled`` maps each sampling sequence, and each fork it starts, to its new token. Returns
+        ``(sequence, token_id, finish_reason)`` for every sampled token, in plan order.
         """
         events = []
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.status is not Status.RUNNING:
                 continue  # finished by an abort during the step
+            completes = chunk.completes
             seq.num_computed_tokens += chunk.num_tokens
-            token = sampled.get(seq)
-            reason = None if token is None else seq.append(token)
             self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens)
-            if token is not None:
-                events.append((seq, token, reason))
-            if reason is not None:
-                self.finish(seq, reason)
+            if not completes:
+                continue
+            for child in seq.pending_forks:
+                self.fork(seq, child)
+                events += self._advance(child, sampled.get(child))
+            seq.pending_forks = []
+            events += self._advance(seq, sampled.get(seq))
         return events
+
+    def _advance(self, seq: Sequence, token: int | None) -> list[tuple[Sequence, int, str | None]]:
+        """Append a sampled token (finishing on a stop), or finish a scoring sequence that has run."""
+        if seq.status is not Status.RUNNING:
+            return []
+        if not seq.samples:
+            if seq.num_remaining == 0:
+                self.finish(seq, "scored")
+            return []
+        reason = seq.append(token)
+        if reason is not None:
+            self.finish(seq, reason)
+        return [(seq, token, reason)]
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start ``child`` as a copy of ``parent``'s computed state, sharing its blocks (copy on write)."""
+        self.blocks.share(parent.block_table, child.block_table)
+        child.block_keys = list(parent.block_keys)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = Status.RUNNING
+        self.running.append(child)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence (done, stopped or aborted) and free its blocks; idempotent."""
@@ -146,3 +185,9 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        self._finished.append(seq)
+
+    def drain_finished(self) -> list[Sequence]:
+        """Sequences finished since the last call."""
+        done, self._finished = self._finished, []
+        return done

@@ -40,6 +40,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_keys: list[BlockKey] = field(default_factory=list)
     finish_reason: str | None = None
+    fork_index: int = 0  # which of a request's n continuations (or score candidates) this is
+    pending_forks: list["Sequence"] = field(default_factory=list)  # start from this one's state once its prompt is done
+    samples: bool = True  # False for scoring: the sequence only computes logprobs of given tokens
+    logits_from: int | None = None  # every position from here on needs logits (prompt logprobs, scoring)
     arrival_time: float = field(default_factory=time.perf_counter)
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -56,6 +60,11 @@ class Sequence:
     def num_remaining(self) -> int:
         """Tokens still to compute before the next sample."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def cache_limit(self) -> int:
+        """How many leading tokens may come from the prefix cache (positions needing logits must run)."""
+        return self.num_tokens if self.logits_from is None else self.logits_from + 1
 
     @property
     def sort_key(self) -> tuple[int, int]:

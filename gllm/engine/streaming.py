@@ -7,6 +7,7 @@ import concurrent.futures
 from typing import TYPE_CHECKING, AsyncIterator
 
 from gllm.engine.params import GenerationRequest, GenerationResult, TokenDelta
+from gllm.engine.scoring import ScoreRequest, ScoreResult
 
 if TYPE_CHECKING:
     from gllm.engine.llm_engine import StepOutput
@@ -21,14 +22,20 @@ class AsyncDriver:
 
     def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gllm-step")
-        self._futures: dict[str, asyncio.Future[GenerationResult]] = {}
+        self._futures: dict[str, asyncio.Future] = {}
         self._streams: dict[str, asyncio.Queue[TokenDelta | GenerationResult]] = {}
         self._driver: asyncio.Task[None] | None = None
 
     def enqueue_request(self, req: GenerationRequest) -> asyncio.Future[GenerationResult]:
         """Queue a request; the returned future resolves to its ``GenerationResult``."""
+        return self._future_for(self.add_request(req))  # type: ignore[attr-defined]
+
+    def enqueue_score(self, req: ScoreRequest) -> asyncio.Future[ScoreResult]:
+        """Queue a score request; the returned future resolves to its ``ScoreResult``."""
+        return self._future_for(self.add_score(req))  # type: ignore[attr-defined]
+
+    def _future_for(self, request_id: str) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        request_id = self.add_request(req)  # type: ignore[attr-defined]
         future = loop.create_future()
         self._futures[request_id] = future
         self._ensure_driver(loop)

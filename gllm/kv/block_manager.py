@@ -42,13 +42,37 @@ class BlockManager:
             parent = key.hash
         return blocks, keys
 
-    def can_grow(self, block_table: list[int], num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) - len(block_table) <= self.pool.num_free
+    def _shared_tail(self, block_table: list[int], num_computed: int) -> bool:
+        """Whether the next write lands in a partly filled block that someone else also holds."""
+        return bool(num_computed % self.block_size) and self.pool.ref_counts[block_table[num_computed // self.block_size]] > 1
 
-    def grow(self, block_table: list[int], num_tokens: int) -> None:
-        """Append blocks until the table can hold ``num_tokens`` tokens (check ``can_grow`` first)."""
+    def can_grow(self, block_table: list[int], num_tokens: int, num_computed: int = 0) -> bool:
+        """Whether enough blocks are free to hold ``num_tokens`` tokens, a copy-on-write included."""
+        extra = self._shared_tail(block_table, num_computed)
+        return self.blocks_needed(num_tokens) - len(block_table) + extra <= self.pool.num_free
+
+    def grow(self, block_table: list[int], num_tokens: int, num_computed: int = 0) -> list[tuple[int, int]]:
+        """Make the table hold ``num_tokens`` tokens (check ``can_grow`` first).
+
+        A partly filled block that is shared (a fork) is copied before it is written: the copy replaces it
+        in this table. Returns the ``(src, dst)`` block copies the caller must perform on the cache.
+        """
+        copies = []
+        if self._shared_tail(block_table, num_computed):
+            i = num_computed // self.block_size
+            copy = self.pool.allocate()
+            copies.append((block_table[i], copy))
+            self.pool.free(block_table[i])
+            block_table[i] = copy
         while len(block_table) * self.block_size < num_tokens:
             block_table.append(self.pool.allocate())
+        return copies
+
+    def share(self, block_table: list[int], into: list[int]) -> None:
+        """Give ``into`` (empty) the same blocks as ``block_table``, one more reference each."""
+        for block in block_table:
+            self.pool.incref(block)
+        into[:] = block_table
 
     def commit(self, block_table: list[int], keys: list[BlockKey], token_ids: list[int], num_computed: int) -> None:
         """Hash and cache every block that is now full of computed tokens (``keys`` grows in place)."""

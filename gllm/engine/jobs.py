@@ -1,0 +1,109 @@
+"""Jobs: what the engine tracks per caller request, over the one or many sequences that serve it.
+
+A generation with ``n`` continuations is one job of ``n`` sequences (forks of the first); a score request
+is one job of a prompt sequence plus one sequence per candidate that forks from it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gllm.engine.output import RequestOutput
+from gllm.engine.params import GenerationResult, TokenDelta
+from gllm.engine.scoring import CandidateScore, ScoreResult
+from gllm.engine.sequence import Sequence, Status
+from gllm.tokenizer import Tokenizer
+
+
+def _ms(start: float, t: float | None) -> float | None:
+    return None if t is None else round((t - start) * 1000, 3)
+
+
+class GenerationJob:
+    def __init__(self, seqs: list[Sequence], tokenizer: Tokenizer | None, stop: list[str] | None, prompt_logprobs: bool):
+        self.request_id = seqs[0].request_id
+        self.seqs = seqs
+        self.outputs = {s: RequestOutput(s, tokenizer, stop) for s in seqs}
+        self.prompt_logprobs: list[float | None] | None = None
+        if prompt_logprobs:
+            self.prompt_logprobs = [None] * seqs[0].num_prompt_tokens
+
+    def record_logprobs(self, seq: Sequence, first_pos: int, logprobs: torch.Tensor) -> None:
+        """Logprob rows for positions ``first_pos ..``: keep those that predict prompt tokens."""
+        if self.prompt_logprobs is None:
+            return
+        n = min(len(logprobs), seq.num_prompt_tokens - 1 - first_pos)
+        if n > 0:
+            targets = torch.tensor(seq.token_ids[first_pos + 1 : first_pos + 1 + n], device=logprobs.device)
+            values = logprobs[torch.arange(n, device=logprobs.device), targets].tolist()
+            self.prompt_logprobs[first_pos + 1 : first_pos + 1 + n] = values
+
+    def on_token(self, seq: Sequence, token: int, logprob: float, rank: int, top, reason: str | None):
+        delta, final = self.outputs[seq].add_token(token, logprob, rank, top, reason)
+        delta.request_id, delta.fork = self.request_id, seq.fork_index
+        return delta, final
+
+    @property
+    def done(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.seqs)
+
+    def result(self) -> GenerationResult:
+        results = [self.outputs[s].finish(s.finish_reason or "aborted") for s in self.seqs]
+        for r in results:
+            r.request_id = self.request_id
+            r.prompt_logprobs = self.prompt_logprobs
+            r.forks = results if len(results) > 1 else []
+        return results[0]
+
+
+class ScoreJob:
+    def __init__(self, prompt: Sequence, candidates: list[Sequence], targets: list[list[int]], texts: list[str]):
+        self.request_id = prompt.request_id
+        self.prompt = prompt
+        self.seqs = [prompt, *candidates]
+        self.targets = dict(zip(candidates, targets))
+        self.texts = texts
+        self.logprobs: dict[Sequence, list[float | None]] = {c: [None] * len(t) for c, t in self.targets.items()}
+
+    def record_logprobs(self, seq: Sequence, first_pos: int, logprobs: torch.Tensor) -> None:
+        """The prompt's last row scores every candidate's first token; a candidate's own rows the rest."""
+        if seq is self.prompt:
+            row = logprobs[-1].tolist()
+            for cand, targets in self.targets.items():
+                self.logprobs[cand][0] = row[targets[0]]
+            return
+        targets = self.targets[seq]
+        start = first_pos - self.prompt.num_prompt_tokens + 1  # index in the candidate of the first target
+        idx = [(r, start + r) for r in range(len(logprobs)) if 0 < start + r < len(targets)]
+        if idx:
+            rows = torch.tensor([r for r, _ in idx], device=logprobs.device)
+            cols = torch.tensor([targets[t] for _, t in idx], device=logprobs.device)
+            for (_, t), v in zip(idx, logprobs[rows, cols].tolist()):
+                self.logprobs[seq][t] = v
+
+    def on_token(self, *args):  # scoring sequences never sample
+        raise AssertionError("a scoring sequence sampled a token")
+
+    @property
+    def done(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.seqs)
+
+    def result(self) -> ScoreResult:
+        p = self.prompt
+        aborted = any(s.finish_reason == "aborted" for s in self.seqs)
+        cands = []
+        for (seq, targets), text in zip(self.targets.items(), self.texts):
+            lps = self.logprobs[seq]
+            total = float("nan") if None in lps else sum(lps)
+            cands.append(CandidateScore(text, targets, total, lps))
+        end = time.perf_counter()
+        return ScoreResult(
+            request_id=self.request_id,
+            candidates=cands,
+            prompt_token_ids=p.token_ids[: p.num_prompt_tokens],
+            num_cached_tokens=p.num_cached_tokens,
+            finish_reason="aborted" if aborted else "scored",
+            metrics={"queued_ms": _ms(p.arrival_time, p.scheduled_time), "total_ms": _ms(p.arrival_time, end)},
+        )
