@@ -77,7 +77,7 @@ def test_forks_share_the_prompt_and_copy_on_write(gqa_model):
     assert all(f.token_ids == single.token_ids for f in forked.forks)
     # The prompt was computed once for all four forks.
     assert e2.stats()["computed_tokens"] - before.get("computed_tokens", 0) == len(prompt) + 4 * 15
-    assert e2.stats()["block_copies"] == 4  # each fork copied the shared, partly filled block once
+    assert e2.stats()["block_copies"] == 3  # three of the four copied the shared, partly filled block
     assert e2.stats()["kv_blocks_in_use"] == 0
 
     sampled = e2.generate([GenerationRequest(prompt_token_ids=prompt, max_new_tokens=16, temperature=1.0, seed=7, n=3)])[0]
