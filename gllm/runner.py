@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gllm.graphs import DecodeGraphs
 from gllm.model import LlamaModel
 from gllm.ops import AttentionMetadata
 
@@ -30,6 +31,11 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, scratch_block: int, max_batch: int, max_len: int) -> None:
+        """Capture CUDA graphs for decode batches; ``scratch_block`` is a cache block no sequence owns."""
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, scratch_block, max_batch, max_len)
 
     def prepare(self, chunks: list[BatchChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Pack the chunks (one-token chunks first) into input ids, positions, metadata and logits rows."""
@@ -68,6 +74,9 @@ class ModelRunner:
             torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
 
+    def _graphable(self, chunks: list[BatchChunk]) -> bool:
+        return self.graphs.fits(len(chunks)) and all(len(c.token_ids) == 1 and c.num_logits == 1 for c in chunks)
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write of forked sequences) in every layer's cache."""
         src = torch.tensor([s for s, _ in copies], device=self.device)
@@ -79,5 +88,13 @@ class ModelRunner:
         """Compute the chunks' K/V into the cache; return float32 logits of the rows the chunks asked for."""
         if copies:
             self.copy_blocks(list(copies))
+        if self.graphs is not None and self._graphable(chunks):
+            bs = self.block_size
+            return self.graphs.run(
+                [c.token_ids[0] for c in chunks],
+                [c.start for c in chunks],
+                [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks],
+                [c.block_table + [0] * (max(len(x.block_table) for x in chunks) - len(c.block_table)) for c in chunks],
+            )
         input_ids, positions, meta, logits_rows = self.prepare(chunks)
         return self.model(input_ids, positions, self.kv_caches, meta, logits_rows)

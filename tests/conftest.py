@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+
+# Without a GPU, Triton kernels run in Triton's interpreter. It must be chosen before anything imports
+# triton, and the engine imports it (through gllm.ops) in many test modules.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_CONFIGS = {
     # name: LlamaConfig overrides. Large init spreads the logits so greedy choices are never near-ties.

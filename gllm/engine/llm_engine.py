@@ -22,6 +22,7 @@ from gllm.kv import BlockManager, allocate_kv_cache, bytes_per_block
 from gllm.loader import LoadedModel, load_model
 from gllm.loader.registry import DEFAULT_MODEL
 from gllm.model import LlamaModel
+from gllm.ops.backend import select_backend
 from gllm.runner import BatchChunk, ModelRunner
 from gllm.sample import Sampler, SamplingRow
 
@@ -47,6 +48,8 @@ class LLMEngine(AsyncDriver):
         gen_params: GeneratorParams | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        attention: str = "auto",
+        cuda_graphs: bool = True,
     ):
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
@@ -58,14 +61,18 @@ class LLMEngine(AsyncDriver):
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | (
             self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         )
+        self.attention = select_backend(attention, self.device)
         with torch.device(self.device):
-            net = LlamaModel(cfg, self.max_seq_len).to(dtype)
+            net = LlamaModel(cfg, self.max_seq_len, self.attention).to(dtype)
         net.load_weights(loaded.weights)
         self.model = net.eval()
         num_blocks = self._num_kv_blocks(dtype)
         self.block_manager = BlockManager(num_blocks, params.block_size, params.enable_prefix_caching)
-        kv = allocate_kv_cache(cfg, num_blocks, params.block_size, dtype, self.device)
+        # One block more than the pool hands out: the scratch block that CUDA graphs' padding rows write to.
+        kv = allocate_kv_cache(cfg, num_blocks + 1, params.block_size, dtype, self.device)
         self.runner = ModelRunner(self.model, kv, params.block_size, self.device)
+        if cuda_graphs and self.device.type == "cuda":
+            self.runner.capture_graphs(num_blocks, params.max_batch_size, self.max_seq_len)
         self.scheduler = Scheduler(self.block_manager, params.max_batch_size, params.token_budget)
         self.sampler = Sampler(params.seed)
         self._inbox: collections.deque[Sequence] = collections.deque()

@@ -39,6 +39,8 @@ class RequestOutput:
             self.seq.first_token_time = time.perf_counter()
         if self.detokenizer is not None:
             self.text += self.detokenizer.push(token_id)
+            if reason is not None:  # the end: release a held-back partial character
+                self.text += self.detokenizer.flush()
         end = len(self.text)
         if self.stop:
             hit = self._find_stop()

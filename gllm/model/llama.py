@@ -7,17 +7,14 @@ gate/up projections are fused into single matrices so each layer does two large 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gllm.config import ModelConfig
 from gllm.model.rope import RotaryEmbedding
-from gllm.ops import AttentionMetadata, paged_attention, write_kv
-
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+from gllm.ops import AttentionMetadata
+from gllm.ops.backend import BACKENDS, AttentionBackend
 
 
 class RMSNorm(nn.Module):
@@ -51,14 +48,14 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         rope: RotaryEmbedding,
-        attend: AttentionFn,
+        attn: AttentionBackend,
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = rope(q.view(n, self.num_heads, self.head_dim), positions)
         k = rope(k.view(n, self.num_kv_heads, self.head_dim), positions)
-        write_kv(kv_cache, k, v.reshape(n, self.num_kv_heads, self.head_dim), meta.slot_mapping)
-        out = attend(q, kv_cache, meta, self.scale)
+        attn.write_kv(kv_cache, k, v.reshape(n, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        out = attn.attend(q, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))
 
 
@@ -83,18 +80,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, kv_cache, meta, rope, attend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, rope, attend)
+    def forward(self, x, positions, kv_cache, meta, rope, attn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, rope, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    """A Llama causal LM over the paged KV cache. ``attend`` picks the attention kernel (default: torch)."""
+    """A Llama causal LM over the paged KV cache; ``attn`` picks the attention kernels (default: torch)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, attend: AttentionFn = paged_attention):
+    def __init__(self, cfg: ModelConfig, max_positions: int, attn: AttentionBackend = BACKENDS["torch"]):
         super().__init__()
         self.config = cfg
-        self.attend = attend
+        self.attn = attn
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -113,7 +110,7 @@ class LlamaModel(nn.Module):
         """Run ``T`` packed tokens through the network; return float32 logits for ``logits_indices`` only."""
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta, self.rope, self.attend)
+            x = layer(x, positions, kv_cache, meta, self.rope, self.attn)
         x = self.norm(x[logits_indices])
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()

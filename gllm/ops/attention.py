@@ -63,14 +63,19 @@ def context_attention(
     return out.squeeze(0).transpose(0, 1)
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Attention for a whole packed batch ``q [T, H, D]``: decodes in one call, then each prompt chunk."""
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, decode=decode_attention
+) -> torch.Tensor:
+    """Attention for a whole packed batch ``q [T, H, D]``: decodes in one call, then each prompt chunk.
+
+    ``decode`` is the kernel for the one-token part (``decode_attention`` or a GPU kernel of that signature).
+    """
     nd = meta.num_decodes
     if nd == meta.num_seqs:
-        return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_list), scale)
+        return decode(q, kv_cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_list), scale)
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = decode_attention(
+        out[:nd] = decode(
             q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_list[:nd]), scale
         )
     start = nd

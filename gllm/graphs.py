@@ -1,0 +1,99 @@
+"""CUDA graphs for decode steps: one captured forward per batch size, replayed with new inputs.
+
+A decode step of a small model is mostly kernel-launch overhead; replaying a captured graph launches the
+whole forward at once. Inputs live in static buffers that each replay reads: a batch of ``n`` decodes is
+padded to the next captured size, and the padding rows write their K/V into a scratch block that no
+sequence owns. Attention must not depend on host-side lengths, so graphs are captured with the longest
+possible context (``max_len``) and the kernels read each sequence's true length from ``seq_lens``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gllm.model import LlamaModel
+from gllm.ops import AttentionMetadata
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 16 up to ``max_batch``."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
+    sizes += range(16, max_batch + 1, 16)
+    if sizes[-1] < max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        scratch_block: int,
+        max_batch: int,
+        max_len: int,
+    ):
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.max_len = max_len
+        self.scratch_slot = scratch_block * block_size
+        self.sizes = graph_batch_sizes(max_batch)
+        dev = kv_caches[0].device
+        width = -(-max_len // block_size)
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.slots = torch.full((max_batch,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.tables = torch.full((max_batch, width), scratch_block, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int64, device=dev)
+        self.rows = torch.arange(max_batch, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            self.graphs[size], self.outputs[size] = self._capture(size, pool)
+            pool = self.graphs[size].pool()
+
+    def _meta(self, n: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:n],
+            block_tables=self.tables[:n],
+            seq_lens=self.seq_lens[:n],
+            query_lens_list=[1] * n,
+            seq_lens_list=[self.max_len] * n,
+            num_decodes=n,
+            block_size=self.block_size,
+        )
+
+    def _run(self, n: int) -> torch.Tensor:
+        return self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, self._meta(n), self.rows[:n])
+
+    def _capture(self, n: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
+                self._run(n)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self._run(n)
+        return graph, out
+
+    def fits(self, n: int) -> bool:
+        return n <= self.sizes[-1]
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Replay the graph for ``len(input_ids)`` decodes; returns their logits ``[n, vocab]``."""
+        n = len(input_ids)
+        size = next(s for s in self.sizes if s >= n)
+        dev = self.input_ids.device
+        self.input_ids[:n].copy_(torch.tensor(input_ids, device=dev))
+        self.positions[:n].copy_(torch.tensor(positions, device=dev))
+        self.seq_lens[:n].copy_(torch.tensor(positions, device=dev) + 1)
+        self.slots[:n].copy_(torch.tensor(slots, device=dev))
+        self.slots[n:size].fill_(self.scratch_slot)
+        self.seq_lens[n:size].fill_(1)
+        width = len(tables[0])
+        self.tables[:n, :width].copy_(torch.tensor(tables, device=dev))
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
