@@ -72,3 +72,9 @@ def tiny_model(request, tmp_path_factory) -> tuple[Path, transformers.LlamaForCa
 def gqa_model(tmp_path_factory) -> tuple[Path, transformers.LlamaForCausalLM]:
     folder = tmp_path_factory.mktemp("gqa")
     return folder, build_tiny_llama(folder, **TINY_CONFIGS["gqa_tied_llama3"])
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where engine tests run: the CPU by default, ``GLLM_TEST_DEVICE=cuda`` on a GPU machine."""
+    return os.environ.get("GLLM_TEST_DEVICE", "cpu")

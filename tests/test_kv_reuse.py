@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine, ScoreRequest
@@ -14,10 +16,13 @@ def rand_ids(n: int, seed: int) -> list[int]:
 PREFIX = rand_ids(300, 0)
 
 
+DEVICE = os.environ.get("GLLM_TEST_DEVICE", "cpu")
+
+
 def engine(folder, caching=True, **kw) -> LLMEngine:
     params = dict(block_size=16, max_batch_size=4, max_seq_len=512, enable_prefix_caching=caching)
     params.update(kw)
-    return LLMEngine(folder, GeneratorParams(**params))
+    return LLMEngine(folder, GeneratorParams(**params), device=DEVICE)
 
 
 def greedy(ids, new=12, **kw) -> GenerationRequest:

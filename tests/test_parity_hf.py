@@ -27,12 +27,12 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float],
     return tokens, logprobs, (top2[:, 0] - top2[:, 1]).min().item()
 
 
-def test_greedy_matches_hf_with_staggered_arrivals(tiny_model):
+def test_greedy_matches_hf_with_staggered_arrivals(tiny_model, device):
     folder, hf = tiny_model
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
     # A small token budget splits long prompts into chunks that share batches with decodes.
-    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256, max_num_batched_tokens=40))
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256, max_num_batched_tokens=40), device=device)
     ids = {}
     results = {}
     for step in range(10_000):

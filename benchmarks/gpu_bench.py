@@ -1,0 +1,153 @@
+"""GPU throughput: this engine vs HF `generate` on the same GPU, random weights of real model shapes.
+
+Each workload: B concurrent requests, 128-token prompts, 128 new tokens each (greedy, EOS ignored).
+Reports generated tokens per second over the whole run (prefill included) and, for B = 1, the decode
+rate after the first token. Writes JSON and a markdown table into --out (a folder).
+
+    python benchmarks/gpu_bench.py --out results/   # needs a CUDA GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import transformers
+
+from gllm.config import ModelConfig
+from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+from gllm.loader import LoadedModel
+
+SHAPES = {
+    "llama-3.2-1b-shape": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "smollm2-135m-shape": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
+        max_position_embeddings=8192,
+    ),
+}  # fmt: skip
+
+
+DEVICE = "cuda"
+
+
+def build(shape: str, dtype: torch.dtype) -> tuple[transformers.LlamaForCausalLM, LoadedModel]:
+    cfg = transformers.LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        hf = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    weights = dict(hf.state_dict())
+    return hf, LoadedModel(shape, ModelConfig.from_hf_dict(cfg.to_dict()), weights, None)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], new: int) -> dict:
+    reqs = lambda: [GenerationRequest(prompt_token_ids=p, max_new_tokens=new, temperature=0, ignore_eos=True) for p in prompts]  # noqa: E731
+    engine.generate(reqs()[: min(4, len(prompts))])  # warm-up
+    results = []
+    seconds = timed(lambda: results.extend(engine.generate(reqs())))
+    out = {"seconds": seconds, "tok_per_s": len(prompts) * new / seconds}
+    if len(prompts) == 1:
+        m = results[0].metrics
+        out["decode_tok_per_s"] = (new - 1) / ((m["total_ms"] - m["ttft_ms"]) / 1000)
+        out["ttft_ms"] = m["ttft_ms"]
+    return out
+
+
+def run_hf(hf, prompts: list[list[int]], new: int) -> dict:
+    ids = torch.tensor(prompts, device=DEVICE)
+    gen = lambda x: hf.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)  # noqa: E731
+    gen(ids[:1, :8])  # warm-up
+    seconds = timed(lambda: gen(ids))
+    return {"seconds": seconds, "tok_per_s": len(prompts) * new / seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
+    args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    args.out.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    report = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "dtype": "bfloat16", "date": time.strftime("%Y-%m-%d"),
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "results": [],
+    }  # fmt: skip
+    for shape in args.shapes.split(","):
+        hf, loaded = build(shape, torch.bfloat16)
+        engine = LLMEngine(
+            loaded,
+            GeneratorParams(block_size=16, max_batch_size=max(batches), max_seq_len=args.prompt_len + args.new_tokens + 16,
+                            max_num_batched_tokens=8192),
+            device=DEVICE, dtype=torch.bfloat16,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        for b in batches:
+            prompts = torch.randint(0, loaded.config.vocab_size, (b, args.prompt_len), generator=gen).tolist()
+            row = {"model": shape, "batch": b}
+            for name, fn in (("gllm", lambda: run_engine(engine, prompts, args.new_tokens)),
+                             ("hf", lambda: run_hf(hf, prompts, args.new_tokens))):
+                try:
+                    row[name] = fn()
+                except Exception as exc:  # one failure must not lose the other measurements
+                    row[name] = {"error": repr(exc)}
+                    traceback.print_exc()
+            print(json.dumps(row), flush=True)
+            report["results"].append(row)
+        del hf, engine, loaded
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    (args.out / "gpu_bench.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"{report['device']}, torch {report['torch']}, bf16, {report['prompt_len']}-token prompts, "
+        f"{report['new_tokens']} new tokens, greedy, EOS ignored; {report['date']}",
+        "",
+        "| model | batch | gLLM tok/s | HF generate tok/s | gLLM / HF | gLLM decode tok/s (1 stream) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        g, h = r.get("gllm", {}), r.get("hf", {})
+        ratio = f"{g['tok_per_s'] / h['tok_per_s']:.1f}x" if "tok_per_s" in g and "tok_per_s" in h else "-"
+        fmt = lambda d: f"{d['tok_per_s']:,.0f}" if "tok_per_s" in d else d.get("error", "-")[:40]  # noqa: E731
+        dec = f"{g['decode_tok_per_s']:,.0f}" if "decode_tok_per_s" in g else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {fmt(g)} | {fmt(h)} | {ratio} | {dec} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
