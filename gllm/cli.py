@@ -1,4 +1,4 @@
-"""Command line: ``gllm generate "prompt"`` (also ``python -m gllm generate``)."""
+"""Command line: ``gllm generate "prompt"`` and ``gllm serve`` (also ``python -m gllm ...``)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.9)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--logprobs", action="store_true", help="show each token's logprob")
+    from gllm.runtime.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "serve":
+            from gllm.runtime.cli import serve
+
+            return serve(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gllm: error: {exc}", file=sys.stderr)
         return 2
