@@ -10,10 +10,11 @@ PROMPT_LENGTHS = [1, 7, 16, 33, 64, 100]
 NEW_TOKENS = 24
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float], float]:
-    """HF generate on one prompt alone: tokens, their log-softmax, and the smallest top-1/top-2 logit gap."""
+def hf_greedy(model, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[float], float]:
+    """HF generate on one prompt alone (on ``device``, like the engine): tokens, their log-softmax, and the
+    smallest top-1/top-2 logit gap."""
     out = model.generate(
-        torch.tensor([prompt]),
+        torch.tensor([prompt], device=device),
         max_new_tokens=n,
         min_new_tokens=n,
         do_sample=False,
@@ -21,7 +22,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float],
         return_dict_in_generate=True,
     )
     tokens = out.sequences[0, len(prompt) :].tolist()
-    logits = torch.cat(out.logits).float()
+    logits = torch.cat(out.logits).float().cpu()
     logprobs = logits.log_softmax(-1)[torch.arange(len(tokens)), tokens].tolist()
     top2 = logits.topk(2, dim=-1).values
     return tokens, logprobs, (top2[:, 0] - top2[:, 1]).min().item()
@@ -44,9 +45,11 @@ def test_greedy_matches_hf_with_staggered_arrivals(tiny_model, device):
         if len(results) == len(prompts):
             break
     assert engine.stats()["kv_blocks_in_use"] == 0
+    hf.to(device)
     for i, prompt in enumerate(prompts):
-        tokens, logprobs, gap = hf_greedy(hf, prompt, NEW_TOKENS)
+        tokens, logprobs, gap = hf_greedy(hf, prompt, NEW_TOKENS, device)
         assert gap > 1e-4, "test model has near-ties; change its seed or init scale"
         assert results[i].token_ids == tokens, f"prompt {i} ({len(prompt)} tokens)"
         assert max(abs(a - b) for a, b in zip(results[i].logprobs, logprobs)) < 1e-4
         assert results[i].finish_reason == "length"
+    hf.to("cpu")  # the model is shared with other tests
