@@ -16,31 +16,26 @@ from gllm.engine.sequence import Sequence, Status
 from gllm.kv import BlockManager
 
 
-@dataclass
 class ScheduledChunk:
-    seq: Sequence
-    num_tokens: int  # new tokens computed this step
+    """The tokens ``start .. start + num_tokens - 1`` of a sequence, computed in this step.
 
-    @property
-    def start(self) -> int:
-        return self.seq.num_computed_tokens
+    ``completes``: the chunk reaches the end of the sequence, so its last position is sampled (or, for
+    scoring, the sequence is done); ``num_logits``: how many of its last positions need logits.
+    """
 
-    @property
-    def completes(self) -> bool:
-        """Whether this chunk reaches the end of the sequence (its last position is sampled, or scored)."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+    __slots__ = ("seq", "num_tokens", "start", "completes", "samples", "num_logits")
 
-    @property
-    def samples(self) -> bool:
-        return self.completes and self.seq.samples
-
-    @property
-    def num_logits(self) -> int:
-        """How many of the chunk's last positions need logits."""
-        end = self.start + self.num_tokens
-        if self.seq.logits_from is not None and end > self.seq.logits_from:
-            return end - max(self.start, self.seq.logits_from)
-        return 1 if self.completes else 0
+    def __init__(self, seq: Sequence, num_tokens: int):
+        self.seq = seq
+        self.num_tokens = num_tokens
+        self.start = start = seq.num_computed_tokens
+        end = start + num_tokens
+        self.completes = end == len(seq.token_ids)
+        self.samples = self.completes and seq.samples
+        if seq.logits_from is not None and end > seq.logits_from:
+            self.num_logits = end - max(start, seq.logits_from)
+        else:
+            self.num_logits = 1 if self.completes else 0
 
 
 @dataclass
@@ -139,10 +134,9 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is not Status.RUNNING:
                 continue  # finished by an abort during the step
-            completes = chunk.completes
             seq.num_computed_tokens += chunk.num_tokens
             self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens)
-            if not completes:
+            if not chunk.completes:
                 continue
             for child in seq.pending_forks:
                 self.fork(seq, child)
