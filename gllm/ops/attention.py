@@ -25,10 +25,16 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of a batch of sequences laid out contiguously: ``[B, kv_heads, num_blocks * bs, D]``."""
-    blocks = kv_cache[:, block_tables[:, :num_blocks]]  # [2, B, nb, bs, kvh, D]
-    two, batch, nb, bs, kvh, dim = blocks.shape
-    blocks = blocks.view(two, batch, nb * bs, kvh, dim).transpose(2, 3)
+    """Keys and values of a batch of sequences laid out contiguously: ``[B, kv_heads, num_blocks * bs, D]``.
+
+    ``index_select`` over a flat view copies whole blocks; it is several times faster on the CPU than
+    advanced indexing of the 5-D cache.
+    """
+    two, total, bs, kvh, dim = kv_cache.shape
+    tables = block_tables[:, :num_blocks]
+    batch = tables.shape[0]
+    blocks = kv_cache.view(two, total, bs * kvh * dim).index_select(1, tables.reshape(-1))
+    blocks = blocks.view(two, batch, num_blocks * bs, kvh, dim).transpose(2, 3)
     return blocks[0], blocks[1]
 
 

@@ -1,0 +1,65 @@
+"""The default attention path equals the reference oracle on random packed batches."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gllm.ops import AttentionMetadata, paged_attention, reference_attention, write_kv
+
+
+def build_batch(seqs: list[tuple[int, int]], kv_heads: int, group: int, dim: int, block_size: int, dtype, seed: int):
+    """Random cache and queries for sequences given as (context length, new tokens), decodes first."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = sorted(seqs, key=lambda s: s[1] > 1)
+    width = max(-(-ctx // block_size) for ctx, _ in seqs)
+    num_blocks = len(seqs) * width + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, non-contiguous blocks
+    tables, slots, starts = [], [], []
+    for i, (ctx, new) in enumerate(seqs):
+        table = order[i * width : (i + 1) * width]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx - new, ctx)]
+    t = sum(new for _, new in seqs)
+    q = torch.randn(t, kv_heads * group, dim, generator=gen).to(dtype)
+    k = torch.randn(t, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(t, kv_heads, dim, generator=gen).to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor(tables),
+        seq_lens=torch.tensor([ctx for ctx, _ in seqs]),
+        query_lens_list=[new for _, new in seqs],
+        seq_lens_list=[ctx for ctx, _ in seqs],
+        num_decodes=sum(1 for _, new in seqs if new == 1),
+        block_size=block_size,
+    )
+    write_kv(cache, k, v, meta.slot_mapping)
+    return q, cache, meta
+
+
+seq_st = st.integers(1, 70).flatmap(lambda ctx: st.tuples(st.just(ctx), st.integers(1, ctx)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seqs=st.lists(st.one_of(seq_st, st.integers(1, 70).map(lambda c: (c, 1))), min_size=1, max_size=6),
+    kv_heads=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 2, 4]),
+    dim=st.sampled_from([8, 16]),
+    block_size=st.sampled_from([4, 16]),
+    seed=st.integers(0, 1000),
+)
+def test_paged_attention_matches_reference(seqs, kv_heads, group, dim, block_size, seed):
+    q, cache, meta = build_batch(seqs, kv_heads, group, dim, block_size, torch.float32, seed)
+    expected = reference_attention(q, cache, meta, dim**-0.5)
+    got = paged_attention(q, cache, meta, dim**-0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_close_to_reference():
+    q, cache, meta = build_batch([(37, 1), (5, 1), (64, 20), (16, 16)], 2, 4, 64, 16, torch.bfloat16, 0)
+    expected = reference_attention(q, cache, meta, 64**-0.5)
+    got = paged_attention(q, cache, meta, 64**-0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
