@@ -41,14 +41,18 @@ def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int)
 def decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence: ``q [B, H, D]`` over each sequence's first ``seq_lens`` cached tokens."""
-    block_size = kv_cache.shape[2]
+    """One query token per sequence: ``q [B, H, D]`` over each sequence's first ``seq_lens`` cached tokens.
+
+    The query heads that share a KV head become the "query length" of one attention call per KV head
+    (grouped-query attention without copying K/V per query head).
+    """
+    batch, num_heads, dim = q.shape
+    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     k, v = _gather(kv_cache, block_tables, -(-max_len // block_size))
     valid = torch.arange(k.shape[2], device=q.device) < seq_lens.unsqueeze(1)  # [B, L]: padding bias
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    grouped = q.view(batch, kv_heads, num_heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.view(batch, num_heads, dim)
 
 
 def context_attention(
