@@ -85,6 +85,22 @@ def run_hf(hf, prompts: list[list[int]], new: int) -> dict:
     return {"seconds": seconds, "tok_per_s": len(prompts) * new / seconds}
 
 
+def profile_decode(engine: LLMEngine, out: Path) -> None:
+    """Where one stream's decode step spends its time: the top operations, host and device."""
+    engine.generate([GenerationRequest(prompt_token_ids=list(range(1, 129)), max_new_tokens=8, temperature=0, ignore_eos=True)])
+    engine.add_request(GenerationRequest(prompt_token_ids=list(range(1, 129)), max_new_tokens=40, temperature=0, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    out.write_text(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -111,6 +127,11 @@ def main() -> None:
                             max_num_batched_tokens=8192),
             device=DEVICE, dtype=torch.bfloat16,
         )  # fmt: skip
+        if shape == "llama-3.2-1b-shape":
+            try:
+                profile_decode(engine, args.out / "profile_decode_b1.txt")
+            except Exception:
+                traceback.print_exc()
         gen = torch.Generator().manual_seed(1)
         for b in batches:
             prompts = torch.randint(0, loaded.config.vocab_size, (b, args.prompt_len), generator=gen).tolist()

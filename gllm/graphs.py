@@ -86,14 +86,17 @@ class DecodeGraphs:
         """Replay the graph for ``len(input_ids)`` decodes; returns their logits ``[n, vocab]``."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
-        dev = self.input_ids.device
-        self.input_ids[:n].copy_(torch.tensor(input_ids, device=dev))
-        self.positions[:n].copy_(torch.tensor(positions, device=dev))
-        self.seq_lens[:n].copy_(torch.tensor(positions, device=dev) + 1)
-        self.slots[:n].copy_(torch.tensor(slots, device=dev))
-        self.slots[n:size].fill_(self.scratch_slot)
-        self.seq_lens[n:size].fill_(1)
+        pad = size - n
+        # Two host-to-device copies per step: the per-row scalars (padding rows point at the scratch
+        # block), then the block tables.
+        rows = torch.tensor(
+            [input_ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad], dtype=torch.int64
+        ).to(self.input_ids.device, non_blocking=True)
+        self.input_ids[:size].copy_(rows[0])
+        self.positions[:size].copy_(rows[1])
+        self.slots[:size].copy_(rows[2])
+        self.seq_lens[:size].copy_(rows[1] + 1)
         width = len(tables[0])
-        self.tables[:n, :width].copy_(torch.tensor(tables, device=dev))
+        self.tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int64).to(self.tables.device, non_blocking=True))
         self.graphs[size].replay()
         return self.outputs[size][:n]
