@@ -1,0 +1,99 @@
+// A talking NPC for Unity (2021 LTS and later, Mono and IL2CPP): a persona, a short memory of the
+// conversation, and UnityEvents for each streamed token and for the finished line. A thin layer over
+// Gllm.LlmClient; not compiled by bindings/csharp/build.sh (it needs UnityEngine), only checked against
+// stand-ins of the few Unity types it uses (Tests/EngineStubs).
+//
+// Setup: put the Gllm folder and this file under Assets/, start `gllm serve` (see bindings/README.md),
+// add LlmCharacter to a GameObject, write its persona, wire onToken to your speech bubble, and call
+// Say("Hello") from your dialogue code. Not for WebGL builds: browsers have no raw TCP sockets.
+using System.Collections.Generic;
+using Gllm;
+using UnityEngine;
+using UnityEngine.Events;
+
+public class LlmCharacter : MonoBehaviour
+{
+    [Tooltip("gllm serve's endpoint; only loopback addresses are accepted (the protocol is unencrypted)")]
+    public string endpoint = LlmClient.DefaultEndpoint;
+
+    [TextArea(3, 10)]
+    public string persona = "You are Brom, the gruff but kind blacksmith of a small mountain village. Answer in one or two short sentences.";
+
+    public int maxTokens = 80;
+    public float temperature = 0.7f;
+    public float topP = 0.9f;
+    [Tooltip("Exchanges remembered; older ones are dropped to keep the prompt short")]
+    public int memoryTurns = 4;
+
+    [Header("Events (raised on the main thread)")]
+    public UnityEvent<string> onToken = new UnityEvent<string>();
+    public UnityEvent<string> onLine = new UnityEvent<string>();
+    public UnityEvent<string> onError = new UnityEvent<string>();
+
+    readonly List<ChatMessage> memory = new List<ChatMessage>();
+    LlmClient client;
+    bool ownsClient;
+    Generation current;
+
+    /// <summary>Share one connection between many characters: set this before Start (the character
+    /// then leaves the client's lifetime to whoever made it).</summary>
+    public LlmClient Client
+    {
+        get { return client; }
+        set { client = value; ownsClient = false; }
+    }
+
+    public bool IsSpeaking { get { return current != null && !current.IsDone; } }
+
+    void Start()
+    {
+        if (client == null)
+        {
+            client = new LlmClient(endpoint);  // created on the main thread: events come back to it
+            ownsClient = true;
+            client.Connect();
+        }
+    }
+
+    /// <summary>The player says something; the answer streams through onToken, then onLine. A line still
+    /// being spoken is cut off.</summary>
+    public Generation Say(string playerLine)
+    {
+        Stop();
+        var messages = new List<ChatMessage> { ChatMessage.System(persona) };
+        messages.AddRange(memory);
+        messages.Add(ChatMessage.User(playerLine));
+        var options = new GenerateOptions { MaxTokens = maxTokens, Temperature = temperature, TopP = topP };
+        Generation line = client.Generate(messages, options);
+        current = line;
+        line.Token += token => { if (line == current) onToken.Invoke(token.Text); };
+        line.Completed += done =>
+        {
+            if (line != current) return;  // cut off by a newer line
+            Remember(playerLine, done.Text);
+            onLine.Invoke(done.Text);
+        };
+        line.Failed += error => { if (line == current) onError.Invoke(error.ToString()); };
+        return line;
+    }
+
+    /// <summary>Stops the line being spoken, if any.</summary>
+    public void Stop()
+    {
+        if (current != null) current.Cancel();
+        current = null;
+    }
+
+    void Remember(string playerLine, string answer)
+    {
+        memory.Add(ChatMessage.User(playerLine));
+        memory.Add(ChatMessage.Assistant(answer));
+        while (memory.Count > 2 * memoryTurns) memory.RemoveRange(0, 2);
+    }
+
+    void OnDestroy()
+    {
+        Stop();
+        if (ownsClient && client != null) client.Dispose();  // never blocks
+    }
+}

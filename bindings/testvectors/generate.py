@@ -1,0 +1,97 @@
+"""Write the protocol v1 test vectors: ``<name>.msgpack`` (the exact bytes of one message frame) and
+``<name>.json`` (the same message decoded), for other languages' codecs to be checked against.
+
+    python bindings/testvectors/generate.py          # rewrite the files next to this script
+    python bindings/testvectors/generate.py --check  # exit 1 if a file is missing or differs
+
+Replies are built with the runtime's own message builders, so the vectors are what ``gllm serve`` sends.
+The runtime encodes msgpack the way msgpack-python does by default: the smallest int and str formats,
+floats as float 64; a decoder must accept every msgpack format for a type, not just these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gllm.runtime import protocol as p
+
+HERE = Path(__file__).resolve().parent
+
+USAGE = {"prompt_tokens": 31, "completion_tokens": 9, "cached_tokens": 16}
+TIMING = {"queued_ms": 0.12, "ttft_ms": 48.5, "total_ms": 412.25}
+
+# name -> message. "to_runtime_*" are client requests, "to_client_*" are runtime replies.
+VECTORS: dict[str, dict[str, Any]] = {
+    "to_runtime_generate_minimal": {"type": "generate", "id": 1, "prompt": "Hi"},
+    "to_runtime_generate_chat": {
+        "type": "generate", "id": "npc-7/line-3",
+        "messages": [{"role": "system", "content": "You are Brom, the village blacksmith."},
+                     {"role": "user", "content": "Où est la forge ? 🔨"}],
+        "max_tokens": 128, "temperature": 0.7, "top_k": 40, "top_p": 0.9, "seed": 12345678901,
+        "stop": ["\n\n", "Player:"], "logprobs": 2, "priority": -1, "ignore_eos": False,
+    },
+    "to_runtime_generate_token_ids": {"type": "generate", "id": 4294967296, "prompt_token_ids": [1, 127, 128, 255,
+                                      256, 49151], "max_tokens": 16, "temperature": 0, "ignore_eos": True},
+    "to_runtime_score_strings": {"type": "score", "id": "move-42", "prompt": "1. e4 e5 2.",
+                                 "candidates": [" Nf3", " Bc4", " d4"]},
+    "to_runtime_score_token_ids": {"type": "score", "id": 9, "prompt_token_ids": [1, 2, 3],
+                                   "candidates": [[4], [5, 6]], "priority": 2},
+    "to_runtime_cancel": {"type": "cancel", "id": "npc-7/line-3"},
+    "to_runtime_info": {"type": "info", "id": 2},
+    "to_runtime_ping": {"type": "ping"},
+    "to_client_token": p.token_message(1, 0, 19556, "Hello", -0.6931471805599453, 1),
+    "to_client_token_partial_char": p.token_message(1, 5, 9221, "", -2.5, 3),
+    "to_client_token_top": p.token_message("npc-7/line-3", 2, 1128, " forge", -0.105, 1,
+                                           [[1128, " forge", -0.105], [47481, " é", -2.75]]),
+    "to_client_done": p.done_message(1, "stop", "Hello there! How can I help?", USAGE, TIMING),
+    "to_client_done_cancelled": p.done_message("npc-7/line-3", "cancelled", "La forge est",
+                                               {"prompt_tokens": 40, "completion_tokens": 3, "cached_tokens": 0},
+                                               {"queued_ms": 0.1, "ttft_ms": None, "total_ms": 30.5}),
+    "to_client_scores": p.scores_message(
+        "move-42",
+        [{"text": " Nf3", "token_ids": [465, 86, 35], "logprob": -3.25, "token_logprobs": [-2.0, -1.0, -0.25]},
+         {"text": " Bc4", "token_ids": [378, 66, 36], "logprob": -6.5, "token_logprobs": [-4.0, -2.0, -0.5]}],
+        {"prompt_tokens": 9, "completion_tokens": 0, "cached_tokens": 0},
+        {"queued_ms": 0.2, "ttft_ms": None, "total_ms": 61.0}),
+    "to_client_error": p.error_message("bad_request", "unknown field(s) for a 'generate' message: 'max_token'", 1),
+    "to_client_error_no_id": p.error_message("bad_request", "the message is not valid msgpack"),
+    "to_client_info": p.info_message(2, "smollm2-135m-instruct", 49152, 2048,
+                                     {**dict.fromkeys(p.INFO_STATS, 0), "kv_blocks_total": 1024},
+                                     {"max_message_bytes": 1048576, "max_open_requests": 64, "max_logprobs": 20,
+                                      "max_candidates": 256, "max_stop_strings": 16}),
+    "to_client_pong": p.pong_message(None),
+}
+
+
+def expected_files() -> dict[str, bytes]:
+    files = {}
+    for name, message in VECTORS.items():
+        files[f"{name}.msgpack"] = p.encode(message)
+        files[f"{name}.json"] = (json.dumps(message, indent=2, ensure_ascii=False) + "\n").encode()
+    return files
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = parser.parse_args()
+    stale = []
+    for name, data in expected_files().items():
+        path = HERE / name
+        if args.check:
+            if not path.is_file() or path.read_bytes() != data:
+                stale.append(name)
+        else:
+            path.write_bytes(data)
+    if stale:
+        print("out of date:", ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The asyncio Python client: ``AsyncClient`` and its ``AsyncStream``, on ``zmq.asyncio``.
+
+One reader task per client reads the DEALER socket and puts each message on the queue of the request it
+answers (by ``id``), so any number of generations can stream at once over one connection.
+
+    async with AsyncClient() as client:
+        stream = client.generate(messages=[{"role": "user", "content": "Hi"}], temperature=0.7)
+        async for token in stream:
+            print(token.text, end="")
+        print(stream.result.usage)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any, AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from gllm.client.messages import (
+    Completion,
+    Info,
+    Scores,
+    ServerError,
+    StreamState,
+    Token,
+    expect,
+    parse_info,
+    parse_scores,
+    prompt_fields,
+    request_message,
+)
+from gllm.runtime.protocol import DEFAULT_ENDPOINT, ClientId, decode, encode
+
+
+class AsyncClient:
+    """A connection to ``gllm serve`` for asyncio code. ``timeout`` (seconds) bounds each wait for a reply."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 60.0,
+                 context: zmq.asyncio.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._socket = (context or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._queues: dict[ClientId, asyncio.Queue[dict[str, Any] | BaseException]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------------------------ requests
+    def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                 prompt_token_ids: list[int] | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
+                 priority: int | None = None, ignore_eos: bool | None = None,
+                 timeout: float | None = None) -> AsyncStream:
+        """A stream of the generation's tokens; the request is sent when the stream is first awaited."""
+        fields = prompt_fields(prompt, messages, prompt_token_ids)
+        message = request_message("generate", next(self._ids), **fields, max_tokens=max_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                                  logprobs=logprobs, priority=priority, ignore_eos=ignore_eos)
+        return AsyncStream(self, message, self.timeout if timeout is None else timeout)
+
+    async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Generate and wait for the whole completion (same arguments as ``generate``)."""
+        return await self.generate(prompt, **kwargs).wait()
+
+    async def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
+                    messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
+                    priority: int | None = None, timeout: float | None = None) -> Scores:
+        """Log-probability of each candidate as a continuation of the prompt, in input order."""
+        fields = prompt_fields(prompt, messages, prompt_token_ids)
+        message = request_message("score", next(self._ids), **fields, candidates=candidates, priority=priority)
+        return parse_scores(await self._request(message, timeout))
+
+    async def cancel(self, request_id: ClientId) -> None:
+        """Ask the runtime to stop a request; its stream then ends with ``finish_reason == "cancelled"``."""
+        await self._socket.send(encode(request_message("cancel", request_id)))
+
+    async def info(self, timeout: float | None = None) -> Info:
+        return parse_info(await self._request(request_message("info", next(self._ids)), timeout))
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time to the runtime, in seconds."""
+        start = time.perf_counter()
+        expect(await self._request(request_message("ping", next(self._ids)), timeout), "pong")
+        return time.perf_counter() - start
+
+    @property
+    def closed(self) -> bool:
+        return self._socket.closed
+
+    def close(self) -> None:
+        """Stop the reader and close the socket at once (linger 0); the runtime cancels what was open."""
+        if self._reader is not None:
+            self._reader.cancel()
+        self._socket.close(linger=0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------ plumbing
+    async def _open(self, message: dict[str, Any]) -> None:
+        self._queues[message["id"]] = asyncio.Queue()
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        await self._socket.send(encode(message))
+
+    async def _request(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        await self._open(message)
+        try:
+            return await self._next(message["id"], self.timeout if timeout is None else timeout)
+        finally:
+            self._forget(message["id"])
+
+    async def _next(self, request_id: ClientId, timeout: float) -> dict[str, Any]:
+        try:
+            item = await asyncio.wait_for(self._queues[request_id].get(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no reply from {self.endpoint} within {timeout:g} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _forget(self, request_id: ClientId) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                msg = decode(await self._socket.recv())
+                request_id = msg.get("id") if isinstance(msg, dict) else None
+                queue = self._queues.get(request_id) if isinstance(request_id, (int, str)) else None
+                if queue is not None:  # replies to forgotten requests (closed streams) are dropped
+                    queue.put_nowait(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket was closed or failed: wake every waiter with the reason
+            for queue in self._queues.values():
+                queue.put_nowait(ConnectionError(f"the client's connection failed: {exc}"))
+
+
+class AsyncStream:
+    """The tokens of one generation; after the last one, ``result`` holds the ``Completion``.
+
+    ``async with`` it (or call ``aclose``) to cancel the request if you stop reading early.
+    """
+
+    def __init__(self, client: AsyncClient, message: dict[str, Any], timeout: float):
+        self.client = client
+        self.id: ClientId = message["id"]
+        self.timeout = timeout
+        self._message: dict[str, Any] | None = message  # until sent
+        self._state = StreamState(self.id)
+        self._closed = False
+
+    @property
+    def result(self) -> Completion | None:
+        return self._state.result
+
+    async def start(self) -> None:
+        """Send the request now (iteration does it on its own)."""
+        if self._message is not None:
+            message, self._message = self._message, None
+            await self.client._open(message)
+
+    def __aiter__(self) -> AsyncIterator[Token]:
+        return self
+
+    async def __anext__(self) -> Token:
+        if self._state.result is not None or self._closed:
+            raise StopAsyncIteration
+        await self.start()
+        try:
+            item = self._state.feed(await self.client._next(self.id, self.timeout))
+        except ServerError:  # the request is over on the runtime's side
+            self._closed = True
+            self.client._forget(self.id)
+            raise
+        except BaseException:  # a timeout or a cancelled task: stop the request
+            await asyncio.shield(self.aclose())
+            raise
+        if isinstance(item, Completion):
+            self.client._forget(self.id)
+            raise StopAsyncIteration
+        return item
+
+    async def wait(self) -> Completion:
+        """Read the rest of the stream and return the ``Completion``."""
+        async for _ in self:
+            pass
+        if self._state.result is None:
+            raise RuntimeError("the stream was closed before it finished")
+        return self._state.result
+
+    async def cancel(self) -> None:
+        """Ask the runtime to stop; keep iterating to get the remaining tokens and the final result."""
+        if self._message is None and self._state.result is None:
+            await self.client.cancel(self.id)
+
+    async def aclose(self) -> None:
+        """Cancel if still running and stop listening for this request."""
+        if self._message is None and self._state.result is None and not self._closed and not self.client.closed:
+            await self.client.cancel(self.id)
+        self._closed = True
+        self.client._forget(self.id)
+
+    async def __aenter__(self) -> AsyncStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,216 @@
+"""The synchronous Python client: ``Client`` and its token ``Stream``.
+
+One DEALER socket carries every request of a client; replies are routed to their request by ``id``, so
+several generations can be open at once and read in any order (or from several threads). Whoever waits
+for a reply reads the socket and files every message it gets under its id; the others find theirs there.
+
+    with Client() as client:
+        for token in (stream := client.generate("Hello", max_tokens=32)):
+            print(token.text, end="")
+        print(stream.result.finish_reason)
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from typing import Any, Iterator
+
+import zmq
+
+from gllm.client.messages import (
+    Completion,
+    Info,
+    Scores,
+    ServerError,
+    StreamState,
+    Token,
+    expect,
+    parse_info,
+    parse_scores,
+    prompt_fields,
+    request_message,
+)
+from gllm.runtime.protocol import DEFAULT_ENDPOINT, ClientId, decode, encode
+
+_POLL_SLICE_MS = 50  # a waiting reader gives other threads a turn at the socket this often
+
+
+class Client:
+    """A connection to ``gllm serve``. ``timeout`` (seconds) bounds every wait for the next reply."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 60.0,
+                 context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._inbox: dict[ClientId, collections.deque[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ requests
+    def generate(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                 prompt_token_ids: list[int] | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
+                 priority: int | None = None, ignore_eos: bool | None = None,
+                 timeout: float | None = None) -> Stream:
+        """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``."""
+        fields = prompt_fields(prompt, messages, prompt_token_ids)
+        request_id = self._open("generate", **fields, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
+                                ignore_eos=ignore_eos)
+        return Stream(self, request_id, self.timeout if timeout is None else timeout)
+
+    def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Generate and wait for the whole completion (same arguments as ``generate``)."""
+        return self.generate(prompt, **kwargs).wait()
+
+    def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
+              messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
+              priority: int | None = None, timeout: float | None = None) -> Scores:
+        """Log-probability of each candidate as a continuation of the prompt, in input order."""
+        fields = prompt_fields(prompt, messages, prompt_token_ids)
+        request_id = self._open("score", **fields, candidates=candidates, priority=priority)
+        return parse_scores(self._reply(request_id, timeout))
+
+    def cancel(self, request_id: ClientId) -> None:
+        """Ask the runtime to stop a request; its stream then ends with ``finish_reason == "cancelled"``."""
+        self._send(request_message("cancel", request_id))
+
+    def info(self, timeout: float | None = None) -> Info:
+        """Model, limits and live statistics of the runtime."""
+        return parse_info(self._reply(self._open("info"), timeout))
+
+    def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time to the runtime, in seconds."""
+        start = time.perf_counter()
+        expect(self._reply(self._open("ping"), timeout), "pong")
+        return time.perf_counter() - start
+
+    @property
+    def closed(self) -> bool:
+        return self._socket.closed
+
+    def close(self) -> None:
+        """Close the socket at once (linger 0); the runtime cancels whatever was still open."""
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _open(self, kind: str, **fields: Any) -> int:
+        request_id = next(self._ids)
+        self._inbox[request_id] = collections.deque()
+        self._send(request_message(kind, request_id, **fields))
+        return request_id
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self._socket.send(encode(message))
+
+    def _reply(self, request_id: ClientId, timeout: float | None) -> dict[str, Any]:
+        try:
+            return self._next(request_id, self.timeout if timeout is None else timeout)
+        finally:
+            self._forget(request_id)
+
+    def _next(self, request_id: ClientId, timeout: float) -> dict[str, Any]:
+        """The next message for ``request_id``, reading (and filing) others' messages while waiting."""
+        deadline = time.monotonic() + timeout
+        queue = self._inbox[request_id]
+        while not queue:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply from {self.endpoint} within {timeout:g} s")
+            with self._lock:
+                if queue:
+                    break
+                if self._socket.poll(min(_POLL_SLICE_MS, max(1, int(remaining * 1000))), zmq.POLLIN):
+                    while True:
+                        try:
+                            self._file(decode(self._socket.recv(zmq.NOBLOCK)))
+                        except zmq.Again:
+                            break
+        return queue.popleft()
+
+    def _file(self, msg: Any) -> None:
+        request_id = msg.get("id") if isinstance(msg, dict) else None
+        box = self._inbox.get(request_id) if isinstance(request_id, (int, str)) else None
+        if box is not None:  # replies to forgotten requests (closed streams) are dropped
+            box.append(msg)
+
+    def _forget(self, request_id: ClientId) -> None:
+        self._inbox.pop(request_id, None)
+
+
+class Stream:
+    """The tokens of one generation, as they arrive. After the last one, ``result`` holds the ``Completion``.
+
+    Leaving a ``with`` block or calling ``close`` before the end cancels the request.
+    """
+
+    def __init__(self, client: Client, request_id: int, timeout: float):
+        self.client = client
+        self.id = request_id
+        self.timeout = timeout
+        self._state = StreamState(request_id)
+        self._closed = False
+
+    @property
+    def result(self) -> Completion | None:
+        return self._state.result
+
+    def __iter__(self) -> Iterator[Token]:
+        return self
+
+    def __next__(self) -> Token:
+        if self._state.result is not None or self._closed:
+            raise StopIteration
+        try:
+            item = self._state.feed(self.client._next(self.id, self.timeout))
+        except ServerError:  # the request is over on the runtime's side
+            self._closed = True
+            self.client._forget(self.id)
+            raise
+        except BaseException:  # a timeout or an interrupt: stop the request
+            self.close()
+            raise
+        if isinstance(item, Completion):
+            self.client._forget(self.id)
+            raise StopIteration
+        return item
+
+    def wait(self) -> Completion:
+        """Read the rest of the stream and return the ``Completion``."""
+        for _ in self:
+            pass
+        if self._state.result is None:
+            raise RuntimeError("the stream was closed before it finished")
+        return self._state.result
+
+    def cancel(self) -> None:
+        """Ask the runtime to stop; keep iterating to get the remaining tokens and the final result."""
+        if self._state.result is None:
+            self.client.cancel(self.id)
+
+    def close(self) -> None:
+        """Cancel if still running and stop listening for this request."""
+        if self._state.result is None and not self._closed and not self.client.closed:
+            self.client.cancel(self.id)
+        self._closed = True
+        self.client._forget(self.id)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
