@@ -8,6 +8,9 @@ from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
 PROMPT_LENGTHS = [1, 7, 16, 33, 64, 100]
 NEW_TOKENS = 24
+# float32 on the CPU (CI) must agree to 1e-4. CUDA kernels sum in another order, and the large logits of
+# these test models (wide random init) turn that into up to ~1.1e-4 there.
+LOGPROB_TOL = {"cpu": 1e-4, "cuda": 2e-4}
 
 
 def hf_greedy(model, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[float], float]:
@@ -50,6 +53,6 @@ def test_greedy_matches_hf_with_staggered_arrivals(tiny_model, device):
         tokens, logprobs, gap = hf_greedy(hf, prompt, NEW_TOKENS, device)
         assert gap > 1e-4, "test model has near-ties; change its seed or init scale"
         assert results[i].token_ids == tokens, f"prompt {i} ({len(prompt)} tokens)"
-        assert max(abs(a - b) for a, b in zip(results[i].logprobs, logprobs)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(results[i].logprobs, logprobs)) < LOGPROB_TOL[device]
         assert results[i].finish_reason == "length"
     hf.to("cpu")  # the model is shared with other tests

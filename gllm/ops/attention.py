@@ -52,7 +52,7 @@ def decode_attention(
     valid = torch.arange(k.shape[2], device=q.device) < seq_lens.unsqueeze(1)  # [B, L]: padding bias
     grouped = q.view(batch, kv_heads, num_heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=valid[:, None, None, :], scale=scale)
-    return out.view(batch, num_heads, dim)
+    return out.reshape(batch, num_heads, dim)
 
 
 def context_attention(
