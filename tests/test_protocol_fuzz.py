@@ -219,7 +219,8 @@ def test_frame_over_the_hard_limit_drops_the_connection_not_the_server(server):
         before = stats(probe)["disconnects"]
         assert request(sock, {"type": "ping", "id": 1})["type"] == "pong"
         sock.send(b"\x00" * (4 * MAX_MESSAGE + 1))  # beyond MAXMSGSIZE: libzmq closes the connection
-        wait_until(lambda: stats(probe)["disconnects"] == before + 1, timeout=10)
+        # >=: a connection closed by an earlier test may be counted in the same window.
+        wait_until(lambda: stats(probe)["disconnects"] >= before + 1, timeout=30)
         # The DEALER reconnects by itself and the runtime serves it as a new client.
         assert request(sock, {"type": "ping", "id": 2}) == {"type": "pong", "id": 2}
     finally:
