@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.endpoint:
         rows = measure(args.endpoint, games)
     else:
-        from serve_local import LocalRuntime
+        from gllm.client import LocalRuntime
 
         with LocalRuntime() as runtime:
             rows = measure(runtime.endpoint, games)

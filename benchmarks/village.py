@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.endpoint:
         results = run(args, args.endpoint)
     else:
-        from serve_local import LocalRuntime
+        from gllm.client import LocalRuntime
 
         with LocalRuntime(max_batch_size=args.max_batch_size) as runtime:
             results = run(args, runtime.endpoint)

@@ -9,14 +9,13 @@ model's logprobs" means.
 from __future__ import annotations
 
 import asyncio
-import filecmp
 import io
 import sys
 from pathlib import Path
 
 import pytest
 
-from gllm.client import AsyncClient, Client
+from gllm.client import AsyncClient, Client, LocalRuntime
 from gllm.engine import GeneratorParams, LLMEngine, ScoreRequest
 from runtime_fixtures import build_tiny_llama, start_server, wait_until
 
@@ -28,7 +27,6 @@ import crowd  # noqa: E402
 import display  # noqa: E402
 import npcs  # noqa: E402
 import scene  # noqa: E402
-import serve_local  # noqa: E402
 
 try:  # the chess bot needs python-chess; without it only its tests are skipped
     import chess
@@ -236,12 +234,10 @@ def test_prompt_is_pgn_movetext():
 # ------------------------------------------------------------------------------------- --serve helper
 def test_serve_local_starts_and_always_stops_its_runtime(tmp_path):
     model = build_tiny_llama(tmp_path / "tiny")
-    with serve_local.LocalRuntime(str(model)) as runtime:
+    with LocalRuntime(str(model)) as runtime:
         with Client(runtime.endpoint) as client:
             assert client.info().model == "tiny"
     assert runtime.proc.returncode == 0
     with pytest.raises(RuntimeError):
-        with serve_local.LocalRuntime(str(tmp_path / "no-such-model")):
+        with LocalRuntime(str(tmp_path / "no-such-model")):
             pass
-    assert filecmp.cmp(EXAMPLES / "npc_dialogue" / "serve_local.py", EXAMPLES / "chess_bot" / "serve_local.py",
-                       shallow=False), "the two examples' copies of serve_local.py have drifted apart"

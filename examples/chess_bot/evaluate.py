@@ -38,7 +38,7 @@ import chess.pgn
 
 from bot import ChessBot
 from gllm.client import DEFAULT_ENDPOINT, Client
-from serve_local import LocalRuntime
+from gllm.client import LocalRuntime
 
 HERE = Path(__file__).resolve().parent
 MATE = 100_000

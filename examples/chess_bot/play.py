@@ -26,7 +26,7 @@ import chess.pgn
 
 from bot import ChessBot, Choice
 from gllm.client import DEFAULT_ENDPOINT, Client
-from serve_local import LocalRuntime
+from gllm.client import LocalRuntime
 
 TERMINATIONS = {
     chess.Termination.CHECKMATE: "checkmate",

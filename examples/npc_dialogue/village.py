@@ -22,7 +22,7 @@ from display import Terminal
 from gllm.client import DEFAULT_ENDPOINT, AsyncClient, ServerError
 from npcs import PLACES, make_crowd
 from scene import play_scene
-from serve_local import LocalRuntime
+from gllm.client import LocalRuntime
 
 HELP = "Type a line and press Enter (a new line interrupts whoever is talking); /go PLACE, /who, /quit."
 

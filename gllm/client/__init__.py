@@ -22,10 +22,12 @@ from gllm.client.messages import (
     Token,
     Usage,
 )
+from gllm.client.local import LocalRuntime
 from gllm.client.sync import Client, Stream
 from gllm.runtime.protocol import DEFAULT_ENDPOINT
 
 __all__ = [
+    "LocalRuntime",
     "DEFAULT_ENDPOINT",
     "AsyncClient",
     "AsyncStream",

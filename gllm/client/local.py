@@ -1,11 +1,9 @@
-"""Start a private ``gllm serve`` for the length of a ``with`` block, and always stop it afterwards.
+"""LocalRuntime: a private ``gllm serve`` for the length of a ``with`` block, always stopped afterwards.
 
-An example that says ``--serve`` should be one command: it starts the runtime on a free loopback port,
+For games and tools written in Python that ship their own runtime, and for the examples' ``--serve``: it starts the runtime on a free loopback port,
 waits until it answers a ping (loading the model takes a while on a small CPU), and on the way out, by
 success, error, Ctrl-C or SIGTERM, asks it to stop (SIGTERM, which the runtime handles gracefully) and
 waits for it to exit. A runtime that outlived its example would hold the port and the memory.
-
-Each example carries its own copy of this file so that it can be copied out of the repository alone.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from gllm.client import Client
+from gllm.client.sync import Client
 
 READY_TIMEOUT_S = 300.0  # loading the model on a busy 2-core machine can take a minute or more
 STOP_TIMEOUT_S = 30.0
