@@ -19,7 +19,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine(DEFAULT_MODEL, GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=512))
+    return LLMEngine(DEFAULT_MODEL, GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=512), dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ def greedy(ids: list[int], n: int = 20, **kw) -> GenerationRequest:
 def test_preemption_keeps_greedy_tokens(gqa_model):
     folder, _ = gqa_model
     ps = prompts(6)
-    big = LLMEngine(folder, GeneratorParams(block_size=4, max_batch_size=6, max_seq_len=128), device=DEVICE)
+    big = LLMEngine(folder, GeneratorParams(block_size=4, max_batch_size=6, max_seq_len=128), device=DEVICE, dtype=torch.float32)
     expected = [r.token_ids for r in big.generate([greedy(p) for p in ps])]
-    small = LLMEngine(folder, GeneratorParams(block_size=4, max_batch_size=6, max_seq_len=128, num_kv_blocks=24), device=DEVICE)
+    small = LLMEngine(folder, GeneratorParams(block_size=4, max_batch_size=6, max_seq_len=128, num_kv_blocks=24), device=DEVICE, dtype=torch.float32)
     got = small.generate([greedy(p) for p in ps])
     assert small.stats()["preemptions"] > 0
     assert [r.token_ids for r in got] == expected
@@ -36,7 +36,7 @@ def test_preemption_keeps_greedy_tokens(gqa_model):
 
 def test_seeded_request_is_independent_of_the_batch(gqa_model):
     folder, _ = gqa_model
-    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=8, max_seq_len=128), device=DEVICE)
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=8, max_seq_len=128), device=DEVICE, dtype=torch.float32)
     p = prompts(1, seed=9)[0]
     req = lambda: GenerationRequest(prompt_token_ids=p, max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=1234)  # noqa: E731
     alone = engine.generate([req()])[0]
@@ -49,7 +49,7 @@ def test_seeded_request_is_independent_of_the_batch(gqa_model):
 
 def test_logprobs_ranks_and_top_alternatives(gqa_model):
     folder, hf = gqa_model
-    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_seq_len=128), device=DEVICE)
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_seq_len=128), device=DEVICE, dtype=torch.float32)
     p = prompts(1, seed=5)[0]
     r = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=6, temperature=1.0, seed=7, logprobs=3)])[0]
     ids = torch.tensor([p + r.token_ids])
@@ -64,7 +64,7 @@ def test_logprobs_ranks_and_top_alternatives(gqa_model):
 
 def test_priority_runs_first_and_abort_frees_blocks(gqa_model):
     folder, _ = gqa_model
-    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=1, max_seq_len=128), device=DEVICE)
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=1, max_seq_len=128), device=DEVICE, dtype=torch.float32)
     p = prompts(3)
     low = engine.add_request(greedy(p[0], 10, priority=0))
     high = engine.add_request(greedy(p[1], 10, priority=5))
@@ -83,7 +83,7 @@ def test_priority_runs_first_and_abort_frees_blocks(gqa_model):
 
 def test_async_future_and_stream(gqa_model):
     folder, _ = gqa_model
-    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_seq_len=128), device=DEVICE)
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_seq_len=128), device=DEVICE, dtype=torch.float32)
     p = prompts(2)
 
     async def main():
@@ -124,7 +124,7 @@ def test_async_future_and_stream(gqa_model):
 )
 def test_bad_requests_fail_clearly_and_change_nothing(gqa_model, bad, message):
     folder, _ = gqa_model
-    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_seq_len=128), device=DEVICE)
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_seq_len=128), device=DEVICE, dtype=torch.float32)
     good = engine.add_request(greedy(prompts(1)[0], 8))
     engine.step()
     with pytest.raises(ValueError, match=message):

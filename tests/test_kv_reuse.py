@@ -22,7 +22,7 @@ DEVICE = os.environ.get("GLLM_TEST_DEVICE", "cpu")
 def engine(folder, caching=True, **kw) -> LLMEngine:
     params = dict(block_size=16, max_batch_size=4, max_seq_len=512, enable_prefix_caching=caching)
     params.update(kw)
-    return LLMEngine(folder, GeneratorParams(**params), device=DEVICE)
+    return LLMEngine(folder, GeneratorParams(**params), device=DEVICE, dtype=torch.float32)
 
 
 def greedy(ids, new=12, **kw) -> GenerationRequest:

@@ -36,7 +36,7 @@ def test_greedy_matches_hf_with_staggered_arrivals(tiny_model, device):
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
     # A small token budget splits long prompts into chunks that share batches with decodes.
-    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256, max_num_batched_tokens=40), device=device)
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256, max_num_batched_tokens=40), device=device, dtype=torch.float32)
     ids = {}
     results = {}
     for step in range(10_000):

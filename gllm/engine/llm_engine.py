@@ -23,10 +23,24 @@ from gllm.loader import LoadedModel, load_model
 from gllm.loader.registry import DEFAULT_MODEL
 from gllm.model import LlamaModel
 from gllm.ops.backend import select_backend
+from gllm.ops.linear import packing_supported
 from gllm.runner import BatchChunk, ModelRunner
 from gllm.sample import Sampler, SamplingRow
 
 log = logging.getLogger(__name__)
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    """``"auto"``: bfloat16 on a GPU or a CPU with bfloat16 kernels (it passes the quality check,
+    ``benchmarks/quality.py``, and is faster there), else float32. A dtype or its name is kept."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        fast = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or packing_supported(torch.bfloat16, device)
+        return torch.bfloat16 if fast else torch.float32
+    if dtype in ("float32", "bfloat16"):
+        return getattr(torch, dtype)
+    raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32' or 'bfloat16'")
 
 
 @dataclass
@@ -47,13 +61,22 @@ class LLMEngine(AsyncDriver):
         model: str | Path | LoadedModel = DEFAULT_MODEL,
         gen_params: GeneratorParams | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = "auto",
         attention: str = "auto",
         cuda_graphs: bool = True,
+        quantize: str | None = None,
     ):
+        """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
+        ``torch.float32`` is exact against the reference. ``quantize="int8"`` (CPU, bfloat16) stores
+        weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``)."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
+        self.dtype = dtype = resolve_dtype(dtype, self.device)
+        packed = packing_supported(dtype, self.device)
+        if quantize is not None and not packed:
+            raise ValueError(f"quantize={quantize!r} needs dtype bfloat16 on a CPU with bfloat16 support "
+                             f"(got {dtype} on {self.device})")
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype)
         self.model_name, self.config, self.tokenizer = loaded.name, loaded.config, loaded.tokenizer
         cfg = self.config
@@ -65,6 +88,9 @@ class LLMEngine(AsyncDriver):
         with torch.device(self.device):
             net = LlamaModel(cfg, self.max_seq_len, self.attention).to(dtype)
         net.load_weights(loaded.weights)
+        if packed:
+            net.pack_weights(quantize)
+        self.quantize = quantize
         self.model = net.eval()
         num_blocks = self._num_kv_blocks(dtype)
         self.block_manager = BlockManager(num_blocks, params.block_size, params.enable_prefix_caching)
@@ -207,7 +233,11 @@ class LLMEngine(AsyncDriver):
 
     # --------------------------------------------------------------------- step
     def step(self) -> StepOutput:
-        """Schedule, run the model, sample, and post-process one batch."""
+        """Schedule, run the model, sample, and post-process one batch.
+
+        A fault while running the batch stays with it: its requests finish with reason ``error`` (the
+        result's ``error`` says why), their blocks are freed, and every other request goes on.
+        """
         out = StepOutput()
         self._take_new_work()
         plan = self.scheduler.schedule()
@@ -219,20 +249,35 @@ class LLMEngine(AsyncDriver):
                 BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.num_logits)
                 for c in plan.chunks
             ]
-            logits = self.runner.execute(chunks, plan.copies)
-            sampled = self._sample(plan, logits)
-            for seq, token, reason in self.scheduler.update(plan, sampled):
-                job = self._job_of[seq]
-                delta, final = job.on_token(seq, token, *self._sampled_info[seq], reason)
-                if final is not None and reason is None:
-                    self.scheduler.finish(seq, final)  # a stop string
-                out.deltas.append(delta)
+            try:
+                logits = self.runner.execute(chunks, plan.copies)
+                sampled = self._sample(plan, logits)
+                for seq, token, reason in self.scheduler.update(plan, sampled):
+                    job = self._job_of[seq]
+                    delta, final = job.on_token(seq, token, *self._sampled_info[seq], reason)
+                    if final is not None and reason is None:
+                        self.scheduler.finish(seq, final)  # a stop string
+                    out.deltas.append(delta)
+            except Exception as exc:
+                self._fail_batch(plan, exc)
+                sampled = {}
             self._counters["steps"] += 1
             self._counters["computed_tokens"] += plan.num_tokens
             self._counters["block_copies"] += len(plan.copies)
             self._counters["generated_tokens"] += len(sampled)
         self._collect_finished(out)
         return out
+
+    def _fail_batch(self, plan: SchedulePlan, exc: Exception) -> None:
+        """End every request with a sequence in the failed batch (all its sequences: forks, candidates)."""
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        jobs = {self._job_of[c.seq] for c in plan.chunks}
+        log.error("a batch of %d request(s) failed; ending them: %s", len(jobs), reason, exc_info=exc)
+        for job in jobs:
+            job.error = reason
+            for seq in job.seqs:
+                self.scheduler.finish(seq, "error")
+        self._counters["failed_batches"] += 1
 
     def _sample(self, plan: SchedulePlan, logits: torch.Tensor) -> dict[Sequence, int]:
         """Record logprobs of given tokens, then sample every sequence (and new fork) that needs a token."""

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gllm.config import ModelConfig
-from gllm.model.rope import RotaryEmbedding
+from gllm.model.rope import RotaryEmbedding, apply_rope
 from gllm.ops import AttentionMetadata
 from gllm.ops.backend import BACKENDS, AttentionBackend
+from gllm.ops.linear import Kernel, make_kernel
 
 
 class RMSNorm(nn.Module):
@@ -31,6 +32,17 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """A bias-free ``nn.Linear`` whose product can be handed to a repacked kernel (``gllm.ops.linear``)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.kernel: Kernel | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -38,22 +50,22 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-        rope: RotaryEmbedding,
         attn: AttentionBackend,
     ) -> torch.Tensor:
+        """``rope``: this step's cos / sin tables; queries and keys are rotated in one go."""
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rope(q.view(n, self.num_heads, self.head_dim), positions)
-        k = rope(k.view(n, self.num_kv_heads, self.head_dim), positions)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         attn.write_kv(kv_cache, k, v.reshape(n, self.num_kv_heads, self.head_dim), meta.slot_mapping)
         out = attn.attend(q, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))
@@ -64,8 +76,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -80,8 +92,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, kv_cache, meta, rope, attn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, rope, attn)
+    def forward(self, x, rope, kv_cache, meta, attn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,6 +109,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head_kernel: Kernel | None = None
 
     @torch.inference_mode()
     def forward(
@@ -109,11 +122,28 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Run ``T`` packed tokens through the network; return float32 logits for ``logits_indices`` only."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta, self.rope, self.attn)
+            x = layer(x, rope, kv_cache, meta, self.attn)
         x = self.norm(x[logits_indices])
+        if self.head_kernel is not None:
+            return self.head_kernel(x).float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
+
+    def pack_weights(self, quantize: str | None = None) -> None:
+        """Repack every matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after loading).
+
+        The dense copies of the layers' weights are dropped; the embedding stays (a tied head packs a copy).
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = make_kernel(module.weight.detach(), quantize)
+                module.weight = None
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.head_kernel = make_kernel(head.detach(), quantize)
+        if self.lm_head is not None:
+            self.lm_head.weight = None
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take Hugging Face-named tensors, fusing Q/K/V and gate/up into this model's matrices."""

@@ -9,9 +9,10 @@ What a client gets (the protocol promises this):
   left (renormalised), draw. Ties at the filter boundaries follow :mod:`gllm.sample.filters`: tokens
   rank by (logit descending, index ascending), so ``top_k=1`` is greedy even under ties.
 * Temperature 0 is argmax of the raw logits, ties to the lowest index, like ``torch.argmax``.
-* A draw is the exponential race ``argmax(probs / E)``, ``E ~ Exp(1)`` per token, computed as
-  ``argmax(logits / T - log E)``; it picks token ``i`` with probability ``probs[i]``. A row with its own
-  generator draws exactly ``V`` noise values from it and nothing else does, so its tokens do not depend on
+* A draw inverts the row's cumulative distribution: one uniform number ``u`` per row, and the token is
+  the first whose cumulative probability exceeds ``u`` times the row's total. It picks token ``i`` with
+  probability ``probs[i]``, and a token of probability 0 (filtered out) never. A row with its own
+  generator draws exactly one number from it and nothing else does, so its tokens do not depend on
   which other rows share the batch or where it sits. Rows without one share the sampler's generator.
 """
 
@@ -85,13 +86,15 @@ class Sampler:
         return _output(logits, token_ids, [row.num_logprobs for row in rows])
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        if all(row.greedy for row in rows):
-            return torch.argmax(logits, dim=-1)
+        greedy = torch.argmax(logits, dim=-1)
+        sampled = [i for i, row in enumerate(rows) if not row.greedy]
+        if not sampled:
+            return greedy
         device = logits.device
-        # Greedy rows ride along at temperature 1, unfiltered, with noise 1 (log 1 = 0): their score is
-        # the raw logit itself, so the same argmax picks their greedy token.
-        temperature = torch.tensor([row.temperature or 1.0 for row in rows], device=device)
-        scores = logits / temperature[:, None]
+        rows = [rows[i] for i in sampled]
+        index = torch.tensor(sampled, device=device)
+        temperature = torch.tensor([row.temperature for row in rows], device=device)
+        scores = logits.index_select(0, index) / temperature[:, None]
         if any(row.filtered for row in rows):
             top_k = [row.top_k if row.filtered else 0 for row in rows]
             top_p = [row.top_p if row.filtered else 1.0 for row in rows]
@@ -100,20 +103,23 @@ class Sampler:
                 top_k=torch.tensor(top_k, device=device) if any(top_k) else None,
                 top_p=torch.tensor(top_p, device=device) if min(top_p) < 1.0 else None,
             )
-        return torch.argmax(scores - self._noise(rows, logits.shape[1], device).log(), dim=-1)
+        cdf = torch.softmax(scores, dim=-1).cumsum_(dim=-1)
+        total = cdf[:, -1:]
+        # Strictly below the total, so the search never runs past the last token of non-zero probability.
+        target = torch.minimum(self._uniforms(rows, device)[:, None] * total, total * (1 - 2**-23))
+        chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return greedy.index_copy_(0, index, chosen)
 
-    def _noise(self, rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
-        """``Exp(1)`` noise ``[B, V]``: one shared draw for unseeded rows, ``V`` per seeded row, 1 if greedy."""
-        noise = torch.ones(len(rows), vocab, device=device)
-        shared = [i for i, row in enumerate(rows) if not row.greedy and row.generator is None]
+    def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
+        """One ``U[0, 1)`` number per row: from its own generator, or all from the shared one."""
+        out = torch.empty(len(rows), device=device)
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
         if shared:
-            draw = torch.empty(len(shared), vocab, device=device)
-            noise[shared] = draw.exponential_(generator=self._shared_generator(device))
+            out[shared] = torch.rand(len(shared), device=device, generator=self._shared_generator(device))
         for i, row in enumerate(rows):
-            if not row.greedy and row.generator is not None:
-                noise[i] = torch.empty(vocab, device=device).exponential_(generator=row.generator)
-        # Exp(1) may round to 0; log(0) = -inf would turn a masked token's -inf score into NaN.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            if row.generator is not None:
+                out[i] = torch.rand(1, device=device, generator=row.generator)[0]
+        return out
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
