@@ -28,8 +28,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The CPU speed table (gLLM, HF transformers, and llama.cpp when LLAMA_CPP=<folder with its bench tools>).
 bench: $(VENV)/.installed
-	$(PY) benchmarks/engine_vs_hf.py
+	$(PY) benchmarks/cpu_bench.py $(if $(LLAMA_CPP),--llama-cpp $(LLAMA_CPP))
 
 clean:
 	rm -rf $(VENV)

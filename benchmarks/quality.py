@@ -3,8 +3,10 @@
 Perplexity: exp of the mean negative prompt logprob of `benchmarks/data/public_domain.txt`.
 Greedy agreement: 8 chat prompts x 64 greedy tokens; the share of tokens before the first divergence
 from float32, and how many of the 8 continuations are identical. Goal: perplexity within 1% of float32.
+``int8`` is bfloat16 with weight-only int8 (``quantize="int8"``), here forced onto every row of every
+step (the engine uses it only for steps of one or two rows), so its figures bound the effect from above.
 
-    python benchmarks/quality.py [--dtypes float32,bfloat16]
+    python benchmarks/quality.py [--dtypes float32,bfloat16,int8]
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from common import machine_info, markdown_table, write_results  # noqa: E402
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine  # noqa: E402
 from gllm.loader.registry import DEFAULT_MODEL  # noqa: E402
+from gllm.ops import linear  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+VARIANTS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8")}
 TEXT = Path(__file__).resolve().parent / "data" / "public_domain.txt"
 CHATS = [
     "Greet a traveller arriving at the village gate.",
@@ -36,8 +39,11 @@ CHATS = [
 ]
 
 
-def measure(dtype: torch.dtype) -> tuple[float, list[list[int]]]:
-    engine = LLMEngine(DEFAULT_MODEL, GeneratorParams(max_batch_size=8, max_seq_len=1024), dtype=dtype)
+def measure(variant: str) -> tuple[float, list[list[int]]]:
+    dtype, quantize = VARIANTS[variant]
+    linear.INT8_MAX_ROWS = 1 << 30  # int8 on every step, not only single-stream ones
+    engine = LLMEngine(DEFAULT_MODEL, GeneratorParams(max_batch_size=8, max_seq_len=1024), dtype=dtype,
+                       quantize=quantize)
     ids = engine.tokenizer.encode(TEXT.read_text())[:1000]
     r = engine.generate([GenerationRequest(prompt_token_ids=ids, max_new_tokens=1, prompt_logprobs=True)])[0]
     nll = [-lp for lp in r.prompt_logprobs[1:]]
@@ -52,13 +58,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8")
     p.add_argument("--out", default="benchmarks/results/quality")
     args = p.parse_args()
     names = args.dtypes.split(",")
     if names[0] != "float32":
         names.insert(0, "float32")
-    runs = {name: measure(DTYPES[name]) for name in names}
+    runs = {name: measure(name) for name in names}
     base_ppl, base_tokens = runs["float32"]
     rows, data = [], {}
     for name, (ppl, tokens) in runs.items():
@@ -70,7 +76,7 @@ def main() -> None:
     info = machine_info()
     md = (
         f"# Quality by precision: {DEFAULT_MODEL}\n\nText: `benchmarks/data/public_domain.txt`. {info['cpu']}, torch "
-        f"{info['torch']}. Command: `python benchmarks/quality.py`\n\n"
+        f"{info['torch']}. Command: `python benchmarks/quality.py --dtypes {args.dtypes}`\n\n"
         + markdown_table(["dtype", "perplexity", "vs float32", "greedy tokens before divergence", "identical continuations"], rows)
     )
     write_results(args.out, {"machine": info, "model": DEFAULT_MODEL, "results": data}, md)

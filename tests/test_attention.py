@@ -63,3 +63,21 @@ def test_bfloat16_close_to_reference():
     expected = reference_attention(q, cache, meta, 64**-0.5)
     got = paged_attention(q, cache, meta, 64**-0.5)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    chunks=st.lists(st.integers(2, 80).flatmap(lambda c: st.tuples(st.just(c), st.integers(2, min(c, 16)))),
+                    min_size=2, max_size=8),
+    others=st.lists(st.integers(17, 60).map(lambda c: (c + 20, c)), max_size=2),
+    decodes=st.lists(st.integers(1, 50).map(lambda c: (c, 1)), max_size=3),
+    kv_heads=st.sampled_from([1, 3]),
+    group=st.sampled_from([1, 3]),
+    seed=st.integers(0, 1000),
+)
+def test_short_chunks_batched_like_score_candidates(chunks, others, decodes, kv_heads, group, seed):
+    """Many chunks of 2-16 tokens (a score request's candidates) beside decodes and long chunks."""
+    seqs = decodes + chunks + others
+    q, cache, meta = build_batch(seqs, kv_heads, group, 16, 4, torch.float32, seed)
+    torch.testing.assert_close(paged_attention(q, cache, meta, 0.25), reference_attention(q, cache, meta, 0.25),
+                               atol=1e-5, rtol=1e-5)

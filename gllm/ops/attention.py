@@ -5,7 +5,9 @@ A step first writes the new tokens' K/V into their slots, then attends:
 
 * query (decode) attention: one token per sequence, all such sequences in one batched call over their
   gathered blocks, with a padding mask for sequences shorter than the longest;
-* context attention: each prompt chunk attends to its cached prefix and causally among itself.
+* short-chunk attention: chunks of a few tokens (the candidates of a score request, short prompt
+  tails) padded to the longest of them and run in one batched call, like decodes;
+* context attention: each longer prompt chunk attends to its cached prefix and causally among itself.
 """
 
 from __future__ import annotations
@@ -73,6 +75,42 @@ def context_attention(
     return out.squeeze(0).transpose(0, 1)
 
 
+SHORT_CHUNK = 16  # prompt chunks up to this many tokens are batched together (short_chunk_attention)
+
+
+def short_chunk_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int], starts: list[int], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several short chunks in one call: sequences ``seqs`` of ``meta`` whose new tokens start at packed
+    rows ``starts``. Returns the attention output of their rows and the packed row index of each.
+
+    Each chunk is padded to the longest one (padding rows repeat its last query and are dropped); the
+    query heads of a KV head and the chunk's positions fold together into one query axis, as in
+    ``decode_attention``, and a per-row mask is causal with the offset of the cached prefix.
+    """
+    dev, (_, num_heads, dim) = q.device, q.shape
+    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // kv_heads
+    q_lens = [meta.query_lens_list[i] for i in seqs]
+    width = max(q_lens)
+    pad = [[start + min(j, n - 1) for j in range(width)] for start, n in zip(starts, q_lens)]
+    qp = q[torch.tensor(pad, device=dev)]  # [B, W, H, D]
+    batch = qp.shape[0]
+    index = torch.tensor(seqs, device=dev)
+    max_len = max(meta.seq_lens_list[i] for i in seqs)
+    k, v = _gather(kv_cache, meta.block_tables.index_select(0, index), -(-max_len // block_size))
+    grouped = qp.view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
+    seq_lens, lens = meta.seq_lens.index_select(0, index), torch.tensor(q_lens, device=dev)
+    last = seq_lens[:, None] - lens[:, None] + torch.arange(width, device=dev).clamp(max=lens[:, None] - 1)
+    mask = torch.arange(k.shape[2], device=dev) <= last[:, :, None]  # [B, W, L]
+    mask = mask[:, None].expand(batch, group, width, k.shape[2]).reshape(batch, 1, group * width, k.shape[2])
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
+    out = out.view(batch, kv_heads, group, width, dim).permute(0, 3, 1, 2, 4).reshape(batch * width, num_heads, dim)
+    keep = [b * width + j for b, n in enumerate(q_lens) for j in range(n)]
+    rows = [start + j for start, n in zip(starts, q_lens) for j in range(n)]
+    return out[torch.tensor(keep, device=dev)], torch.tensor(rows, device=dev)
+
+
 def paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, decode=decode_attention
 ) -> torch.Tensor:
@@ -88,11 +126,22 @@ def paged_attention(
         out[:nd] = decode(
             q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_list[:nd]), scale
         )
-    start = nd
+    start, short, short_starts = nd, [], []
     for i in range(nd, meta.num_seqs):
         q_len = meta.query_lens_list[i]
-        out[start : start + q_len] = context_attention(
-            q[start : start + q_len], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale
-        )
+        if q_len <= SHORT_CHUNK:
+            short.append(i)
+            short_starts.append(start)
+        else:
+            out[start : start + q_len] = context_attention(
+                q[start : start + q_len], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale
+            )
         start += q_len
+    if len(short) == 1:
+        i, s0 = short[0], short_starts[0]
+        n = meta.query_lens_list[i]
+        out[s0 : s0 + n] = context_attention(q[s0 : s0 + n], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale)
+    elif short:
+        values, rows = short_chunk_attention(q, kv_cache, meta, short, short_starts, scale)
+        out[rows] = values
     return out
