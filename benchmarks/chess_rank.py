@@ -34,7 +34,7 @@ CHESS = HERE.parent / "examples" / "chess_bot"
 sys.path.insert(0, str(HERE))  # `common` beside this file, run as a script
 sys.path.insert(0, str(CHESS))
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import machine_info, markdown_table, resolved_dtype, write_results  # noqa: E402
 
 GOAL_MS = 300
 
@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-ply", type=int, default=24, help="first middlegame ply taken from each game")
     p.add_argument("--plies", type=int, default=8, help="consecutive positions per game")
     p.add_argument("--endpoint", default=None, help="use this running runtime instead of starting one")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="for the runtime this script starts (auto: bfloat16 where the CPU has fast kernels)")
     p.add_argument("--out", default=str(HERE / "results" / "chess_rank"))
     return p.parse_args(argv)
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from gllm.client import LocalRuntime
 
-        with LocalRuntime() as runtime:
+        with LocalRuntime(extra_args=("--dtype", args.dtype)) as runtime:
             rows = measure(runtime.endpoint, games)
     load_after = os.getloadavg()
     table = [summary(rows, case) for case in ("first sight", "in a game")]
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = "\n".join([
         "# Chess: time to rank all legal moves of a middlegame position",
         "",
-        f"smollm2-135m-instruct, float32, CPU ({machine['cpu']}, {machine['usable_cores']} usable cores); "
+        f"smollm2-135m-instruct, {resolved_dtype(args.dtype)}, CPU ({machine['cpu']}, {machine['usable_cores']} usable cores); "
         f"gllm serve in its own process, Client in this one. Plies {args.first_ply}..{args.first_ply + args.plies - 1}"
         f" of the {len(games)} games of examples/chess_bot/games.pgn that are that long. Load average before / "
         f"after: {[round(x, 2) for x in load_before]} / {[round(x, 2) for x in load_after]} (the machine was "

@@ -75,6 +75,15 @@ def summarize(values: Sequence[float], higher_is_better: bool = False) -> dict[s
     }
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in 0..100."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
 def repeat(fn: Callable[[], T], repeats: int, warmup: int = 1) -> list[T]:
     """Call ``fn`` ``warmup`` times (results dropped: lazy init, allocator, caches), then ``repeats`` times."""
     for _ in range(warmup):
@@ -110,3 +119,12 @@ def write_results(out: str | os.PathLike[str], data: dict[str, Any], markdown: s
     json_path.write_text(json.dumps(stamped, indent=2) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def resolved_dtype(name: str) -> str:
+    """The precision ``gllm serve --dtype name`` runs in on this machine (``auto`` resolved)."""
+    import torch
+
+    from gllm.engine.llm_engine import resolve_dtype
+
+    return str(resolve_dtype(name, torch.device("cpu"))).removeprefix("torch.")

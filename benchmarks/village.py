@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # `common` beside this file, run as a script
 sys.path.insert(0, str(HERE.parent / "examples" / "npc_dialogue"))
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import machine_info, markdown_table, resolved_dtype, write_results  # noqa: E402
 
 QUESTIONS = [
     "Good evening. Which road should I take to reach Highmoor castle?",
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="measured rounds per crowd size")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--endpoint", default=None, help="use this running runtime instead of starting one")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="for the runtime this script starts (auto: bfloat16 where the CPU has fast kernels)")
     p.add_argument("--max-batch-size", type=int, default=16, help="for the runtime this script starts")
     p.add_argument("--out", default=str(HERE / "results" / "village"))
     return p.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from gllm.client import LocalRuntime
 
-        with LocalRuntime(max_batch_size=args.max_batch_size) as runtime:
+        with LocalRuntime(max_batch_size=args.max_batch_size, extra_args=("--dtype", args.dtype)) as runtime:
             results = run(args, runtime.endpoint)
     load_after = os.getloadavg()
     machine = machine_info(("torch", "pyzmq", "msgpack"))
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = "\n".join([
         "# Village: NPCs answering a new line at once",
         "",
-        f"smollm2-135m-instruct, float32, CPU ({machine['cpu']}, {machine['usable_cores']} usable cores, "
+        f"smollm2-135m-instruct, {resolved_dtype(args.dtype)}, CPU ({machine['cpu']}, {machine['usable_cores']} usable cores, "
         f"runtime torch threads: its default). gllm serve --max-batch-size {args.max_batch_size}; one AsyncClient "
         f"in another process. {args.max_tokens} tokens per NPC (ignore_eos), temperature 0.7, top-p 0.9; "
         f"lore and personas cached before, each round's line new; {args.rounds} measured rounds after one "
