@@ -80,3 +80,20 @@ def test_packed_engine_matches_unpacked_model(gqa_model, quantize: str | None, m
 def test_quantize_needs_packed_bfloat16(gqa_model) -> None:
     with pytest.raises(ValueError, match="quantize"):
         LLMEngine(gqa_model[0], GeneratorParams(max_seq_len=64), dtype=torch.float32, quantize="int8")
+
+
+def test_cli_model_options_reach_the_engine() -> None:
+    from gllm.cli import build_parser, engine_options
+
+    args = build_parser().parse_args(["generate", "hi"])
+    assert (args.dtype, args.quantize, args.threads) == ("auto", None, None)
+    args = build_parser().parse_args(["serve", "--dtype", "float32", "--quantize", "int8", "--threads", "1"])
+    before = torch.get_num_threads()
+    try:
+        assert engine_options(args) == {"device": "cpu", "dtype": "float32", "quantize": "int8"}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    args.threads = 0
+    with pytest.raises(ValueError, match="--threads"):
+        engine_options(args)
