@@ -293,3 +293,14 @@ def test_masked_tokens_are_never_sampled() -> None:
         allowed = {i for i, x in enumerate(kept) if x > -INF}
         assert 1 < len(allowed) < vocab
         assert set(out.token_ids[start :: len(options)]) <= allowed
+
+
+def test_top_n_orders_ties_by_lowest_id_like_greedy() -> None:
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0, 2.0, -3.0, 0.5], [-0.0, 0.0, -2.5, -2.5, -7.0, -2.5, -1.0]])
+    out = Sampler()(logits, [SamplingRow(temperature=0.0, num_logprobs=5)] * 2)
+    assert out.token_ids == [1, 0]
+    assert [t for t, _ in out.top_logprobs[0]] == [1, 3, 4, 0, 6]
+    assert [t for t, _ in out.top_logprobs[1]][2:] == [6, 2, 3]
+    for row, top in zip(logits, out.top_logprobs):
+        assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+        assert all(abs(lp - torch.log_softmax(row, -1)[t].item()) < 1e-6 for t, lp in top)

@@ -133,13 +133,30 @@ class Sampler:
         return generator
 
 
+def _top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """Ids of each row's ``n`` best tokens, ordered by (logit descending, id ascending).
+
+    ``torch.topk`` leaves the order of equal values open, and ties are common in bfloat16; so the float
+    bits become an order-preserving integer with the id below them, and the best of an exact tie is the
+    lowest id, the one greedy decoding picks.
+    """
+    if n == 0:
+        return torch.empty(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
+    bits = logits.contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as integers
+    ids = torch.arange(logits.shape[1], device=logits.device)
+    _, top = torch.topk(ordered * (1 << 24) - ids, n, dim=-1)
+    return top
+
+
 def _output(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int]) -> SamplerOutput:
     """Raw logprob, rank and top-n of each chosen token, brought to the host in one copy."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = token_ids[:, None]
     ranks = (logits > logits.gather(1, chosen)).sum(dim=-1, keepdim=True) + 1
     top_n = min(max(num_logprobs, default=0), logits.shape[1])
-    top_values, top_ids = torch.topk(logprobs, top_n, dim=-1)
+    top_ids = _top_ids(logits, top_n)
+    top_values = logprobs.gather(1, top_ids)
     # float64 holds token ids and ranks exactly, so one tensor (one device sync) carries everything.
     parts = [chosen, ranks, logprobs.gather(1, chosen), top_ids, top_values]
     packed = torch.cat([part.double() for part in parts], dim=-1)
