@@ -1,4 +1,4 @@
-"""Command line: ``gllm generate "prompt"`` and ``gllm serve`` (also ``python -m gllm ...``)."""
+"""Command line: ``gllm generate "prompt"``, ``gllm serve`` and ``gllm keygen`` (also ``python -m gllm ...``)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from gllm.loader.registry import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="registered name, Hugging Face folder or .gguf file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="auto (default): bfloat16 on a GPU or a CPU with bfloat16 kernels, else float32")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 for faster single-stream decoding (CPU, bfloat16)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model (default: one per core); leave some to the game")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seq-len", type=int, default=2048)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """``LLMEngine`` keyword arguments from the model flags; applies ``--threads`` to this process."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
+    return {"device": args.device, "dtype": args.dtype, "quantize": args.quantize}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--logprobs", action="store_true", help="show each token's logprob")
     from gllm.runtime.cli import add_serve_parser
+    from gllm.runtime.keys import add_keygen_parser
 
     add_serve_parser(sub)
+    add_keygen_parser(sub)
     return parser
 
 
@@ -45,8 +61,7 @@ def generate(args: argparse.Namespace) -> int:
     engine = LLMEngine(
         args.model,
         GeneratorParams(max_batch_size=1, max_seq_len=args.max_seq_len),
-        device=args.device,
-        dtype=DTYPES[args.dtype],
+        **engine_options(args),
     )
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
     req = GenerationRequest(
@@ -82,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             from gllm.runtime.cli import serve
 
             return serve(args)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.command == "keygen":
+            from gllm.runtime.keys import keygen
+
+            return keygen(args)
+    except (ValueError, OSError) as exc:
         print(f"gllm: error: {exc}", file=sys.stderr)
         return 2
     return 1

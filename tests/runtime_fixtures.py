@@ -23,17 +23,18 @@ import torch
 import transformers
 import zmq
 
+from gllm.runtime.keys import ClientKeys
 from gllm.runtime.protocol import decode, encode
 
 READY_TIMEOUT_S = 300.0  # loading the default model on a busy 2-core machine takes a while
 REPLY_TIMEOUT_S = 60.0
 
 
-def build_tiny_llama(folder: Path, max_positions: int = 4096) -> Path:
+def build_tiny_llama(folder: Path, max_positions: int = 4096, vocab_size: int = 256) -> Path:
     """A random 2-layer Llama without tokenizer (so prompts are token ids); room for long streams."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=0.5, max_position_embeddings=max_positions,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
@@ -68,8 +69,9 @@ class ServerProcess:
             raise AssertionError(f"gllm serve did not exit within {timeout} s of SIGTERM:\n{self.log()[-3000:]}")
 
 
-def start_server(model: str | Path, log_dir: Path, *args: str, endpoint: str | None = None) -> ServerProcess:
-    """Start ``python -m gllm serve`` and wait until it answers a ping."""
+def start_server(model: str | Path, log_dir: Path, *args: str, endpoint: str | None = None,
+                 keys: ClientKeys | None = None) -> ServerProcess:
+    """Start ``python -m gllm serve`` and wait until it answers a ping (sent with ``keys`` when given)."""
     endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
     log_path = log_dir / "serve.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -77,7 +79,7 @@ def start_server(model: str | Path, log_dir: Path, *args: str, endpoint: str | N
         proc = subprocess.Popen([sys.executable, "-m", "gllm", "serve", "--model", str(model), "--bind", endpoint,
                                  *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, endpoint, log_path)
-    sock = dealer(endpoint)
+    sock = dealer(endpoint, keys)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
@@ -94,9 +96,11 @@ def start_server(model: str | Path, log_dir: Path, *args: str, endpoint: str | N
         sock.close(linger=0)
 
 
-def dealer(endpoint: str) -> zmq.Socket:
+def dealer(endpoint: str, keys: ClientKeys | None = None) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys:
+        keys.apply(sock)
     sock.connect(endpoint)
     return sock
 

@@ -1,5 +1,7 @@
-"""Protocol v1 against bad input: the validator on its own (hypothesis), and a real server fed over 200
-malformed messages while another client streams, plus the test vectors in ``bindings/testvectors``."""
+"""Protocol v1 against bad input: the validator on its own (hypothesis), a real server fed over 200
+malformed messages while another client streams, the protocol fuzzer (``protocol_fuzzer.py``: structured
+and raw messages from several connections, every reply checked), plus the test vectors in
+``bindings/testvectors``."""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from hypothesis import strategies as st
 
 from gllm.runtime import protocol
 from gllm.runtime.protocol import ERROR_CODES, ProtocolError, decode, encode, parse_request
+from protocol_fuzzer import Fuzzer, reply_problem
 from runtime_fixtures import build_tiny_llama, dealer, read_stream, recv, request, start_server, stats, wait_until
 
 VECTORS = Path(__file__).resolve().parents[1] / "bindings" / "testvectors"
 MAX_MESSAGE = 64 * 1024
+FUZZ_MESSAGES = 4000  # about 10 s here; benchmarks/fuzz.py runs 100,000
 
 
 # ------------------------------------------------------------------------------------ the validator alone
@@ -226,3 +230,27 @@ def test_frame_over_the_hard_limit_drops_the_connection_not_the_server(server):
     finally:
         probe.close(linger=0)
         sock.close(linger=0)
+
+
+def test_fuzzer_gets_a_valid_reply_to_everything_and_leaves_nothing_held(server):
+    fuzzer = Fuzzer(server.endpoint, seed=7)
+    try:
+        report = fuzzer.run(FUZZ_MESSAGES)
+        final = fuzzer.settle()  # raises unless no KV block and no request is left
+    finally:
+        fuzzer.close()
+    assert server.proc.poll() is None, server.log()[-3000:]
+    assert report.messages == FUZZ_MESSAGES and final["kv_blocks_in_use"] == 0
+    for kind in ("token", "done", "scores", "pong", "info", "error:bad_request", "error:too_long"):
+        assert report.replies[kind] > 0, (kind, report.replies)  # every path was taken
+    assert report.cancels > 0 and report.disconnects > 0
+
+
+def test_reply_checker_rejects_broken_replies():
+    good = {"type": "done", "id": 1, "finish_reason": "stop", "text": "", "timing": {"ttft_ms": None},
+            "usage": {"prompt_tokens": 1, "completion_tokens": 0, "cached_tokens": 0}}
+    assert reply_problem(good) is None
+    for bad in [None, [], {"type": 1}, {**good, "finish_reason": "aborted"}, {**good, "usage": {}},
+                {**good, "id": 1.5}, {"type": "token", "id": 1, "index": -1}, {"type": "error", "code": "nope"},
+                {"type": "goodbye"}]:
+        assert reply_problem(bad) is not None, bad

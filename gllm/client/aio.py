@@ -20,9 +20,11 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
+from gllm.client import dealer
 from gllm.client.messages import (
     Completion,
     Info,
+    RuntimeTimeout,
     Scores,
     ServerError,
     StreamState,
@@ -33,18 +35,30 @@ from gllm.client.messages import (
     prompt_fields,
     request_message,
 )
+from gllm.runtime.keys import ClientKeys, KeySource
 from gllm.runtime.protocol import DEFAULT_ENDPOINT, ClientId, decode, encode
 
 
 class AsyncClient:
-    """A connection to ``gllm serve`` for asyncio code. ``timeout`` (seconds) bounds each wait for a reply."""
+    """A connection to ``gllm serve`` for asyncio code. ``timeout`` (seconds) bounds each wait for a reply,
+    and for a connection to send a request on; past it, ``RuntimeTimeout``. libzmq reconnects by itself, so
+    the client works again once a restarted runtime is back.
+
+    For a runtime serving with CurveZMQ (``gllm serve --curve-secret-key``), pass ``server_key`` (the
+    runtime's public key) and ``secret_key`` (this client's, whose public key the runtime allows), each as
+    Z85 text or the path of a file from ``gllm keygen``.
+    """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 60.0,
-                 context: zmq.asyncio.Context | None = None):
+                 context: zmq.asyncio.Context | None = None, server_key: KeySource | None = None,
+                 secret_key: KeySource | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
+        self._keys = ClientKeys.load(server_key, secret_key)
         self._socket = (context or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        dealer.configure(self._socket)
+        if self._keys:
+            self._keys.apply(self._socket)
         self._socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._queues: dict[ClientId, asyncio.Queue[dict[str, Any] | BaseException]] = {}
@@ -78,7 +92,11 @@ class AsyncClient:
 
     async def cancel(self, request_id: ClientId) -> None:
         """Ask the runtime to stop a request; its stream then ends with ``finish_reason == "cancelled"``."""
-        await self._socket.send(encode(request_message("cancel", request_id)))
+        try:  # NOBLOCK, queued behind any send still waiting for a connection
+            await asyncio.wait_for(self._socket.send(encode(request_message("cancel", request_id)), zmq.NOBLOCK),
+                                   self.timeout)
+        except (zmq.Again, asyncio.TimeoutError):
+            pass  # no connection: the runtime cancels a lost connection's requests itself
 
     async def info(self, timeout: float | None = None) -> Info:
         return parse_info(await self._request(request_message("info", next(self._ids)), timeout))
@@ -106,16 +124,29 @@ class AsyncClient:
         self.close()
 
     # ------------------------------------------------------------------------------------ plumbing
-    async def _open(self, message: dict[str, Any]) -> None:
+    async def _open(self, message: dict[str, Any], timeout: float) -> None:
+        """Send a request once a connection to the runtime is up, waiting for one at most ``timeout`` seconds."""
         self._queues[message["id"]] = asyncio.Queue()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        await self._socket.send(encode(message))
+        try:
+            await asyncio.wait_for(self._socket.send(encode(message)), timeout)
+        except asyncio.TimeoutError:
+            self._forget(message["id"])
+            raise RuntimeTimeout(f"no connection to {self.endpoint} within {timeout:g} s "
+                                 "(is the runtime running?)") from None
+        except BaseException:
+            self._forget(message["id"])
+            raise
 
     async def _request(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        await self._open(message)
+        timeout = self.timeout if timeout is None else timeout
+        await self._open(message, timeout)
         try:
-            return await self._next(message["id"], self.timeout if timeout is None else timeout)
+            return await self._next(message["id"], timeout)
+        except RuntimeTimeout:
+            await self.cancel(message["id"])  # in case the runtime still runs it
+            raise
         finally:
             self._forget(message["id"])
 
@@ -123,7 +154,7 @@ class AsyncClient:
         try:
             item = await asyncio.wait_for(self._queues[request_id].get(), timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no reply from {self.endpoint} within {timeout:g} s") from None
+            raise RuntimeTimeout(f"no reply from {self.endpoint} within {timeout:g} s") from None
         if isinstance(item, BaseException):
             raise item
         return item
@@ -168,7 +199,11 @@ class AsyncStream:
         """Send the request now (iteration does it on its own)."""
         if self._message is not None:
             message, self._message = self._message, None
-            await self.client._open(message)
+            try:
+                await self.client._open(message, self.timeout)
+            except BaseException:
+                self._closed = True
+                raise
 
     def __aiter__(self) -> AsyncIterator[Token]:
         return self

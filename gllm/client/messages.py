@@ -24,6 +24,12 @@ class ServerError(Exception):
         self.request_id = request_id
 
 
+class RuntimeTimeout(TimeoutError):
+    """No reply (or no connection to send on) within the client's timeout: the runtime is gone, frozen or
+    swamped. The request is cancelled if the runtime still has it; the client stays usable, reconnects by
+    itself, and its next request works once the runtime is back."""
+
+
 @dataclass
 class Token:
     index: int  # position in the completion, from 0

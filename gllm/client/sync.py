@@ -20,9 +20,11 @@ from typing import Any, Iterator
 
 import zmq
 
+from gllm.client import dealer
 from gllm.client.messages import (
     Completion,
     Info,
+    RuntimeTimeout,
     Scores,
     ServerError,
     StreamState,
@@ -33,20 +35,32 @@ from gllm.client.messages import (
     prompt_fields,
     request_message,
 )
+from gllm.runtime.keys import ClientKeys, KeySource
 from gllm.runtime.protocol import DEFAULT_ENDPOINT, ClientId, decode, encode
 
 _POLL_SLICE_MS = 50  # a waiting reader gives other threads a turn at the socket this often
 
 
 class Client:
-    """A connection to ``gllm serve``. ``timeout`` (seconds) bounds every wait for the next reply."""
+    """A connection to ``gllm serve``. ``timeout`` (seconds) bounds every wait for the next reply, and for a
+    connection to send a request on; past it, ``RuntimeTimeout``. The connection survives the runtime's
+    restarts: libzmq reconnects by itself, and a request made after the runtime is back works.
+
+    For a runtime serving with CurveZMQ (``gllm serve --curve-secret-key``), pass ``server_key`` (the
+    runtime's public key) and ``secret_key`` (this client's, whose public key the runtime allows), each as
+    Z85 text or the path of a file from ``gllm keygen``.
+    """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 60.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, server_key: KeySource | None = None,
+                 secret_key: KeySource | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
+        self._keys = ClientKeys.load(server_key, secret_key)
         self._socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        dealer.configure(self._socket)
+        if self._keys:
+            self._keys.apply(self._socket)
         self._socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._inbox: dict[ClientId, collections.deque[dict[str, Any]]] = {}
@@ -61,8 +75,8 @@ class Client:
                  timeout: float | None = None) -> Stream:
         """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        request_id = self._open("generate", **fields, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
+        request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
                                 ignore_eos=ignore_eos)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
@@ -75,21 +89,24 @@ class Client:
               priority: int | None = None, timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        request_id = self._open("score", **fields, candidates=candidates, priority=priority)
+        request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority)
         return parse_scores(self._reply(request_id, timeout))
 
     def cancel(self, request_id: ClientId) -> None:
         """Ask the runtime to stop a request; its stream then ends with ``finish_reason == "cancelled"``."""
-        self._send(request_message("cancel", request_id))
+        try:
+            self._send(request_message("cancel", request_id), 0)
+        except RuntimeTimeout:
+            pass  # no connection: the runtime cancels a lost connection's requests itself
 
     def info(self, timeout: float | None = None) -> Info:
         """Model, limits and live statistics of the runtime."""
-        return parse_info(self._reply(self._open("info"), timeout))
+        return parse_info(self._reply(self._open("info", timeout), timeout))
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time to the runtime, in seconds."""
         start = time.perf_counter()
-        expect(self._reply(self._open("ping"), timeout), "pong")
+        expect(self._reply(self._open("ping", timeout), timeout), "pong")
         return time.perf_counter() - start
 
     @property
@@ -107,19 +124,38 @@ class Client:
         self.close()
 
     # ------------------------------------------------------------------------------------ plumbing
-    def _open(self, kind: str, **fields: Any) -> int:
+    def _open(self, kind: str, timeout: float | None, **fields: Any) -> int:
         request_id = next(self._ids)
         self._inbox[request_id] = collections.deque()
-        self._send(request_message(kind, request_id, **fields))
+        try:
+            self._send(request_message(kind, request_id, **fields), self.timeout if timeout is None else timeout)
+        except BaseException:
+            self._forget(request_id)
+            raise
         return request_id
 
-    def _send(self, message: dict[str, Any]) -> None:
-        with self._lock:
-            self._socket.send(encode(message))
+    def _send(self, message: dict[str, Any], timeout: float) -> None:
+        """Send once a connection to the runtime is up, waiting for one at most ``timeout`` seconds."""
+        body = encode(message)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                try:
+                    self._socket.send(body, zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RuntimeTimeout(f"no connection to {self.endpoint} within {timeout:g} s "
+                                             "(is the runtime running?)") from None
+                    self._socket.poll(min(_POLL_SLICE_MS, max(1, int(remaining * 1000))), zmq.POLLOUT)
 
     def _reply(self, request_id: ClientId, timeout: float | None) -> dict[str, Any]:
         try:
             return self._next(request_id, self.timeout if timeout is None else timeout)
+        except RuntimeTimeout:
+            self.cancel(request_id)  # in case the runtime still runs it
+            raise
         finally:
             self._forget(request_id)
 
@@ -130,7 +166,7 @@ class Client:
         while not queue:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no reply from {self.endpoint} within {timeout:g} s")
+                raise RuntimeTimeout(f"no reply from {self.endpoint} within {timeout:g} s")
             with self._lock:
                 if queue:
                     break

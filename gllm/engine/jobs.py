@@ -26,6 +26,7 @@ class GenerationJob:
         self.request_id = seqs[0].request_id
         self.seqs = seqs
         self.outputs = {s: RequestOutput(s, tokenizer, stop) for s in seqs}
+        self.error: str | None = None  # why a failed batch ended the request
         self.prompt_logprobs: list[float | None] | None = None
         if prompt_logprobs:
             self.prompt_logprobs = [None] * seqs[0].num_prompt_tokens
@@ -55,6 +56,7 @@ class GenerationJob:
             r.request_id = self.request_id
             r.prompt_logprobs = self.prompt_logprobs
             r.forks = results if len(results) > 1 else []
+            r.error = self.error
         return results[0]
 
 
@@ -66,6 +68,7 @@ class ScoreJob:
         self.targets = dict(zip(candidates, targets))
         self.texts = texts
         self.logprobs: dict[Sequence, list[float | None]] = {c: [None] * len(t) for c, t in self.targets.items()}
+        self.error: str | None = None
 
     def record_logprobs(self, seq: Sequence, first_pos: int, logprobs: torch.Tensor) -> None:
         """The prompt's last row scores every candidate's first token; a candidate's own rows the rest."""
@@ -92,7 +95,7 @@ class ScoreJob:
 
     def result(self) -> ScoreResult:
         p = self.prompt
-        aborted = any(s.finish_reason == "aborted" for s in self.seqs)
+        reasons = {s.finish_reason for s in self.seqs}
         cands = []
         for (seq, targets), text in zip(self.targets.items(), self.texts):
             lps = self.logprobs[seq]
@@ -104,6 +107,7 @@ class ScoreJob:
             candidates=cands,
             prompt_token_ids=p.token_ids[: p.num_prompt_tokens],
             num_cached_tokens=p.num_cached_tokens,
-            finish_reason="aborted" if aborted else "scored",
+            finish_reason="error" if "error" in reasons else "aborted" if "aborted" in reasons else "scored",
+            error=self.error,
             metrics={"queued_ms": _ms(p.arrival_time, p.scheduled_time), "total_ms": _ms(p.arrival_time, end)},
         )

@@ -101,9 +101,10 @@ class GenerationResult:
     logprobs: list[float]
     ranks: list[int]
     top_logprobs: list[list[tuple[int, float]]]
-    finish_reason: str  # "stop", "length", "aborted"
+    finish_reason: str  # "stop", "length", "aborted", or "error" (a fault in the engine)
     prompt_token_ids: list[int]
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     metrics: dict[str, Any] = field(default_factory=dict)  # queued_ms, ttft_ms, total_ms
     prompt_logprobs: list[float | None] | None = None  # when asked: None for the first prompt token
     forks: list["GenerationResult"] = field(default_factory=list)  # all n continuations when n > 1, this one first
+    error: str | None = None  # with finish_reason "error": what failed

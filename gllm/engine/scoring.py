@@ -51,5 +51,6 @@ class ScoreResult:
     candidates: list[CandidateScore]  # in input order
     prompt_token_ids: list[int]
     num_cached_tokens: int = 0
-    finish_reason: str = "scored"  # or "aborted"
+    finish_reason: str = "scored"  # or "aborted", or "error" (a fault in the engine)
     metrics: dict[str, float | None] = field(default_factory=dict)
+    error: str | None = None  # with finish_reason "error": what failed

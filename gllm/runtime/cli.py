@@ -6,8 +6,26 @@ import argparse
 import logging
 import re
 import signal
+import sys
+from typing import TYPE_CHECKING
 
+from gllm.runtime.limits import LIMIT_FLAGS
 from gllm.runtime.protocol import DEFAULT_ENDPOINT
+
+if TYPE_CHECKING:
+    from gllm.runtime.access import CurveServer
+
+# Limits set by an integer option named after them (the message size and open requests have their own).
+COUNTED_LIMITS = {
+    "max_clients": "clients connected at once before a new one gets 'overloaded'",
+    "max_nesting_depth": "maps and arrays inside each other in a message",
+    "max_prompt_tokens": "prompt tokens, after tokenization",
+    "max_completion_tokens": "the largest max_tokens a generate may ask for",
+    "max_stop_strings": "stop strings per generate",
+    "max_stop_chars": "characters per stop string",
+    "max_candidates": "candidates per score request",
+    "max_candidate_tokens": "tokens per score candidate",
+}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -19,6 +37,12 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1073741824)")
     number, unit = float(match.group(1)), match.group(2).lower()
     return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,25 +66,75 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-grace", type=float, default=limits.shutdown_grace_s, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, time in-flight requests get to finish (default "
                         f"{limits.shutdown_grace_s:g})")
+    p.add_argument("--slow-client-timeout", type=float, default=limits.slow_client_timeout_s, metavar="SECONDS",
+                   help="a client that takes none of its waiting replies for this long gets 'slow_client' and "
+                        f"loses its open requests (default {limits.slow_client_timeout_s:g})")
+    p.add_argument("--max-outbox-size", type=parse_size, default=limits.max_outbox_bytes, metavar="SIZE",
+                   help="replies waiting for one slow client beyond this: 'slow_client', as above (default "
+                        f"{limits.max_outbox_bytes >> 20}M)")
+    for name, what in COUNTED_LIMITS.items():
+        p.add_argument(LIMIT_FLAGS[name], type=positive_int, default=getattr(limits, name), metavar="N",
+                       help=f"{what} (default {getattr(limits, name)})")
+    access = p.add_argument_group("access", "tcp:// on an address other than loopback needs CurveZMQ or --insecure")
+    access.add_argument("--curve-secret-key", metavar="FILE", help="the runtime's secret key (from gllm keygen): "
+                        "encrypt every connection and let in only clients with an allowed key")
+    access.add_argument("--allowed-keys", metavar="FILE_OR_DIR",
+                        help="client public keys: a file of keys, one a line, or a folder of *.pub files")
+    access.add_argument("--insecure", action="store_true",
+                        help="serve a non-loopback address without CurveZMQ: anyone who reaches it can use it")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def curve_settings(args: argparse.Namespace) -> CurveServer | None:
+    """CurveZMQ settings from the options; ``ValueError`` when they are incomplete, or missing where needed."""
+    import zmq
+
+    from gllm.runtime.access import CurveServer, is_local
+    from gllm.runtime.keys import read_allowed_keys, read_key
+
+    if bool(args.curve_secret_key) != bool(args.allowed_keys):
+        raise ValueError("--curve-secret-key and --allowed-keys go together: CurveZMQ needs the runtime's key "
+                         "and the clients' public keys")
+    if args.curve_secret_key:
+        if not zmq.has("curve"):
+            raise ValueError(f"this libzmq ({zmq.zmq_version()}) was built without CurveZMQ support")
+        return CurveServer(read_key(args.curve_secret_key), read_allowed_keys(args.allowed_keys))
+    if not is_local(args.bind) and not args.insecure:
+        raise ValueError(f"refusing to serve {args.bind} without CurveZMQ: it is not a loopback address, so anyone "
+                         "who reaches it could use the runtime. Make keys with 'gllm keygen' and pass "
+                         "--curve-secret-key and --allowed-keys, or pass --insecure on a network you trust")
+    return None
 
 
 def serve(args: argparse.Namespace) -> int:
     import zmq
 
-    from gllm.cli import DTYPES
+    from gllm.cli import engine_options
     from gllm.engine import GeneratorParams, LLMEngine
     from gllm.runtime.limits import ServerLimits
     from gllm.runtime.server import Server
 
+    curve = curve_settings(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("gllm.serve")
+    if args.insecure and not curve:
+        log.warning("serving %s without CurveZMQ (--insecure): unencrypted, and open to anyone who reaches it",
+                    args.bind)
     params = GeneratorParams(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                              num_kv_blocks=args.kv_blocks, kv_memory=args.kv_memory)
-    engine = LLMEngine(args.model, params, device=args.device, dtype=DTYPES[args.dtype])
-    limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace)
     try:
-        server = Server(engine, args.bind, limits)
+        engine = LLMEngine(args.model, params, **engine_options(args))
+    except (ValueError, OSError):
+        raise  # they name the file and what is wrong with it; gllm.cli.main prints them as one line
+    except Exception as exc:  # anything else while loading (torch, memory): one line too, not a traceback
+        log.debug("loading the model failed", exc_info=True)
+        print(f"gllm: error: cannot load the model {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace,
+                          slow_client_timeout_s=args.slow_client_timeout, max_outbox_bytes=args.max_outbox_size,
+                          **{name: getattr(args, name) for name in COUNTED_LIMITS})
+    try:
+        server = Server(engine, args.bind, limits, curve=curve)
     except zmq.ZMQError as exc:
         log.error("cannot bind %s: %s", args.bind, exc)
         return 1

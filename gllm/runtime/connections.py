@@ -58,6 +58,13 @@ class ConnectionTracker:
         self._connection_of[peer] = connection
         self._peers_on.setdefault(connection, set()).add(peer)
 
+    def admits(self, peer: bytes, max_peers: int) -> bool:
+        """Whether ``peer`` may be served: it is known already, or fewer than ``max_peers`` peers are connected."""
+        if peer in self._connection_of:
+            return True
+        self._read_events()
+        return len(self._connection_of) < max_peers
+
     def gone(self) -> list[bytes]:
         """Routing ids whose connection has ended since the last call."""
         self._read_events()

@@ -6,7 +6,8 @@ same in words. It imports neither torch nor zmq, so the Python client can use it
 
 Validation is strict on purpose: a field the message type does not know is an error that names it, so a
 typo such as ``max_token`` never silently falls back to a default. A field sent as nil counts as absent,
-which suits bindings whose serializers write null for unset options.
+which suits bindings whose serializers write null for unset options. Sizes a server operator may choose
+(stop strings, candidates, token counts, nesting depth) are checked by the runtime against its limits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback only, unless the user binds elsewhere
-ERROR_CODES = ("bad_request", "unknown_type", "too_long", "overloaded", "shutting_down", "internal")
+ERROR_CODES = ("bad_request", "unknown_type", "too_long", "overloaded", "shutting_down", "internal",
+               "slow_client")
 FINISH_REASONS = ("stop", "length", "cancelled")
 # Counters an ``info`` reply's ``stats`` always carries (0 until they first count); more may come with them.
 INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "running", "waiting", "open_requests",
@@ -30,9 +32,6 @@ INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "runnin
 
 MAX_ID_CHARS = 256
 MAX_LOGPROBS = 20  # top alternatives per token
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_CANDIDATES = 256
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -47,6 +46,10 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+
+class NestingError(ProtocolError):
+    """A message nested too deeply for the decoder (or for the runtime's limit)."""
 
 
 class _Invalid(Exception):
@@ -221,7 +224,7 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "top_k": integer(0, INT32_MAX),
         "top_p": number(0.0, 1.0, lo_open=True),
         "seed": integer(0, UINT64_MAX),
-        "stop": array_of(string(MAX_STOP_CHARS, nonempty=True), max_items=MAX_STOP_STRINGS),
+        "stop": array_of(string(nonempty=True)),
         "logprobs": integer(0, MAX_LOGPROBS),
         "priority": _PRIORITY,
         "ignore_eos": boolean,
@@ -229,7 +232,7 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
     "score": (Score, {
         "id": client_id,
         **_PROMPT_CHECKS,
-        "candidates": array_of(candidate, max_items=MAX_CANDIDATES, nonempty=True),
+        "candidates": array_of(candidate, nonempty=True),
         "priority": _PRIORITY,
     }, ("id", "candidates")),
     "cancel": (Cancel, {"id": client_id}, ("id",)),
@@ -249,17 +252,41 @@ def decode(frame: bytes) -> Any:
     """msgpack bytes to Python values; raises ``ProtocolError`` for anything that is not one msgpack value."""
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=False, use_list=True)
+    except (msgpack.StackError, RecursionError):
+        raise NestingError("bad_request", "the message is nested too deeply to decode") from None
     except Exception as exc:  # ExtraData, StackError (deep nesting), UnicodeDecodeError, unhashable keys...
         raise ProtocolError("bad_request", f"the message is not valid msgpack ({type(exc).__name__}: "
                                            f"{_short.repr(str(exc))})") from None
 
 
+def nesting_depth(value: Any, limit: int) -> int:
+    """How many maps and arrays lie inside each other in a decoded value (a flat map is 1), counting no
+    further than ``limit + 1``. A loop, not recursion, so no depth can exhaust the stack."""
+    deepest, todo = 0, [(value, 1)]
+    while todo and deepest <= limit:
+        v, depth = todo.pop()
+        children = v if isinstance(v, (list, tuple)) else [*v, *v.values()] if isinstance(v, dict) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if not _CONTAINERS.isdisjoint(map(type, children)):  # checked in C: long flat arrays stay cheap
+            todo.extend((c, depth + 1) for c in children if type(c) in _CONTAINERS)
+    return deepest
+
+
+_CONTAINERS = frozenset((list, tuple, dict))
+
+
 def parse_request(frame: bytes) -> Request:
     """Decode and validate one client message; raises ``ProtocolError`` naming the first problem."""
-    msg = decode(frame)
+    return validate(decode(frame))
+
+
+def validate(msg: Any) -> Request:
+    """Check one decoded client message against its schema; raises ``ProtocolError`` naming the first problem."""
     if not isinstance(msg, dict):
         raise ProtocolError("bad_request", f"a message must be a msgpack map with a 'type' field, got {describe(msg)}")
-    request_id = _echo_id(msg.get("id"))
+    request_id = echo_id(msg.get("id"))
     kind = msg.get(_ENVELOPE)
     if kind is None:
         raise ProtocolError("bad_request", "the message has no 'type' field", request_id)
@@ -293,7 +320,7 @@ def parse_request(frame: bytes) -> Request:
     return cls(**values)
 
 
-def _echo_id(value: Any) -> ClientId | None:
+def echo_id(value: Any) -> ClientId | None:
     """The id to echo in an error reply: the message's own id when it is a valid one, else nil."""
     try:
         return client_id(value)

@@ -3,39 +3,51 @@
 Each turn of the loop takes every message that has arrived, runs one engine step, and sends what the step
 produced. While the engine has work the sockets are polled without waiting; when it is idle the loop
 blocks on them (with a short timeout, so that a shutdown request is noticed). The engine never waits on a
-client: every send is non-blocking, and a client that is gone or stops reading has its requests cancelled.
+client: every send is non-blocking. Replies that a slow reader cannot take yet wait in its outbox (see
+``outbox``) and are retried every turn; a client that is gone, or that stays behind past the outbox's bounds
+(``slow_client``), has its requests cancelled.
 
 How a vanished client is noticed, all by libzmq itself:
 * the socket monitor's ``DISCONNECTED`` events, mapped to routing ids by ``ConnectionTracker``. A killed
   process's connections are closed by the OS, so its requests are cancelled within milliseconds;
-* ZMTP heartbeats: a peer that stops answering PINGs (host gone, network cut) is disconnected after
-  ``HEARTBEAT_TIMEOUT_MS``, which again produces a ``DISCONNECTED`` event;
+* ZMTP heartbeats: a peer that stops answering PINGs (host gone, network cut) is disconnected, which again
+  produces a ``DISCONNECTED`` event. A PING waits behind the replies a peer has not read, so a slow reader
+  cannot answer either: the timeout is twice ``slow_client_timeout_s``, leaving a slow reader the time to be
+  cut off by its outbox's bounds (freeing its blocks) and still read its ``slow_client`` errors;
 * ``ROUTER_MANDATORY``: a send to a peer that is no longer connected raises instead of dropping silently.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from gllm.engine import GenerationRequest, GenerationResult, LLMEngine, ScoreRequest, ScoreResult, TokenDelta
-from gllm.runtime import protocol
+from gllm.runtime import admission, protocol
+from gllm.runtime.access import CurveServer
 from gllm.runtime.connections import ConnectionTracker
 from gllm.runtime.limits import ServerLimits
+from gllm.runtime.outbox import Outboxes
 from gllm.runtime.protocol import ProtocolError
 from gllm.runtime.requests import OpenRequests
 
 log = logging.getLogger(__name__)
 
+Prompted = TypeVar("Prompted", GenerationRequest, ScoreRequest)
 IDLE_POLL_MS = 100  # how long an idle loop blocks before it looks at the shutdown flag again
 MAX_DRAIN = 1024  # messages taken per turn, so a flood cannot starve the engine
 HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 3000
-SEND_HWM = 100_000  # queued replies per client before it counts as not reading
+MIN_HEARTBEAT_TIMEOUT_MS = 3000
+# libzmq's own queue and the kernel's socket buffer per client are kept small, so that a backlog waits in the
+# client's outbox, where its bounds apply, rather than in megabytes of auto-sized kernel buffer.
+SEND_HWM = 256  # above the replies one step makes for a client (one per open request)
+SEND_BUFFER_BYTES = 32 << 10
+FLUSH_RETRY_MS = 10  # how long an idle loop blocks while replies wait in outboxes
 CLOSE_LINGER_MS = 1000  # time given to the last replies to leave at shutdown
 MAX_STEP_FAILURES = 3  # consecutive failed engine steps before the server gives up
 
@@ -44,14 +56,16 @@ class Server:
     """Serves one engine on one endpoint until ``stop`` is called (twice to skip the grace period)."""
 
     def __init__(self, engine: LLMEngine, endpoint: str, limits: ServerLimits = ServerLimits(),
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: CurveServer | None = None):
         self.engine = engine
         self.limits = limits
         self.requests = OpenRequests()
         context = context or zmq.Context.instance()
-        self.socket = self._bind(context, endpoint)
+        self._authenticator = curve.start_authenticator(context) if curve else None
+        self.socket = self._bind(context, endpoint, curve)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.connections = ConnectionTracker(self.socket, context)
+        self.outboxes = Outboxes(self.socket, limits.max_outbox_bytes, limits.slow_client_timeout_s)
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self.connections.socket, zmq.POLLIN)
@@ -61,17 +75,23 @@ class Server:
         self._token_texts: dict[int, str] = {}
         self._counters: collections.Counter[str] = collections.Counter()
 
-    def _bind(self, context: zmq.Context, endpoint: str) -> zmq.Socket:
+    def _bind(self, context: zmq.Context, endpoint: str, curve: CurveServer | None) -> zmq.Socket:
         sock = context.socket(zmq.ROUTER)
+        if curve:
+            curve.apply(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.hard_message_bytes)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(MIN_HEARTBEAT_TIMEOUT_MS,
+                                                   int(2000 * self.limits.slow_client_timeout_s)))
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.SNDBUF, SEND_BUFFER_BYTES)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError:
             sock.close(linger=0)
+            if self._authenticator:
+                self._authenticator.stop()
             raise
         return sock
 
@@ -86,12 +106,15 @@ class Server:
                  self.engine.block_manager.pool.num_blocks)
         try:
             while self._keep_running():
-                self._receive(0 if self.engine.has_work() else IDLE_POLL_MS)
+                self._receive(self._wait_ms())
                 if self.engine.has_work():
                     self._step()
+                self._flush()
         finally:
             self.connections.close()
             self.socket.close(linger=CLOSE_LINGER_MS)
+            if self._authenticator:
+                self._authenticator.stop()
         log.info("stopped")
 
     def _keep_running(self) -> bool:
@@ -109,7 +132,14 @@ class Server:
                 self.engine.abort(req.engine_id)
                 self._send(req.peer, protocol.error_message(
                     "shutting_down", "the runtime shut down before this request finished", req.client_id))
-        return self.requests.num_open > 0
+        return self.requests.num_open > 0 or (self.outboxes.pending and now < self._deadline)
+
+    def _wait_ms(self) -> int:
+        """How long to block for messages: not at all while the engine has work. A ROUTER's POLLOUT means
+        *some* client has room, so it cannot wait for a slow one: outboxes are retried on a short timer."""
+        if self.engine.has_work():
+            return 0
+        return FLUSH_RETRY_MS if self.outboxes.pending else IDLE_POLL_MS
 
     def _receive(self, timeout_ms: int) -> None:
         if not self._poller.poll(timeout_ms):
@@ -120,6 +150,9 @@ class Server:
             except zmq.Again:
                 break
             peer = frames[0].bytes
+            if not self.connections.admits(peer, self.limits.max_clients):
+                self._refuse_client(peer, frames[-1].bytes)
+                continue
             self.connections.seen(peer, frames[-1])
             self._handle(peer, [f.bytes for f in frames[1:]])
         for peer in self.connections.gone():
@@ -127,6 +160,9 @@ class Server:
             self._drop_peer(peer)
 
     def _step(self) -> None:
+        """One engine step. A fault in a batch ends only that batch's requests (the engine reports them as
+        finished with reason ``error``); an exception out of ``step`` itself leaves the engine's state unknown,
+        so every open request is failed, and a few in a row stop the server."""
         try:
             out = self.engine.step()
         except Exception:
@@ -152,10 +188,7 @@ class Server:
             if len(body) != 1:
                 raise ProtocolError("bad_request", f"send one frame per message (got {len(body)} frames): "
                                                    "connect with a DEALER socket and send the msgpack map alone")
-            if len(body[0]) > self.limits.max_message_bytes:
-                raise ProtocolError("too_long", f"the message is {len(body[0])} bytes; the limit is "
-                                                f"{self.limits.max_message_bytes} bytes")
-            req = protocol.parse_request(body[0])
+            req = admission.read_request(body[0], self.limits)
             request_id = req.id
             self._dispatch(peer, req)
         except ProtocolError as exc:
@@ -183,33 +216,55 @@ class Server:
         if self.requests.find(peer, req.id) is not None:
             raise ProtocolError("bad_request", f"id {req.id!r} is already used by one of your open requests", req.id)
         if self.requests.count(peer) >= self.limits.max_open_requests:
-            raise ProtocolError("overloaded", f"this client already has {self.limits.max_open_requests} open "
-                                              "requests (the limit); wait for one to finish or cancel one", req.id)
+            raise admission.over_limit("overloaded", "max_open_requests", self.limits,
+                                       f"this connection already has {self.requests.count(peer)} requests open "
+                                       "(wait for one to end, or cancel one)", req.id)
         prompt = dict(prompt=req.prompt, messages=req.messages, prompt_token_ids=req.prompt_token_ids)
         try:
             if isinstance(req, protocol.Generate):
                 open_req = self.requests.new(peer, req.id, "generate", req.logprobs)
-                self.engine.add_request(GenerationRequest(
+                self.engine.add_request(self._tokenized(GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
-                    ignore_eos=req.ignore_eos, request_id=open_req.engine_id))
+                    ignore_eos=req.ignore_eos, request_id=open_req.engine_id), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
-                self.engine.add_score(ScoreRequest(**prompt, candidates=req.candidates, priority=req.priority,
-                                                   request_id=open_req.engine_id))
+                self._check_candidates(req)
+                self.engine.add_score(self._tokenized(ScoreRequest(
+                    **prompt, candidates=req.candidates, priority=req.priority, request_id=open_req.engine_id), req.id))
         except ValueError as exc:
             raise ProtocolError(engine_error_code(exc), str(exc), req.id) from None
         self.requests.add(open_req)
 
+    def _tokenized(self, req: Prompted, client_id: protocol.ClientId) -> Prompted:
+        """``req`` with its prompt as token ids (text is tokenized once, here), within ``max_prompt_tokens``."""
+        if req.prompt_token_ids is None:
+            req = dataclasses.replace(req, prompt=None, messages=None, prompt_token_ids=self.engine.prompt_ids(req))
+        admission.check_prompt(len(req.prompt_token_ids), self.limits, client_id)
+        return req
+
+    def _check_candidates(self, req: protocol.Score) -> None:
+        """String candidates within ``max_candidate_tokens`` (token-id ones were checked on arrival)."""
+        tokenizer = self.engine.tokenizer
+        for i, cand in enumerate(req.candidates):
+            if isinstance(cand, str) and tokenizer is not None:
+                num_tokens = len(tokenizer.encode(cand, add_special_tokens=False))
+                admission.check_candidate(i, num_tokens, self.limits, req.id)
+
+    def _refuse_client(self, peer: bytes, frame: bytes) -> None:
+        """Answer a client beyond ``max_clients`` with ``overloaded``; it stays unknown to the runtime."""
+        exc = admission.over_limit("overloaded", "max_clients", self.limits,
+                                   f"the runtime already serves {self.limits.max_clients} clients",
+                                   admission.peek_id(frame, self.limits))
+        self._send(peer, protocol.error_message(exc.code, exc.message, exc.request_id))
+
     def _info(self, request_id: protocol.ClientId | None) -> dict[str, Any]:
         stats = {**dict.fromkeys(protocol.INFO_STATS, 0), **self.engine.stats(),
                  "open_requests": self.requests.num_open, "clients": self.requests.num_peers,
-                 "disconnects": self._counters["disconnects"]}
-        limits = {"max_message_bytes": self.limits.max_message_bytes,
-                  "max_open_requests": self.limits.max_open_requests, "max_logprobs": protocol.MAX_LOGPROBS,
-                  "max_candidates": protocol.MAX_CANDIDATES, "max_stop_strings": protocol.MAX_STOP_STRINGS}
+                 "disconnects": self._counters["disconnects"], "queued_replies": self.outboxes.num_replies,
+                 "slow_clients": self._counters["slow_clients"]}
         return protocol.info_message(request_id, self.engine.model_name, self.engine.config.vocab_size,
-                                     self.engine.max_seq_len, stats, limits)
+                                     self.engine.max_seq_len, stats, admission.reported(self.limits))
 
     # ---------------------------------------------------------------------------------- engine output
     def _on_token(self, delta: TokenDelta) -> None:
@@ -237,7 +292,10 @@ class Server:
                  timing["queued_ms"], timing["ttft_ms"], timing["total_ms"])
         if req.orphaned:
             return
-        if scored and not cancelled:
+        if result.finish_reason == "error":
+            msg = protocol.error_message("internal", f"the engine failed while running this request ({result.error}); "
+                                                     "the runtime goes on", req.client_id)
+        elif scored and not cancelled:
             candidates = [{"text": c.text, "token_ids": c.token_ids, "logprob": c.logprob,
                            "token_logprobs": c.token_logprobs} for c in result.candidates]
             msg = protocol.scores_message(req.client_id, candidates, usage, timing)
@@ -253,20 +311,36 @@ class Server:
         return text
 
     # ------------------------------------------------------------------------------ sends, disconnects
-    def _send(self, peer: bytes, message: dict[str, Any]) -> bool:
-        """Send without blocking; a client that is gone or not reading loses its requests."""
-        try:
-            self.socket.send_multipart([peer, protocol.encode(message)], zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            log.warning("client %s is not reading its replies; cancelling its requests", peer.hex())
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-        self._drop_peer(peer)
-        return False
+    def _send(self, peer: bytes, message: dict[str, Any]) -> None:
+        """Send without blocking, or queue in the client's outbox; a client that is gone loses its requests."""
+        if not self.outboxes.send(peer, protocol.encode(message)):
+            self._drop_peer(peer)
+
+    def _flush(self) -> None:
+        """Retry the outboxes; cut off the clients that stay behind past their bounds."""
+        for peer in self.outboxes.flush():
+            self._drop_peer(peer)
+        for peer, why in self.outboxes.stuck():
+            self._cut_off(peer, why)
+
+    def _cut_off(self, peer: bytes, why: str) -> None:
+        """Cancel a slow reader's requests and swap the replies queued for it for one ``slow_client`` error
+        per request. One that does not even read those is dropped."""
+        reqs = self.requests.orphan_peer(peer)
+        for req in reqs:
+            self.engine.abort(req.engine_id)
+        if self.outboxes.was_replaced(peer):
+            self.outboxes.drop(peer)
+            log.warning("client %s read nothing since it was cut off; dropping its replies", peer.hex())
+            return
+        self._counters["slow_clients"] += 1
+        log.warning("client %s is too slow: %s; cancelling its %d open request(s)", peer.hex(), why, len(reqs))
+        text = f"{why}: the runtime cancelled your open requests and dropped the replies queued for you"
+        ids = [req.client_id for req in reqs] or [None]
+        self.outboxes.replace(peer, [protocol.encode(protocol.error_message("slow_client", text, i)) for i in ids])
 
     def _drop_peer(self, peer: bytes) -> None:
+        self.outboxes.drop(peer)
         reqs = self.requests.orphan_peer(peer)
         for req in reqs:
             self.engine.abort(req.engine_id)

@@ -11,8 +11,9 @@
 // the thread whose SynchronizationContext created the client (Unity's or Godot's main thread); a client
 // created where there is none (a console program, a custom loop) raises them from Poll(), once per frame.
 //
-// Only for a runtime on this machine: the ZMTP NULL mechanism has no encryption or authentication
-// (no CurveZMQ), so non-loopback endpoints are refused unless LlmClientOptions.AllowNonLoopback is set.
+// Only for a runtime on this machine (loopback): the ZMTP NULL mechanism has no encryption or
+// authentication (no CurveZMQ), so non-loopback endpoints are refused unless
+// LlmClientOptions.AllowNonLoopback is set, and a runtime serving with CurveZMQ cannot be reached.
 using System;
 using System.Collections.Generic;
 using System.Diagnostics;
@@ -199,7 +200,7 @@ namespace Gllm
                 if (disposed) throw new ObjectDisposedException("LlmClient");
                 if (connectAskedMs < 0) connectAskedMs = clock.ElapsedMilliseconds;
                 open[id] = new OpenRequest { Handler = handler, LastActivityMs = clock.ElapsedMilliseconds };
-                transport.Send(body);  // under the lock, so a disconnect cannot drop the queue between the two
+                transport.Send(id, body);  // under the lock, so a disconnect cannot drop the queue between the two
             }
             transport.Start();
         }
@@ -210,7 +211,7 @@ namespace Gllm
             {
                 if (disposed || !open.ContainsKey(id)) return;  // finished or failed: nothing to cancel
             }
-            transport.Send(MsgPack.Encode(Request("cancel", id)));
+            transport.Send(id, MsgPack.Encode(Request("cancel", id)));
         }
 
         List<OpenRequest> TakeAll()
@@ -316,7 +317,8 @@ namespace Gllm
             var error = new LlmError("timeout", "no reply from the runtime within " + options.RequestTimeout.TotalSeconds + " s");
             foreach (KeyValuePair<long, OpenRequest> entry in expired)
             {
-                transport.Send(MsgPack.Encode(Request("cancel", entry.Key)));  // in case it is still running there
+                if (!transport.Withdraw(entry.Key))  // it went out: it may still be running there
+                    transport.Send(entry.Key, MsgPack.Encode(Request("cancel", entry.Key)));
                 entry.Value.Handler.Fail(error);
             }
             if (connectTimedOut)

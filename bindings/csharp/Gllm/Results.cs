@@ -7,7 +7,8 @@ using System.Collections.Generic;
 namespace Gllm
 {
     /// <summary>Why a request failed: the runtime's error codes (bad_request, unknown_type, too_long,
-    /// overloaded, shutting_down, internal) or the client's own: timeout, disconnected, closed, protocol.</summary>
+    /// overloaded, shutting_down, internal, slow_client) or the client's own: timeout, disconnected, closed,
+    /// protocol. Treat a code you do not know like internal.</summary>
     public sealed class LlmError
     {
         public readonly string Code;

@@ -3,7 +3,8 @@
 //   the I/O thread connects (retrying with back-off), reads frames, answers PINGs, sends its own PING when
 //     the line is quiet, and declares the runtime dead when nothing arrives for HeartbeatTimeout;
 //   the writer thread sends queued messages as soon as there is a connection.
-// Messages sent while no connection is up wait in the queue. When an established connection is lost, the
+// Messages sent while no connection is up wait in the queue (those of a request that times out meanwhile are
+// withdrawn, so a restarted runtime never gets them late). When an established connection is lost, the
 // owner (LlmClient) drops the queue and fails its open requests, in its Disconnected callback: the runtime
 // cancels a vanished client's requests, so none of them can be resumed on the next connection.
 using System;
@@ -31,7 +32,7 @@ namespace Gllm
         readonly int port;
         readonly LlmClientOptions options;
         readonly object gate = new object();
-        readonly Queue<byte[]> outbox = new Queue<byte[]>();
+        readonly Queue<KeyValuePair<long, byte[]>> outbox = new Queue<KeyValuePair<long, byte[]>>();  // (request id, frame)
         readonly ManualResetEvent stopEvent = new ManualResetEvent(false);
         readonly Stopwatch clock = Stopwatch.StartNew();
         ZmtpSocket current;
@@ -71,15 +72,31 @@ namespace Gllm
             new Thread(RunWriter) { IsBackground = true, Name = "gllm-writer" }.Start();
         }
 
-        /// <summary>Queue one message (a msgpack body); it goes out as one frame once connected.</summary>
-        public void Send(byte[] body)
+        /// <summary>Queue one message (a msgpack body) of request <paramref name="id"/>; it goes out as one frame
+        /// once connected.</summary>
+        public void Send(long id, byte[] body)
         {
             byte[] frame = Zmtp.MessageFrame(body);
             lock (gate)
             {
                 if (stopped) return;
-                outbox.Enqueue(frame);
+                outbox.Enqueue(new KeyValuePair<long, byte[]>(id, frame));
                 Monitor.PulseAll(gate);
+            }
+        }
+
+        /// <summary>Takes back the queued messages of request <paramref name="id"/>; true if any had not gone out,
+        /// so that a request given up on while the runtime was unreachable is never sent to it later.</summary>
+        public bool Withdraw(long id)
+        {
+            lock (gate)
+            {
+                int before = outbox.Count;
+                var kept = new List<KeyValuePair<long, byte[]>>(outbox);
+                kept.RemoveAll(m => m.Key == id);
+                outbox.Clear();
+                foreach (KeyValuePair<long, byte[]> m in kept) outbox.Enqueue(m);
+                return outbox.Count < before;
             }
         }
 
@@ -273,7 +290,7 @@ namespace Gllm
                     while (!stopped && (current == null || outbox.Count == 0)) Monitor.Wait(gate);
                     if (stopped) return;
                     conn = current;
-                    frame = outbox.Dequeue();
+                    frame = outbox.Dequeue().Value;
                 }
                 try
                 {

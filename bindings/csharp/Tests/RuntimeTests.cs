@@ -242,9 +242,9 @@ namespace Gllm.Tests
             int disconnects = 0;
             Action<string> onDisconnect = reason => disconnects++;
             client.Disconnected += onDisconnect;
-            PumpUntil(() => disconnects > 0, () => client.Poll(), 4.5, "nothing", quietTimeout: true);
+            PumpUntil(() => disconnects > 0, () => client.Poll(), 6, "nothing", quietTimeout: true);
             client.Disconnected -= onDisconnect;
-            Check.Equal(0, disconnects, "disconnects while idle for 4.5 s (the runtime drops silent peers after 3 s)");
+            Check.Equal(0, disconnects, "disconnects while idle for 6 s (past the 5 s TTL the client's PINGs ask the runtime to keep)");
             Check.That(Result(client.Ping(), "Ping after idling") >= 0, "the runtime still answers");
         }
 
@@ -294,12 +294,27 @@ namespace Gllm.Tests
             PumpUntil(() => running.IsDone && disconnects > 0, () => client.Poll(), WaitSeconds, "the disconnect");
             Check.Equal("disconnected", running.Error.Code, "a stream cut by the runtime's death fails with");
             Task<double> queued = client.Ping();  // made while down: waits for the next connection
-            runtime = Launch();
-            Check.That(Result(queued, "the ping queued while disconnected") >= 0, "queued ping answered");
-            Check.That(client.IsConnected && connects > 0, "reconnected by itself");
-            Generation again = Greedy(client, expectTokens.Length);
-            Wait(again.Text, "greedy after the restart");
-            CheckGreedy(again, "greedy after the restart");
+            var impatientOptions = new LlmClientOptions { RequestTimeout = TimeSpan.FromSeconds(1) };
+            using (var impatient = new LlmClient(endpoint, impatientOptions, null))
+            {
+                Generation lost = Greedy(impatient, expectTokens.Length);  // no runtime: times out instead of waiting
+                var clock = Stopwatch.StartNew();
+                PumpUntil(() => lost.IsDone, () => impatient.Poll(), 10, "the timeout while the runtime is down");
+                Check.Equal("timeout", lost.Error.Code, "a request made while the runtime is down fails with");
+                Check.That(clock.Elapsed.TotalSeconds < 5, "timed out within 5 s, took " + clock.Elapsed.TotalSeconds);
+                runtime = Launch();
+                Check.That(Result(queued, "the ping queued while disconnected") >= 0, "queued ping answered");
+                Check.That(client.IsConnected && connects > 0, "reconnected by itself");
+                Generation again = Greedy(client, expectTokens.Length);
+                Wait(again.Text, "greedy after the restart");
+                CheckGreedy(again, "greedy after the restart");
+                PumpUntil(() => impatient.IsConnected, () => impatient.Poll(), WaitSeconds, "the timed-out client's reconnect");
+                Generation retried = Greedy(impatient, expectTokens.Length);  // the same client, once the runtime is back
+                Wait(retried.Text, "greedy on the timed-out client after the restart", impatient);
+                CheckGreedy(retried, "greedy on the timed-out client after the restart");
+                RuntimeInfo info = Result(client.Info(), "Info after the restart");
+                Check.Equal(2L, Convert.ToInt64(info.Stats["finished_requests"]), "requests the restarted runtime ran (the timed-out one was never sent)");
+            }
         }
 
         void DisposeFast()

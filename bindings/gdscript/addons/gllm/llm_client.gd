@@ -14,9 +14,10 @@ extends Node
 ## Options are the protocol's own field names (docs/protocol.md): max_tokens, temperature, top_k,
 ## top_p, seed, stop, logprobs, priority, ignore_eos.
 ##
-## Loopback only: ZMTP's NULL mechanism has no encryption or authentication (no CurveZMQ), so other
-## hosts are refused unless allow_non_loopback is set. Not for Web exports: browsers have no raw
-## TCP.
+## Loopback only: this client speaks only to a runtime on this machine. ZMTP's NULL mechanism has
+## no encryption or authentication (no CurveZMQ), so other hosts are refused unless
+## allow_non_loopback is set, and a runtime serving with CurveZMQ cannot be reached. Not for Web
+## exports: browsers have no raw TCP.
 
 signal connected
 signal disconnected(reason: String)
