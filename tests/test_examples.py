@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gllm.client import AsyncClient, Client, LocalRuntime
 from gllm.engine import GeneratorParams, LLMEngine, ScoreRequest
@@ -44,8 +45,9 @@ MAX_SEQ_LEN = 1024
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # float32: batch shapes do not change its numbers, so streamed and scored logprobs compare tightly
     srv = start_server(MODEL, tmp_path_factory.mktemp("examples-log"), "--max-batch-size", "8",
-                       "--max-seq-len", str(MAX_SEQ_LEN))
+                       "--max-seq-len", str(MAX_SEQ_LEN), "--dtype", "float32")
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
 
@@ -53,7 +55,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine():
     """The same model in this process: the oracle for the runtime's scores and the tokenizer for counts."""
-    return LLMEngine(MODEL, GeneratorParams(max_batch_size=4, max_seq_len=MAX_SEQ_LEN))
+    return LLMEngine(MODEL, GeneratorParams(max_batch_size=4, max_seq_len=MAX_SEQ_LEN), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- village
