@@ -37,7 +37,7 @@ def test_triton_backend_matches_torch_backend(gqa_model):
     params = GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=256)
     runs = {}
     for backend in ("torch", "triton"):
-        engine = LLMEngine(folder, params, device="cuda", attention=backend, cuda_graphs=False)
+        engine = LLMEngine(folder, params, device="cuda", dtype=torch.float32, attention=backend, cuda_graphs=False)
         assert engine.attention.name == backend
         runs[backend] = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=24, temperature=0) for p in prompts(6)])
     for a, b in zip(runs["torch"], runs["triton"]):
