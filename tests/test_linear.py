@@ -9,14 +9,14 @@ import torch.nn.functional as F
 import gllm.engine.llm_engine as llm_engine
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 from gllm.engine.llm_engine import resolve_dtype
-from gllm.ops.linear import INT8_MAX_ROWS, Int8Linear, PackedLinear, make_kernel, packing_supported
+from gllm.ops.linear import INT8_MAX_ROWS, Int8Linear, PackedLinear, make_kernel, packing_supported, padded_rows
 
 CPU = torch.device("cpu")
 needs_bf16 = pytest.mark.skipif(not packing_supported(torch.bfloat16, CPU), reason="CPU without oneDNN bfloat16")
 
 
 @needs_bf16
-@pytest.mark.parametrize("rows", [1, 2, 3, 16, 77])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 65, 77])
 def test_packed_linear_equals_f_linear(rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=gen).bfloat16()
@@ -38,6 +38,12 @@ def test_int8_linear_is_close_for_few_rows_and_dense_for_many() -> None:
     assert not torch.equal(kernel(few), PackedLinear(weight)(few))  # really the int8 path
     many = torch.randn(INT8_MAX_ROWS + 5, 64, generator=gen).bfloat16()
     torch.testing.assert_close(kernel(many), PackedLinear(weight)(many))
+
+
+def test_row_counts_fall_into_few_shapes() -> None:
+    shapes = {padded_rows(n) for n in range(1, 2049)}
+    assert len(shapes) <= 4 + 5 + 2048 // 64
+    assert all(padded_rows(n) >= n for n in range(1, 2049)) and padded_rows(3) == 3 and padded_rows(500) == 512
 
 
 def test_unknown_quantize_mode_is_refused() -> None:

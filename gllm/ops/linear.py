@@ -33,6 +33,17 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
+def padded_rows(rows: int) -> int:
+    """The row count a product is computed with: exact up to 4, then powers of two up to 64, then
+    multiples of 64. oneDNN compiles and keeps a kernel per shape, so an unbounded variety of row counts
+    (every prompt length) would grow the process's memory without end."""
+    if rows <= 4:
+        return rows
+    if rows <= 64:
+        return 1 << (rows - 1).bit_length()
+    return -(-rows // 64) * 64
+
+
 class PackedLinear:
     """``x @ weight.T`` with the weight in oneDNN's packed layout."""
 
@@ -41,9 +52,13 @@ class PackedLinear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], "")
-        return y.view(*lead, self.out_features)
+        lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        rows = flat.shape[0]
+        pad = padded_rows(rows) - rows
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+        return y[:rows].view(*lead, self.out_features)
 
 
 class Int8Linear:
