@@ -82,21 +82,29 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Replay the graph for ``len(input_ids)`` decodes; returns their logits ``[n, vocab]``."""
-        n = len(input_ids)
+    def run(
+        self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Replay the graph for ``len(positions)`` decodes; returns their logits ``[n, vocab]``.
+
+        ``input_ids`` may already be on the device (the previous step's samples, not yet seen by the host).
+        """
+        n = len(positions)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
-        # Two host-to-device copies per step: the per-row scalars (padding rows point at the scratch
-        # block), then the block tables.
-        rows = torch.tensor(
-            [input_ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad], dtype=torch.int64
-        ).to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:size].copy_(rows[0])
-        self.positions[:size].copy_(rows[1])
-        self.slots[:size].copy_(rows[2])
-        self.seq_lens[:size].copy_(rows[1] + 1)
         width = len(tables[0])
-        self.tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int64).to(self.tables.device, non_blocking=True))
+        # One host-to-device copy per step: the per-row scalars (padding rows point at the scratch block)
+        # and the block tables, packed in one tensor. From pinned memory the copy does not wait for the
+        # work already queued (the previous step may still run).
+        on_host = isinstance(input_ids, list)
+        head = [positions + [0] * pad, slots + [self.scratch_slot] * pad] + ([input_ids + [0] * pad] if on_host else [])
+        flat = [x for row in head for x in row] + [x for table in tables for x in table]
+        packed = torch.tensor(flat, dtype=torch.int64, pin_memory=True).to(self.input_ids.device, non_blocking=True)
+        rows = packed[: len(head) * size].view(len(head), size)
+        self.positions[:size].copy_(rows[0])
+        self.slots[:size].copy_(rows[1])
+        self.seq_lens[:size].copy_(rows[0] + 1)
+        self.input_ids[:n].copy_(rows[2, :n] if on_host else input_ids)
+        self.tables[:n, :width].copy_(packed[len(head) * size :].view(n, width))
         self.graphs[size].replay()
         return self.outputs[size][:n]

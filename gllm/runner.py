@@ -84,17 +84,23 @@ class ModelRunner:
         for kv in self.kv_caches:
             kv.index_copy_(1, dst, kv.index_select(1, src))
 
-    def execute(self, chunks: list[BatchChunk], copies: list[tuple[int, int]] = ()) -> torch.Tensor:
-        """Compute the chunks' K/V into the cache; return float32 logits of the rows the chunks asked for."""
+    def execute(
+        self, chunks: list[BatchChunk], copies: list[tuple[int, int]] = (), input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Compute the chunks' K/V into the cache; return float32 logits of the rows the chunks asked for.
+
+        ``input_ids``: the new tokens already on the device (one per chunk, all decodes); then the
+        chunks' own ``token_ids`` are placeholders.
+        """
         if copies:
             self.copy_blocks(list(copies))
         if self.graphs is not None and self._graphable(chunks):
             bs = self.block_size
             return self.graphs.run(
-                [c.token_ids[0] for c in chunks],
+                [c.token_ids[0] for c in chunks] if input_ids is None else input_ids,
                 [c.start for c in chunks],
                 [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks],
                 [c.block_table + [0] * (max(len(x.block_table) for x in chunks) - len(c.block_table)) for c in chunks],
             )
-        input_ids, positions, meta, logits_rows = self.prepare(chunks)
-        return self.model(input_ids, positions, self.kv_caches, meta, logits_rows)
+        ids, positions, meta, logits_rows = self.prepare(chunks)
+        return self.model(ids if input_ids is None else input_ids, positions, self.kv_caches, meta, logits_rows)

@@ -73,11 +73,11 @@ def fail_once_on(monkeypatch, engine: LLMEngine, prompt: list[int]) -> list[int]
     execute = engine.runner.execute
     fired: list[int] = []
 
-    def faulty(chunks, copies):
+    def faulty(chunks, copies, input_ids=None):
         if not fired and any(c.start == 0 and c.token_ids[: len(prompt)] == prompt for c in chunks):
             fired.append(len(chunks))
             raise RuntimeError("injected fault")
-        return execute(chunks, copies)
+        return execute(chunks, copies, input_ids)
 
     monkeypatch.setattr(engine.runner, "execute", faulty)
     return fired

@@ -14,7 +14,7 @@ import torch
 
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
-from gllm.engine.scheduler import SchedulePlan, Scheduler
+from gllm.engine.scheduler import ScheduledChunk, SchedulePlan, Scheduler
 from gllm.engine.scoring import ScoreRequest, ScoreResult
 from gllm.engine.sequence import Sequence, Status
 from gllm.engine.streaming import AsyncDriver
@@ -26,6 +26,7 @@ from gllm.ops.backend import select_backend
 from gllm.ops.linear import packing_supported
 from gllm.runner import BatchChunk, ModelRunner
 from gllm.sample import Sampler, SamplingRow
+from gllm.sample.sampler import PendingSample
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,15 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype
     if dtype in ("float32", "bfloat16"):
         return getattr(torch, dtype)
     raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32' or 'bfloat16'")
+
+
+@dataclass
+class Launched:
+    """A step queued on the device: its plan, the sequences it samples (row order) and their samples."""
+
+    plan: SchedulePlan
+    seqs: list[Sequence]
+    sample: PendingSample | None
 
 
 @dataclass
@@ -65,6 +75,7 @@ class LLMEngine(AsyncDriver):
         attention: str = "auto",
         cuda_graphs: bool = True,
         quantize: str | None = None,
+        overlap: bool | None = None,
     ):
         """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
         ``torch.float32`` is exact against the reference. ``quantize="int8"`` (CPU, bfloat16) stores
@@ -99,13 +110,16 @@ class LLMEngine(AsyncDriver):
         self.runner = ModelRunner(self.model, kv, params.block_size, self.device)
         if cuda_graphs and self.device.type == "cuda":
             self.runner.capture_graphs(num_blocks, params.max_batch_size, self.max_seq_len)
+        # Queue each decode step before reading the last one's tokens (``step``); it pays where the device
+        # runs apart from the host, so the default is on for CUDA.
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.scheduler = Scheduler(self.block_manager, params.max_batch_size, params.token_budget)
         self.sampler = Sampler(params.seed)
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
         self._jobs: dict[str, GenerationJob | ScoreJob] = {}  # by request id, until their result is out
         self._job_of: dict[Sequence, GenerationJob | ScoreJob] = {}
-        self._sampled_info: dict[Sequence, tuple[float, int, list[tuple[int, float]]]] = {}
+        self._pending: Launched | None = None  # a decode step queued ahead (see ``step``)
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._counters = collections.Counter()
@@ -229,49 +243,104 @@ class LLMEngine(AsyncDriver):
         self._aborts.append(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._inbox or self._aborts or self.scheduler.has_work())
+        return bool(self._inbox or self._aborts or self._pending or self.scheduler.has_work())
 
     # --------------------------------------------------------------------- step
     def step(self) -> StepOutput:
         """Schedule, run the model, sample, and post-process one batch.
+
+        With ``overlap`` on, a batch of plain decodes queues the next decode step for the same sequences
+        (its input tokens are this step's samples, still on the device) before the host reads this step's
+        tokens; the host's bookkeeping then runs while the device computes. A sequence that stops here
+        computes one extra token there, which is dropped. The returned deltas are always this step's.
 
         A fault while running the batch stays with it: its requests finish with reason ``error`` (the
         result's ``error`` says why), their blocks are freed, and every other request goes on.
         """
         out = StepOutput()
         self._take_new_work()
-        plan = self.scheduler.schedule()
-        if plan.chunks:
-            now = time.perf_counter()
-            for c in plan.chunks:
-                c.seq.scheduled_time = c.seq.scheduled_time or now
-            chunks = [
-                BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.num_logits)
-                for c in plan.chunks
-            ]
-            try:
-                logits = self.runner.execute(chunks, plan.copies)
-                sampled = self._sample(plan, logits)
-                for seq, token, reason in self.scheduler.update(plan, sampled):
-                    job = self._job_of[seq]
-                    delta, final = job.on_token(seq, token, *self._sampled_info[seq], reason)
-                    if final is not None and reason is None:
-                        self.scheduler.finish(seq, final)  # a stop string
-                    out.deltas.append(delta)
-            except Exception as exc:
-                self._fail_batch(plan, exc)
-                sampled = {}
-            self._counters["steps"] += 1
-            self._counters["computed_tokens"] += plan.num_tokens
-            self._counters["block_copies"] += len(plan.copies)
-            self._counters["generated_tokens"] += len(sampled)
+        launched, self._pending = self._pending, None
+        if launched is None:
+            launched = self._launch(self.scheduler.schedule())
+        if launched is not None:
+            if self.overlap and self._can_run_ahead(launched):
+                self._pending = self._launch(self._ahead_plan(launched), launched.sample.token_ids)
+                self._counters["steps_ahead"] += 1
+            self._apply(launched, out)
         self._collect_finished(out)
         return out
+
+    def _launch(self, plan: SchedulePlan, input_ids: torch.Tensor | None = None) -> Launched | None:
+        """Queue a plan's model step and sampling on the device; prompt logprobs are recorded here."""
+        if not plan.chunks:
+            return None
+        now = time.perf_counter()
+        for c in plan.chunks:
+            c.seq.scheduled_time = c.seq.scheduled_time or now
+        chunks = [
+            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits)
+            for c in plan.chunks
+        ]
+        self._counters["steps"] += 1
+        self._counters["computed_tokens"] += plan.num_tokens
+        self._counters["block_copies"] += len(plan.copies)
+        try:
+            logits = self.runner.execute(chunks, plan.copies, input_ids)
+            return Launched(plan, *self._sample(plan, logits))
+        except Exception as exc:
+            self._fail_batch(plan, exc)
+            return None
+
+    def _apply(self, launched: Launched, out: StepOutput) -> None:
+        """Wait for a launched step's samples and hand its tokens to the scheduler and the requests."""
+        plan = launched.plan
+        try:
+            result = launched.sample.result() if launched.sample is not None else None
+            sampled = dict(zip(launched.seqs, result.token_ids)) if result else {}
+            info = {s: (result.logprobs[i], result.ranks[i], result.top_logprobs[i]) for i, s in enumerate(launched.seqs)}
+            for seq, token, reason in self.scheduler.update(plan, sampled):
+                job = self._job_of[seq]
+                delta, final = job.on_token(seq, token, *info[seq], reason)
+                if final is not None and reason is None:
+                    self.scheduler.finish(seq, final)  # a stop string
+                out.deltas.append(delta)
+                self._counters["generated_tokens"] += 1
+        except Exception as exc:
+            self._fail_batch(plan, exc)
+
+    def _can_run_ahead(self, launched: Launched) -> bool:
+        """Whether the next step is surely the same sequences decoding again (then it can be queued now).
+
+        Plain decodes only, nothing waiting that could join, no sequence ending on length with this
+        step's token, and free blocks for every next position.
+        """
+        plan = launched.plan
+        if plan.preempted or len(plan.chunks) != len(launched.seqs):
+            return False
+        if self.scheduler.waiting and len(self.scheduler.running) < self.scheduler.max_batch_size:
+            return False
+        needed = 0
+        for c in plan.chunks:
+            seq = c.seq
+            if seq.status is not Status.RUNNING or not c.samples or c.num_tokens != 1 or c.num_logits != 1:
+                return False
+            if seq.pending_forks or seq.logits_from is not None or len(seq.token_ids) + 1 >= seq.max_tokens:
+                return False
+            needed += self.block_manager.growth(seq.block_table, c.start + 2, c.start + 1)
+        return needed <= self.block_manager.pool.num_free
+
+    def _ahead_plan(self, launched: Launched) -> SchedulePlan:
+        """The next decode of each sequence in ``launched``: its position is one past this step's."""
+        plan = SchedulePlan()
+        for c in launched.plan.chunks:
+            plan.copies += self.block_manager.grow(c.seq.block_table, c.start + 2, c.start + 1)
+            plan.chunks.append(ScheduledChunk.ahead(c.seq, c.start + 1))
+        return plan
 
     def _fail_batch(self, plan: SchedulePlan, exc: Exception) -> None:
         """End every request with a sequence in the failed batch (all its sequences: forks, candidates)."""
         reason = f"{type(exc).__name__}: {exc}"[:200]
-        jobs = {self._job_of[c.seq] for c in plan.chunks}
+        jobs = {self._job_of[c.seq] for c in plan.chunks if c.seq in self._job_of}
         log.error("a batch of %d request(s) failed; ending them: %s", len(jobs), reason, exc_info=exc)
         for job in jobs:
             job.error = reason
@@ -279,8 +348,9 @@ class LLMEngine(AsyncDriver):
                 self.scheduler.finish(seq, "error")
         self._counters["failed_batches"] += 1
 
-    def _sample(self, plan: SchedulePlan, logits: torch.Tensor) -> dict[Sequence, int]:
-        """Record logprobs of given tokens, then sample every sequence (and new fork) that needs a token."""
+    def _sample(self, plan: SchedulePlan, logits: torch.Tensor) -> tuple[list[Sequence], PendingSample | None]:
+        """Record logprobs of given tokens, then queue sampling for every sequence (and new fork) that
+        needs a token. Returns the sampled sequences in row order and their pending sample."""
         seqs, rows = [], []
         row = 0
         for c in plan.chunks:
@@ -294,13 +364,10 @@ class LLMEngine(AsyncDriver):
                     seqs.append(s)
                     rows.append(row + k - 1)
             row += k
-        self._sampled_info = {}
         if not seqs:
-            return {}
-        out = self.sampler(logits[rows], [s.sampling for s in seqs])
-        for i, s in enumerate(seqs):
-            self._sampled_info[s] = (out.logprobs[i], out.ranks[i], out.top_logprobs[i])
-        return dict(zip(seqs, out.token_ids))
+            return [], None
+        sample_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        return seqs, self.sampler.launch(sample_logits, [s.sampling for s in seqs])
 
     def _take_new_work(self) -> None:
         while self._inbox:

@@ -37,6 +37,16 @@ class ScheduledChunk:
         else:
             self.num_logits = 1 if self.completes else 0
 
+    @classmethod
+    def ahead(cls, seq: Sequence, start: int) -> ScheduledChunk:
+        """A decode of position ``start`` queued before the host has the token there (it is sampled on
+        the device by the step still running)."""
+        chunk = cls.__new__(cls)
+        chunk.seq, chunk.num_tokens, chunk.start = seq, 1, start
+        chunk.completes = chunk.samples = True
+        chunk.num_logits = 1
+        return chunk
+
 
 @dataclass
 class SchedulePlan:

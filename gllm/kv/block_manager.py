@@ -46,10 +46,14 @@ class BlockManager:
         """Whether the next write lands in a partly filled block that someone else also holds."""
         return bool(num_computed % self.block_size) and self.pool.ref_counts[block_table[num_computed // self.block_size]] > 1
 
+    def growth(self, block_table: list[int], num_tokens: int, num_computed: int = 0) -> int:
+        """How many free blocks ``grow`` would take to hold ``num_tokens`` tokens, a copy-on-write included."""
+        extra = self._shared_tail(block_table, num_computed)
+        return max(0, self.blocks_needed(num_tokens) - len(block_table)) + extra
+
     def can_grow(self, block_table: list[int], num_tokens: int, num_computed: int = 0) -> bool:
         """Whether enough blocks are free to hold ``num_tokens`` tokens, a copy-on-write included."""
-        extra = self._shared_tail(block_table, num_computed)
-        return self.blocks_needed(num_tokens) - len(block_table) + extra <= self.pool.num_free
+        return self.growth(block_table, num_tokens, num_computed) <= self.pool.num_free
 
     def grow(self, block_table: list[int], num_tokens: int, num_computed: int = 0) -> list[tuple[int, int]]:
         """Make the table hold ``num_tokens`` tokens (check ``can_grow`` first).

@@ -79,11 +79,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """Choose a token for each row of ``logits [B, V]`` (any float dtype; the math runs in float32)."""
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+        """Queue the sampling work on the logits' device and return at once; ``result()`` waits for it.
+
+        The chosen ids stay on the device (``PendingSample.token_ids``), so the next decode step can take
+        them as its input before the host has seen them.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         logits = logits.float()
         token_ids = self._choose(logits, rows)
-        return _output(logits, token_ids, [row.num_logprobs for row in rows])
+        num_logprobs = [row.num_logprobs for row in rows]
+        top_n = min(max(num_logprobs, default=0), logits.shape[1])
+        return PendingSample(token_ids, _pack(logits, token_ids, top_n), num_logprobs, top_n)
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         greedy = torch.argmax(logits, dim=-1)
@@ -149,22 +159,45 @@ def _top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
     return top
 
 
-def _output(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int]) -> SamplerOutput:
-    """Raw logprob, rank and top-n of each chosen token, brought to the host in one copy."""
+def _pack(logits: torch.Tensor, token_ids: torch.Tensor, top_n: int) -> torch.Tensor:
+    """Each row's chosen id, rank, raw logprob and top-n ids and logprobs, as one float64 tensor
+    (float64 holds ids and ranks exactly), so one copy brings everything to the host."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = token_ids[:, None]
     ranks = (logits > logits.gather(1, chosen)).sum(dim=-1, keepdim=True) + 1
-    top_n = min(max(num_logprobs, default=0), logits.shape[1])
     top_ids = _top_ids(logits, top_n)
-    top_values = logprobs.gather(1, top_ids)
-    # float64 holds token ids and ranks exactly, so one tensor (one device sync) carries everything.
-    parts = [chosen, ranks, logprobs.gather(1, chosen), top_ids, top_values]
-    packed = torch.cat([part.double() for part in parts], dim=-1)
-    out = SamplerOutput(token_ids=[], logprobs=[], ranks=[], top_logprobs=[])
-    for row, n in zip(packed.tolist(), num_logprobs):
-        out.token_ids.append(int(row[0]))
-        out.ranks.append(int(row[1]))
-        out.logprobs.append(row[2])
-        ids, values = row[3 : 3 + top_n], row[3 + top_n :]
-        out.top_logprobs.append([(int(ids[j]), values[j]) for j in range(min(n, top_n))])
-    return out
+    parts = [chosen, ranks, logprobs.gather(1, chosen), top_ids, logprobs.gather(1, top_ids)]
+    return torch.cat([part.double() for part in parts], dim=-1)
+
+
+class PendingSample:
+    """Sampling queued on the device: ``token_ids`` there now, everything on the host after ``result()``.
+
+    On a GPU the packed results start their copy into pinned host memory at once and an event marks its
+    end, so ``result()`` waits for this sample only, not for work queued on the device after it.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, num_logprobs: list[int], top_n: int):
+        self.token_ids = token_ids
+        self.num_logprobs, self.top_n = num_logprobs, top_n
+        self._event = None
+        if packed.is_cuda:
+            self._packed = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._packed.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._packed = packed
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        top_n = self.top_n
+        out = SamplerOutput(token_ids=[], logprobs=[], ranks=[], top_logprobs=[])
+        for row, n in zip(self._packed.tolist(), self.num_logprobs):
+            out.token_ids.append(int(row[0]))
+            out.ranks.append(int(row[1]))
+            out.logprobs.append(row[2])
+            ids, values = row[3 : 3 + top_n], row[3 + top_n :]
+            out.top_logprobs.append([(int(ids[j]), values[j]) for j in range(min(n, top_n))])
+        return out
