@@ -156,12 +156,16 @@ def main() -> None:
                     traceback.print_exc()
             print(json.dumps(row), flush=True)
             report["results"].append(row)
+            write(report, args.out)  # after every row: a run cut short keeps what it measured
         del hf, engine, loaded
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
-    (args.out / "gpu_bench.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def write(report: dict, out: Path) -> None:
+    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu_bench.md").write_text(markdown(report))
 
 
 def markdown(report: dict) -> str:

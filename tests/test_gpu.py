@@ -43,3 +43,32 @@ def test_triton_backend_matches_torch_backend(gqa_model):
     for a, b in zip(runs["torch"], runs["triton"]):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overlapped_decoding_gives_the_same_tokens(gqa_model, dtype):
+    """Graphs with the next step queued before the host reads the last one, against plain graphed steps."""
+    folder, _ = gqa_model
+    reqs = lambda: [GenerationRequest(prompt_token_ids=p, max_new_tokens=5 + 7 * i, temperature=0)  # noqa: E731
+                    for i, p in enumerate(prompts(6))]
+    params = GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=256)
+    plain = LLMEngine(folder, params, device="cuda", dtype=dtype, overlap=False)
+    ahead = LLMEngine(folder, params, device="cuda", dtype=dtype)
+    assert ahead.overlap and not plain.overlap
+    expected = [r.token_ids for r in plain.generate(reqs())]
+    assert [r.token_ids for r in ahead.generate(reqs())] == expected
+    assert ahead.stats()["steps_ahead"] > 10
+    while ahead.has_work():
+        ahead.step()
+    assert ahead.stats()["kv_blocks_in_use"] == 0
+
+
+def test_fused_triton_graphs_match_the_torch_backend_in_bfloat16(gqa_model):
+    """Everything on (Triton kernels, CUDA graphs, overlap) against eager torch ops, both bfloat16."""
+    folder, _ = gqa_model
+    params = GeneratorParams(block_size=16, max_batch_size=8, max_seq_len=256)
+    reqs = lambda: [GenerationRequest(prompt_token_ids=p, max_new_tokens=24, temperature=0) for p in prompts(6)]  # noqa: E731
+    eager = LLMEngine(folder, params, device="cuda", dtype=torch.bfloat16, attention="torch", cuda_graphs=False, overlap=False)
+    fast = LLMEngine(folder, params, device="cuda", dtype=torch.bfloat16)
+    assert fast.attention.name == "triton" and fast.runner.graphs is not None
+    assert [r.token_ids for r in fast.generate(reqs())] == [r.token_ids for r in eager.generate(reqs())]

@@ -11,7 +11,7 @@ import time
 import torch
 
 from gllm.engine.output import RequestOutput
-from gllm.engine.params import GenerationResult, TokenDelta
+from gllm.engine.params import GenerationResult
 from gllm.engine.scoring import CandidateScore, ScoreResult
 from gllm.engine.sequence import Sequence, Status
 from gllm.tokenizer import Tokenizer

@@ -12,24 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from gllm.config import ModelConfig
-from gllm.model.rope import RotaryEmbedding, apply_rope
+from gllm.model.rope import RotaryEmbedding
 from gllm.ops import AttentionMetadata
 from gllm.ops.backend import BACKENDS, AttentionBackend
 from gllm.ops.linear import Kernel, make_kernel
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like the reference implementation."""
+    """Root-mean-square norm, computed in float32 like the reference implementation. It is applied with
+    the residual add before it (the backend's ``add_rms_norm``): ``(norm(x + residual), x + residual)``."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x, residual, ops: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -61,14 +60,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        """``rope``: this step's cos / sin tables; queries and keys are rotated in one go."""
-        n = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        attn.write_kv(kv_cache, k, v.reshape(n, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        """``rope``: this step's cos / sin tables; queries and keys are rotated, and K/V stored, in one go."""
+        q = attn.rope_write_kv(self.qkv_proj(x), *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         out = attn.attend(q, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -79,9 +74,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: AttentionBackend) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -92,9 +86,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, kv_cache, meta, attn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the last sub-layer's output, not yet added to ``residual`` (``None`` before the first layer).
+        Returns this layer's MLP output and the residual stream before it."""
+        h, residual = self.input_layernorm(x, residual, ops)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, kv_cache, meta, ops), residual, ops)
+        return self.mlp(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -121,11 +118,11 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Run ``T`` packed tokens through the network; return float32 logits for ``logits_indices`` only."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         rope = self.rope.tables(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta, self.attn)
-        x = self.norm(x[logits_indices])
+            x, residual = layer(x, residual, rope, kv_cache, meta, self.attn)
+        x, _ = self.norm(x[logits_indices], residual[logits_indices], self.attn)
         if self.head_kernel is not None:
             return self.head_kernel(x).float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -1,9 +1,10 @@
-"""Attention backends: which kernels write new K/V into the cache and attend over it.
+"""Backends: the kernels a layer calls around its matrix products (attention, KV write, the element-wise work).
 
-* ``torch``: the default path of ``gllm.ops.attention`` (any device, the CPU's choice).
-* ``triton``: Triton kernels for the KV write and decode attention, prompt chunks through SDPA
-  (FlashAttention on CUDA); the choice on a CUDA GPU with Triton installed.
-* ``reference``: the slow oracle, for tests.
+* ``torch``: the default path of ``gllm.ops.attention`` and plain torch ops (any device, the CPU's choice).
+* ``triton``: Triton kernels for decode attention and the fused element-wise steps (add + RMSNorm,
+  RoPE + KV write, SiLU * up: ``gllm.ops.triton_fused``), prompt chunks through SDPA (FlashAttention on
+  CUDA); the choice on a CUDA GPU with Triton installed.
+* ``reference``: the slow attention oracle, for tests.
 """
 
 from __future__ import annotations
@@ -14,26 +15,43 @@ from typing import Callable
 
 import torch
 
-from gllm.ops.attention import paged_attention, write_kv
+from gllm.ops.attention import paged_attention
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.reference import reference_attention
-from gllm.ops.triton_attention import triton_available, triton_decode_attention, triton_write_kv
+from gllm.ops.triton_attention import triton_available, triton_decode_attention
+from gllm.ops.triton_fused import (
+    torch_add_rms_norm,
+    torch_rope_write_kv,
+    torch_silu_mul,
+    triton_add_rms_norm,
+    triton_rope_write_kv,
+    triton_silu_mul,
+)
 
-WriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
+    """Same contracts on every backend: see the ``torch_*`` functions of ``gllm.ops.triton_fused``."""
+
     name: str
-    write_kv: WriteFn
     attend: AttendFn
+    rope_write_kv: Callable[..., torch.Tensor] = torch_rope_write_kv
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch_add_rms_norm
+    silu_mul: Callable[[torch.Tensor], torch.Tensor] = torch_silu_mul
 
 
 BACKENDS = {
-    "torch": AttentionBackend("torch", write_kv, paged_attention),
-    "reference": AttentionBackend("reference", write_kv, reference_attention),
-    "triton": AttentionBackend("triton", triton_write_kv, functools.partial(paged_attention, decode=triton_decode_attention)),
+    "torch": AttentionBackend("torch", paged_attention),
+    "reference": AttentionBackend("reference", reference_attention),
+    "triton": AttentionBackend(
+        "triton",
+        functools.partial(paged_attention, decode=triton_decode_attention),
+        triton_rope_write_kv,
+        triton_add_rms_norm,
+        triton_silu_mul,
+    ),
 }
 
 
