@@ -69,7 +69,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], new: int) -> dict:
     engine.generate(reqs()[: min(4, len(prompts))])  # warm-up
     results = []
     seconds = timed(lambda: results.extend(engine.generate(reqs())))
-    out = {"seconds": seconds, "tok_per_s": len(prompts) * new / seconds, "overlap": engine.overlap}
+    out = {"seconds": seconds, "tok_per_s": len(prompts) * new / seconds, "overlap": engine.overlap,
+           "last_first_token_ms": max(r.metrics["ttft_ms"] for r in results)}  # where the prompts' phase ends
     if len(prompts) == 1:
         m = results[0].metrics
         out["decode_tok_per_s"] = (new - 1) / ((m["total_ms"] - m["ttft_ms"]) / 1000)

@@ -58,6 +58,9 @@ class ModelRunner:
         tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
         num_decodes = next((i for i, q in enumerate(query_lens) if q > 1), len(query_lens))
         dev = self.device
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
@@ -66,6 +69,7 @@ class ModelRunner:
             seq_lens_list=seq_lens,
             num_decodes=num_decodes,
             block_size=bs,
+            query_starts=torch.tensor(starts, dtype=torch.int64, device=dev),
         )
         return (
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

@@ -1,15 +1,14 @@
 """Backends: the kernels a layer calls around its matrix products (attention, KV write, the element-wise work).
 
 * ``torch``: the default path of ``gllm.ops.attention`` and plain torch ops (any device, the CPU's choice).
-* ``triton``: Triton kernels for decode attention and the fused element-wise steps (add + RMSNorm,
-  RoPE + KV write, SiLU * up: ``gllm.ops.triton_fused``), prompt chunks through SDPA (FlashAttention on
-  CUDA); the choice on a CUDA GPU with Triton installed.
+* ``triton``: Triton kernels for attention (decodes and prompt chunks, reading the paged cache in place:
+  ``gllm.ops.triton_attention``, ``gllm.ops.triton_prefill``) and the fused element-wise steps (add +
+  RMSNorm, RoPE + KV write, SiLU * up: ``gllm.ops.triton_fused``); the choice on a CUDA GPU with Triton.
 * ``reference``: the slow attention oracle, for tests.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +17,8 @@ import torch
 from gllm.ops.attention import paged_attention
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.reference import reference_attention
-from gllm.ops.triton_attention import triton_available, triton_decode_attention
+from gllm.ops.triton_attention import triton_available
+from gllm.ops.triton_prefill import triton_paged_attention
 from gllm.ops.triton_fused import (
     torch_add_rms_norm,
     torch_rope_write_kv,
@@ -47,7 +47,7 @@ BACKENDS = {
     "reference": AttentionBackend("reference", reference_attention),
     "triton": AttentionBackend(
         "triton",
-        functools.partial(paged_attention, decode=triton_decode_attention),
+        triton_paged_attention,
         triton_rope_write_kv,
         triton_add_rms_norm,
         triton_silu_mul,

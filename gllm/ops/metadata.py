@@ -27,6 +27,7 @@ class AttentionMetadata:
     seq_lens_list: list[int]  # [B]: same as seq_lens
     num_decodes: int  # the first num_decodes sequences have one new token each
     block_size: int
+    query_starts: torch.Tensor | None = None  # [B + 1] int64: packed row of each sequence's first new token
 
     @property
     def num_seqs(self) -> int:
