@@ -49,10 +49,15 @@ def triton_available() -> bool:
 
 
 @functools.cache
-def _jitted(kernel: Callable[..., None]) -> Any:
+def _jitted(kernel: Callable[..., None], varying: tuple[str, ...] = ()) -> Any:
     """Wrap a kernel with ``triton.jit`` at its first launch: Triton reads ``TRITON_INTERPRET`` when it
-    wraps, and by then a test (or a CPU-only run) has had the chance to set it, whatever imported us first."""
-    return triton.jit(kernel)
+    wraps, and by then a test (or a CPU-only run) has had the chance to set it, whatever imported us first.
+
+    ``varying``: integer arguments whose value changes from step to step (block-table widths, offsets).
+    Triton would otherwise compile a variant for each value that is 1 or a multiple of 16, and a first
+    compile in the middle of serving stalls every stream.
+    """
+    return triton.jit(kernel, do_not_specialize=varying)
 
 
 def _pad(n: int) -> int:
@@ -207,7 +212,8 @@ def triton_decode_attention(
     else:
         partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    _jitted(_decode_kernel)[(batch, kv_heads, num_splits)](
+    varying = ("stride_table", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "split_len")
+    _jitted(_decode_kernel, varying)[(batch, kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, partial, lse,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),

@@ -102,7 +102,7 @@ def triton_context_attention(
     longest = max(meta.query_lens_list[first_seq:])
     dot_dtype = _dot_dtype(kv_cache.dtype)
     grid = (meta.num_seqs - first_seq, kv_heads, -(-longest // block_q))
-    _jitted(_chunk_kernel)[grid](
+    _jitted(_chunk_kernel, ("first_seq", "stride_table"))[grid](
         q, kv_cache, meta.block_tables, meta.seq_lens, query_starts(meta, q.device), out,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
