@@ -295,16 +295,18 @@ class LLMEngine(AsyncDriver):
         """Wait for a launched step's samples and hand its tokens to the scheduler and the requests."""
         plan = launched.plan
         try:
-            result = launched.sample.result() if launched.sample is not None else None
-            sampled = dict(zip(launched.seqs, result.token_ids)) if result else {}
-            info = {s: (result.logprobs[i], result.ranks[i], result.top_logprobs[i]) for i, s in enumerate(launched.seqs)}
-            for seq, token, reason in self.scheduler.update(plan, sampled):
-                job = self._job_of[seq]
-                delta, final = job.on_token(seq, token, *info[seq], reason)
+            sampled, info = {}, {}
+            if launched.sample is not None:
+                r = launched.sample.result()
+                sampled = dict(zip(launched.seqs, r.token_ids))
+                info = dict(zip(launched.seqs, zip(r.logprobs, r.ranks, r.top_logprobs)))
+            events = self.scheduler.update(plan, sampled)
+            for seq, token, reason in events:
+                delta, final = self._job_of[seq].on_token(seq, token, *info[seq], reason)
                 if final is not None and reason is None:
                     self.scheduler.finish(seq, final)  # a stop string
                 out.deltas.append(delta)
-                self._counters["generated_tokens"] += 1
+            self._counters["generated_tokens"] += len(events)
         except Exception as exc:
             self._fail_batch(plan, exc)
 

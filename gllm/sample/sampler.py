@@ -193,11 +193,13 @@ class PendingSample:
         if self._event is not None:
             self._event.synchronize()
         top_n = self.top_n
-        out = SamplerOutput(token_ids=[], logprobs=[], ranks=[], top_logprobs=[])
-        for row, n in zip(self._packed.tolist(), self.num_logprobs):
-            out.token_ids.append(int(row[0]))
-            out.ranks.append(int(row[1]))
-            out.logprobs.append(row[2])
-            ids, values = row[3 : 3 + top_n], row[3 + top_n :]
-            out.top_logprobs.append([(int(ids[j]), values[j]) for j in range(min(n, top_n))])
-        return out
+        rows = self._packed.tolist()
+        columns = list(zip(*rows)) if rows else [()] * 3
+        if top_n:
+            top = [[(int(r[3 + j]), r[3 + top_n + j]) for j in range(min(n, top_n))] for r, n in zip(rows, self.num_logprobs)]
+        else:
+            top = [[] for _ in rows]
+        return SamplerOutput(
+            token_ids=list(map(int, columns[0])), ranks=list(map(int, columns[1])), logprobs=list(columns[2]),
+            top_logprobs=top,
+        )
