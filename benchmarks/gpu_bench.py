@@ -94,10 +94,11 @@ def run_hf(hf, prompts: list[list[int]], new: int) -> dict:
     return {"seconds": seconds, "tok_per_s": len(prompts) * new / seconds}
 
 
-def profile_decode(engine: LLMEngine, out: Path) -> None:
+def profile_decode(engine: LLMEngine, prompt_len: int, out: Path) -> None:
     """Where one stream's decode step spends its time: the top operations, host and device."""
-    engine.generate([GenerationRequest(prompt_token_ids=list(range(1, 129)), max_new_tokens=8, temperature=0, ignore_eos=True)])
-    engine.add_request(GenerationRequest(prompt_token_ids=list(range(1, 129)), max_new_tokens=40, temperature=0, ignore_eos=True))
+    prompt = list(range(1, prompt_len + 1))
+    engine.generate([GenerationRequest(prompt_token_ids=prompt, max_new_tokens=8, temperature=0, ignore_eos=True)])
+    engine.add_request(GenerationRequest(prompt_token_ids=prompt, max_new_tokens=40, temperature=0, ignore_eos=True))
     for _ in range(5):
         engine.step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -105,9 +106,41 @@ def profile_decode(engine: LLMEngine, out: Path) -> None:
             engine.step()
     while engine.has_work():
         engine.step()
+    out.write_text(op_tables(prof))
+
+
+def op_tables(prof) -> str:
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-    table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
-    out.write_text(table)
+    if DEVICE == "cuda":
+        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    return table
+
+
+def profile_batch(engine: LLMEngine, batch: int, prompt_len: int, vocab: int, out: Path) -> None:
+    """Where ``batch`` concurrent requests spend their time: the prompt phase (until every prompt is
+    computed), then 10 decode steps; wall time of each step and the top operations of each phase."""
+    gen = torch.Generator().manual_seed(2)
+    for p in torch.randint(0, vocab, (batch, prompt_len), generator=gen).tolist():
+        engine.add_request(GenerationRequest(prompt_token_ids=p, max_new_tokens=24, temperature=0, ignore_eos=True))
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+
+    def prompting(steps: int) -> bool:
+        return bool(engine.scheduler.waiting or engine._inbox or any(
+            s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running))
+
+    phases = []
+    for name, go_on in (("prompt phase", prompting), ("10 decode steps", lambda steps: steps < 10)):
+        walls = []
+        with torch.profiler.profile(activities=activities) as prof:
+            while go_on(len(walls)) and engine.has_work():
+                start = time.perf_counter()
+                engine.step()
+                sync()
+                walls.append(round((time.perf_counter() - start) * 1000, 2))
+        phases.append(f"## {name}: {len(walls)} steps, {sum(walls):.1f} ms; ms per step: {walls}\n\n{op_tables(prof)}")
+    while engine.has_work():
+        engine.step()
+    out.write_text(f"{batch} requests, {prompt_len}-token prompts\n\n" + "\n\n".join(phases))
 
 
 def main() -> None:
@@ -138,7 +171,9 @@ def main() -> None:
         )  # fmt: skip
         if shape == "llama-3.2-1b-shape":
             try:
-                profile_decode(engine, args.out / "profile_decode_b1.txt")
+                profile_decode(engine, args.prompt_len, args.out / "profile_decode_b1.txt")
+                big = max(batches)
+                profile_batch(engine, big, args.prompt_len, loaded.config.vocab_size, args.out / f"profile_b{big}.txt")
             except Exception:
                 traceback.print_exc()
         gen = torch.Generator().manual_seed(1)
