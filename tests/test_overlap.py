@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
@@ -113,3 +115,51 @@ def test_preemption_with_a_small_pool(gqa_model):
     while small.has_work():
         small.step()
     assert small.stats()["kv_blocks_in_use"] == 0
+
+
+_alone: dict[tuple, list[int]] = {}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    arrivals=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 14), st.integers(0, 6)), min_size=1, max_size=8),
+    aborts=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 40)), max_size=3),
+    num_blocks=st.integers(16, 36),  # 16 blocks hold the longest request (47 + 14 tokens)
+)
+def test_random_traffic_keeps_tokens_and_blocks(gqa_model, arrivals, aborts, num_blocks):
+    """Random arrival steps, lengths, aborts and pool sizes (preemption included) with overlap on: every
+    request that is not aborted gets the tokens it gets alone, an aborted one a prefix of them, the
+    stream matches the results, and every block comes back."""
+    folder, _ = gqa_model
+    ps = prompts(6, seed=11)
+    if "plain" not in _alone:
+        _alone["plain"] = LLMEngine(folder, GeneratorParams(block_size=4, max_batch_size=8, max_seq_len=128),
+                                    device=DEVICE, dtype=torch.float32, overlap=False)  # fmt: skip
+    engine = LLMEngine(folder, GeneratorParams(block_size=4, max_batch_size=4, max_seq_len=128, num_kv_blocks=num_blocks),
+                       device=DEVICE, dtype=torch.float32, overlap=True)  # fmt: skip
+    reqs = [(at, GenerationRequest(prompt_token_ids=ps[p], max_new_tokens=n, temperature=0)) for p, n, at in arrivals]
+    ids, streamed, results = {}, {}, {}
+    for step in range(400):
+        for i, (at, req) in enumerate(reqs):
+            if at == step:
+                ids[i] = engine.add_request(req)
+        for i, when in aborts:
+            if when == step and i in ids:
+                engine.abort(ids[i])
+        out = engine.step()
+        for d in out.deltas:
+            streamed.setdefault(d.request_id, []).append(d.token_id)
+        results.update({r.request_id: r for r in out.finished})
+        if step > 6 and not engine.has_work():
+            break
+    assert len(results) == len(reqs) and engine.stats()["kv_blocks_in_use"] == 0
+    for i, (_, req) in enumerate(reqs):
+        key = (tuple(req.prompt_token_ids), req.max_new_tokens)
+        if key not in _alone:
+            _alone[key] = _alone["plain"].generate([req])[0].token_ids
+        r = results[ids[i]]
+        assert streamed.get(ids[i], []) == r.token_ids
+        if r.finish_reason == "aborted":
+            assert r.token_ids == _alone[key][: len(r.token_ids)]
+        else:
+            assert r.finish_reason == "length" and r.token_ids == _alone[key]
