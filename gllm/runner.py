@@ -100,11 +100,12 @@ class ModelRunner:
             self.copy_blocks(list(copies))
         if self.graphs is not None and self._graphable(chunks):
             bs = self.block_size
+            width = max(len(c.block_table) for c in chunks)
             return self.graphs.run(
                 [c.token_ids[0] for c in chunks] if input_ids is None else input_ids,
                 [c.start for c in chunks],
                 [c.block_table[c.start // bs] * bs + c.start % bs for c in chunks],
-                [c.block_table + [0] * (max(len(x.block_table) for x in chunks) - len(c.block_table)) for c in chunks],
+                [c.block_table + [0] * (width - len(c.block_table)) for c in chunks],
             )
         ids, positions, meta, logits_rows = self.prepare(chunks)
         return self.model(ids if input_ids is None else input_ids, positions, self.kv_caches, meta, logits_rows)
