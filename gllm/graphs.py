@@ -9,6 +9,8 @@ possible context (``max_len``) and the kernels read each sequence's true length 
 
 from __future__ import annotations
 
+import array
+
 import torch
 
 from gllm.model import LlamaModel
@@ -94,17 +96,28 @@ class DecodeGraphs:
         pad = size - n
         width = len(tables[0])
         # One host-to-device copy per step: the per-row scalars (padding rows point at the scratch block)
-        # and the block tables, packed in one tensor. From pinned memory the copy does not wait for the
-        # work already queued (the previous step may still run).
+        # and the block tables, packed in one int64 buffer (array.array: no Python int -> tensor loop).
+        # From pinned memory the copy does not wait for the work already queued (the previous step may
+        # still run).
         on_host = isinstance(input_ids, list)
-        head = [positions + [0] * pad, slots + [self.scratch_slot] * pad] + ([input_ids + [0] * pad] if on_host else [])
-        flat = [x for row in head for x in row] + [x for table in tables for x in table]
-        packed = torch.tensor(flat, dtype=torch.int64, pin_memory=True).to(self.input_ids.device, non_blocking=True)
-        rows = packed[: len(head) * size].view(len(head), size)
+        flat = array.array("q", positions)
+        flat.extend([0] * pad)
+        flat.extend(slots)
+        flat.extend([self.scratch_slot] * pad)
+        if on_host:
+            flat.extend(input_ids)
+            flat.extend([0] * pad)
+        for table in tables:
+            flat.extend(table)
+        host = torch.frombuffer(flat, dtype=torch.int64)
+        if self.input_ids.is_cuda:
+            host = torch.empty(len(flat), dtype=torch.int64, pin_memory=True).copy_(host)
+        packed = host.to(self.input_ids.device, non_blocking=True)
+        rows = packed[: (3 if on_host else 2) * size].view(-1, size)
         self.positions[:size].copy_(rows[0])
         self.slots[:size].copy_(rows[1])
         self.seq_lens[:size].copy_(rows[0] + 1)
         self.input_ids[:n].copy_(rows[2, :n] if on_host else input_ids)
-        self.tables[:n, :width].copy_(packed[len(head) * size :].view(n, width))
+        self.tables[:n, :width].copy_(packed[rows.numel() :].view(n, width))
         self.graphs[size].replay()
         return self.outputs[size][:n]
