@@ -14,7 +14,7 @@ import torch
 
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
-from gllm.engine.scheduler import ScheduledChunk, SchedulePlan, Scheduler
+from gllm.engine.scheduler import SchedulePlan, Scheduler
 from gllm.engine.scoring import ScoreRequest, ScoreResult
 from gllm.engine.sequence import Sequence, Status
 from gllm.engine.streaming import AsyncDriver
@@ -263,8 +263,9 @@ class LLMEngine(AsyncDriver):
         if launched is None:
             launched = self._launch(self.scheduler.schedule())
         if launched is not None:
-            if self.overlap and self._can_run_ahead(launched):
-                self._pending = self._launch(self._ahead_plan(launched), launched.sample.token_ids)
+            ahead = self.scheduler.plan_ahead(launched.plan) if self.overlap else None
+            if ahead is not None:
+                self._pending = self._launch(ahead, launched.sample.token_ids)
                 self._counters["steps_ahead"] += 1
             self._apply(launched, out)
         self._collect_finished(out)
@@ -309,35 +310,6 @@ class LLMEngine(AsyncDriver):
             self._counters["generated_tokens"] += len(events)
         except Exception as exc:
             self._fail_batch(plan, exc)
-
-    def _can_run_ahead(self, launched: Launched) -> bool:
-        """Whether the next step is surely the same sequences decoding again (then it can be queued now).
-
-        Plain decodes only, nothing waiting that could join, no sequence ending on length with this
-        step's token, and free blocks for every next position.
-        """
-        plan = launched.plan
-        if plan.preempted or len(plan.chunks) != len(launched.seqs):
-            return False
-        if self.scheduler.waiting and len(self.scheduler.running) < self.scheduler.max_batch_size:
-            return False
-        needed = 0
-        for c in plan.chunks:
-            seq = c.seq
-            if seq.status is not Status.RUNNING or not c.samples or c.num_tokens != 1 or c.num_logits != 1:
-                return False
-            if seq.pending_forks or seq.logits_from is not None or len(seq.token_ids) + 1 >= seq.max_tokens:
-                return False
-            needed += self.block_manager.growth(seq.block_table, c.start + 2, c.start + 1)
-        return needed <= self.block_manager.pool.num_free
-
-    def _ahead_plan(self, launched: Launched) -> SchedulePlan:
-        """The next decode of each sequence in ``launched``: its position is one past this step's."""
-        plan = SchedulePlan()
-        for c in launched.plan.chunks:
-            plan.copies += self.block_manager.grow(c.seq.block_table, c.start + 2, c.start + 1)
-            plan.chunks.append(ScheduledChunk.ahead(c.seq, c.start + 1))
-        return plan
 
     def _fail_batch(self, plan: SchedulePlan, exc: Exception) -> None:
         """End every request with a sequence in the failed batch (all its sequences: forks, candidates)."""

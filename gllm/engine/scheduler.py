@@ -99,6 +99,32 @@ class Scheduler:
         plan.chunks.sort(key=lambda c: c.num_tokens > 1)
         return plan
 
+    def plan_ahead(self, plan: SchedulePlan) -> SchedulePlan | None:
+        """The step after ``plan``, planned before ``plan``'s tokens are known: the same sequences decoding
+        one position further (``LLMEngine`` queues it while the host reads ``plan``'s tokens).
+
+        Only when that is surely what ``schedule`` would plan next: plain decodes, nothing waiting that
+        could join, no sequence ending on length with ``plan``'s token, and free blocks for every next
+        position. A sequence that stops on a sampled token instead computes one position for nothing.
+        """
+        if plan.preempted or (self.waiting and len(self.running) < self.max_batch_size):
+            return None
+        needed = 0
+        for c in plan.chunks:
+            seq = c.seq
+            if seq.status is not Status.RUNNING or not c.samples or c.num_tokens != 1 or c.num_logits != 1:
+                return None
+            if seq.pending_forks or seq.logits_from is not None or seq.num_tokens + 1 >= seq.max_tokens:
+                return None
+            needed += self.blocks.growth(seq.block_table, c.start + 2, c.start + 1)
+        if needed > self.blocks.pool.num_free:
+            return None
+        ahead = SchedulePlan()
+        for c in plan.chunks:
+            ahead.copies += self.blocks.grow(c.seq.block_table, c.start + 2, c.start + 1)
+            ahead.chunks.append(ScheduledChunk.ahead(c.seq, c.start + 1))
+        return ahead
+
     def _admit(self, plan: SchedulePlan, budget: int) -> int:
         """Start waiting sequences while budget, batch slots and free blocks allow (never preempting)."""
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
