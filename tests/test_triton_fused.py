@@ -158,8 +158,8 @@ def test_empty_batches_launch_nothing() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_on_the_triton_backend_matches_the_torch_backend(gqa_model, dtype: torch.dtype) -> None:
-    """The whole model with every Triton kernel in it (fused steps and decode attention): same greedy tokens
-    as the torch backend, prompt chunks and decodes mixed in the batches."""
+    """The whole model with every Triton kernel in it (fused steps, prompt-chunk and decode attention) and
+    overlapped decoding: same greedy tokens as the torch backend, prompt chunks and decodes mixed."""
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
     folder, _ = gqa_model
@@ -168,7 +168,7 @@ def test_engine_on_the_triton_backend_matches_the_torch_backend(gqa_model, dtype
     runs = {}
     for backend in ("torch", "triton"):
         engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=64, max_num_batched_tokens=24),
-                           device=DEVICE, dtype=dtype, attention=backend)  # fmt: skip
+                           device=DEVICE, dtype=dtype, attention=backend, overlap=backend == "triton")  # fmt: skip
         assert engine.attention.name == backend
         runs[backend] = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=6, temperature=0) for p in ps])
     for a, b in zip(runs["torch"], runs["triton"]):
