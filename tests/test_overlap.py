@@ -163,3 +163,30 @@ def test_random_traffic_keeps_tokens_and_blocks(gqa_model, arrivals, aborts, num
             assert r.token_ids == _alone[key][: len(r.token_ids)]
         else:
             assert r.finish_reason == "length" and r.token_ids == _alone[key]
+
+
+def test_score_requests_between_overlapped_decodes(gqa_model):
+    """A score request arriving while decodes run ahead: same candidate logprobs as without overlap, and
+    the decodes keep their tokens."""
+    from gllm.engine.scoring import ScoreRequest
+
+    folder, _ = gqa_model
+    plain, ahead = engines(folder)
+    ps = prompts(4, seed=13)
+    score = ScoreRequest(prompt_token_ids=ps[3], candidates=[[5, 9], [17], [200, 3, 44]])
+    outcomes = []
+    for engine in (plain, ahead):
+        ids = [engine.add_request(GenerationRequest(prompt_token_ids=p, max_new_tokens=20, temperature=0)) for p in ps[:3]]
+        results = {}
+        for step in range(300):
+            if step == 6:
+                ids.append(engine.add_score(score))
+            results.update({r.request_id: r for r in engine.step().finished})
+            if step > 6 and not engine.has_work():
+                break
+        outcomes.append([results[i] for i in ids])
+    (*gen_plain, score_plain), (*gen_ahead, score_ahead) = outcomes
+    assert [r.token_ids for r in gen_ahead] == [r.token_ids for r in gen_plain]
+    for a, b in zip(score_ahead.candidates, score_plain.candidates):
+        assert a.token_ids == b.token_ids and abs(a.logprob - b.logprob) < 1e-4
+    assert ahead.stats()["steps_ahead"] > 0 and ahead.stats()["kv_blocks_in_use"] == 0
