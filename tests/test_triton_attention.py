@@ -1,4 +1,4 @@
-"""The Triton paged-KV kernels against the reference attention and the torch path (interpreter on CPU)."""
+"""The Triton decode-attention kernel against the reference attention and the torch path (interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from gllm.ops.attention import decode_attention, write_kv  # noqa: E402
+from gllm.ops.attention import decode_attention  # noqa: E402
 from gllm.ops.metadata import AttentionMetadata  # noqa: E402
 from gllm.ops.reference import reference_attention  # noqa: E402
-from gllm.ops.triton_attention import triton_available, triton_decode_attention, triton_write_kv  # noqa: E402
+from gllm.ops.triton_attention import triton_available, triton_decode_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -102,29 +102,3 @@ def test_decode_odd_head_dim_and_group() -> None:
 def test_decode_split_sequences(dtype: torch.dtype, num_splits: int) -> None:
     """Flash-decoding: sequences cut into token ranges, including ranges past a short sequence's end."""
     _check(*_decode_batch([200, 1, 70], kv_heads=1, group=4, head_dim=64, dtype=dtype), num_splits=num_splits)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_matches_torch(dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(1)
-    num_blocks, block_size, kv_heads, head_dim, tokens = 6, 16, 3, 64, 20
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(DEVICE)
-    expected = cache.clone()
-    write_kv(expected, k, v, slots)
-    triton_write_kv(cache, k, v, slots)
-    assert torch.equal(cache, expected)
-
-
-def test_write_kv_from_strided_views() -> None:
-    """K and V usually arrive as views into one fused projection output, not as contiguous tensors."""
-    gen = torch.Generator().manual_seed(2)
-    cache = torch.zeros(2, 4, 16, 2, 64).to(DEVICE)
-    kv = torch.randn(9, 2, 2, 64, generator=gen).to(DEVICE)
-    slots = torch.tensor([0, 5, 17, 18, 33, 63, 40, 41, 2]).to(DEVICE)
-    expected = cache.clone()
-    write_kv(expected, kv[:, 0], kv[:, 1], slots)
-    triton_write_kv(cache, kv[:, 0], kv[:, 1], slots)
-    assert torch.equal(cache, expected)

@@ -1,10 +1,9 @@
-"""Triton kernels for the paged KV cache: the GPU versions of ``write_kv`` and ``decode_attention``.
+"""Triton decode attention over the paged KV cache: the GPU version of ``decode_attention``.
 
-Same signatures and results as the torch path in ``gllm.ops.attention``; that path gathers every block of
-the batch into a padded copy before attending, these kernels read K/V in place through the block table.
+Same signature and results as the torch path in ``gllm.ops.attention``; that path gathers every block of
+the batch into a padded copy before attending, this kernel reads K/V in place through the block table.
+(New K/V reach the cache through ``gllm.ops.triton_fused.triton_rope_write_kv``.)
 
-* ``triton_write_kv``: grid ``(T,)``, one program per new token; it copies that token's ``[kv_heads, D]``
-  keys and values into its cache slot.
 * ``triton_decode_attention``: grid ``(B, kv_heads, splits)``. One program holds all the query heads that
   share one KV head (grouped-query attention), so each K/V tile is loaded once for the whole group. It walks
   its sequence in tiles of ``_TILE`` tokens, looks up each token's block in the block table, and keeps an
@@ -63,42 +62,6 @@ def _jitted(kernel: Callable[..., None], varying: tuple[str, ...] = ()) -> Any:
 def _pad(n: int) -> int:
     """Smallest power of two ``>= max(n, 16)``: the tile sizes ``tl.arange`` and ``tl.dot`` accept."""
     return max(16, 1 << (n - 1).bit_length())
-
-
-def _write_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slots_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kv, stride_block, stride_token, stride_head,
-    kv_heads,
-    HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):  # fmt: skip
-    token = tl.program_id(0)
-    slot = tl.load(slots_ptr + token)
-    heads = tl.arange(0, HEADS_PAD)[:, None]
-    dims = tl.arange(0, DIM_PAD)[None, :]
-    mask = (heads < kv_heads) & (dims < HEAD_DIM)
-    dst = cache_ptr + (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_token
-    dst += heads * stride_head + dims
-    k = tl.load(k_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
-    v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
-    tl.store(dst, k, mask=mask)
-    tl.store(dst + stride_kv, v, mask=mask)
-
-
-def triton_write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store new keys and values ``[T, kv_heads, D]`` in the cache at their flat slots ``[T]``."""
-    _, _, block_size, kv_heads, head_dim = kv_cache.shape
-    num_tokens = slot_mapping.shape[0]
-    if num_tokens == 0:
-        return
-    assert kv_cache.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "head_dim must be contiguous"
-    _jitted(_write_kv_kernel)[(num_tokens,)](
-        k, v, kv_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        kv_heads,
-        HEAD_DIM=head_dim, HEADS_PAD=_pad(kv_heads), DIM_PAD=_pad(head_dim), BLOCK_SIZE=block_size,
-    )  # fmt: skip
 
 
 def _decode_kernel(
