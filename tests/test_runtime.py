@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 import zmq
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine, ScoreRequest
@@ -39,14 +40,17 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    srv = start_server(tiny_dir, tmp_path_factory.mktemp("serve-log"), "--max-open-requests", str(MAX_OPEN))
+    # float32 on both sides: bfloat16 logprobs move with the shape of the batch, and the server batches
+    # the requests as they arrive while the in-process reference takes them all at once.
+    srv = start_server(tiny_dir, tmp_path_factory.mktemp("serve-log"), "--max-open-requests", str(MAX_OPEN),
+                       "--dtype", "float32")
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return LLMEngine(tiny_dir, GeneratorParams(max_batch_size=8, max_seq_len=2048))
+    return LLMEngine(tiny_dir, GeneratorParams(max_batch_size=8, max_seq_len=2048), dtype=torch.float32)
 
 
 @pytest.fixture
