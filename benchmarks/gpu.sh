@@ -12,12 +12,13 @@ OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GLLM_TEST_DEVICE=cuda TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_gpu.py tests/test_triton_attention.py tests/test_triton_fused.py tests/test_overlap.py \
+timeout 160 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py tests/test_triton_attention.py tests/test_triton_prefill.py tests/test_triton_fused.py \
+    tests/test_overlap.py \
     tests/test_parity_hf.py tests/test_kv_reuse.py tests/test_engine.py \
     2>&1 | tee "$OUT/tests.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout 300 python3 benchmarks/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+timeout 315 python3 benchmarks/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "tests exit $tests_rc, benchmark exit $bench_rc"
 exit $(( tests_rc || bench_rc ))

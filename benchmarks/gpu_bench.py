@@ -10,6 +10,7 @@ rate after the first token. Writes JSON and a markdown table into --out (a folde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -22,6 +23,7 @@ import transformers
 from gllm.config import ModelConfig
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 from gllm.loader import LoadedModel
+from gllm.sample.sampler import PendingSample
 
 SHAPES = {
     "llama-3.2-1b-shape": dict(
@@ -118,29 +120,50 @@ def op_tables(prof) -> str:
 
 def profile_batch(engine: LLMEngine, batch: int, prompt_len: int, vocab: int, out: Path) -> None:
     """Where ``batch`` concurrent requests spend their time: the prompt phase (until every prompt is
-    computed), then 10 decode steps; wall time of each step and the top operations of each phase."""
+    computed), then 10 decode steps. Two passes over fresh prompts: the first times each step without the
+    profiler (whose own overhead grows with the batch), the second lists the top operations of each phase."""
     gen = torch.Generator().manual_seed(2)
-    for p in torch.randint(0, vocab, (batch, prompt_len), generator=gen).tolist():
-        engine.add_request(GenerationRequest(prompt_token_ids=p, max_new_tokens=24, temperature=0, ignore_eos=True))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
 
     def prompting(steps: int) -> bool:
         return bool(engine.scheduler.waiting or engine._inbox or any(
             s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running))
 
+    waited = [0.0]  # host time spent waiting for samples: near 0 means the host, not the GPU, sets the pace
+    plain_result = PendingSample.result
+
+    def timed_result(self: PendingSample):
+        start = time.perf_counter()
+        if self._event is not None:
+            self._event.synchronize()
+        waited[0] += time.perf_counter() - start
+        return plain_result(self)
+
     phases = []
-    for name, go_on in (("prompt phase", prompting), ("10 decode steps", lambda steps: steps < 10)):
-        walls = []
-        with torch.profiler.profile(activities=activities) as prof:
-            while go_on(len(walls)) and engine.has_work():
-                start = time.perf_counter()
-                engine.step()
-                sync()
-                walls.append(round((time.perf_counter() - start) * 1000, 2))
-        phases.append(f"## {name}: {len(walls)} steps, {sum(walls):.1f} ms; ms per step: {walls}\n\n{op_tables(prof)}")
-    while engine.has_work():
-        engine.step()
-    out.write_text(f"{batch} requests, {prompt_len}-token prompts\n\n" + "\n\n".join(phases))
+    PendingSample.result = timed_result
+    for profiled in (False, True):
+        for p in torch.randint(0, vocab, (batch, prompt_len), generator=gen).tolist():
+            engine.add_request(GenerationRequest(prompt_token_ids=p, max_new_tokens=24, temperature=0, ignore_eos=True))
+        for name, go_on in (("prompt phase", prompting), ("10 decode steps", lambda steps: steps < 10)):
+            walls, waited[0] = [], 0.0
+            with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
+                while go_on(len(walls)) and engine.has_work():
+                    start = time.perf_counter()
+                    engine.step()  # no sync: an overlapped step's wait for its samples is in its time
+                    walls.append(round((time.perf_counter() - start) * 1000, 2))
+            head = (f"## {name}{' (profiled)' if profiled else ''}: {len(walls)} steps, {sum(walls):.1f} ms "
+                    f"({waited[0] * 1000:.1f} ms of it waiting for samples); ms per step: {walls}")
+            phases.append(head + (f"\n\n{op_tables(prof)}" if profiled else ""))
+        while engine.has_work():
+            engine.step()
+    PendingSample.result = plain_result
+    out.write_text(f"{batch} requests, {prompt_len}-token prompts, token budget {engine.params.token_budget}\n\n"
+                   + "\n\n".join(phases))
+
+
+def make_engine(loaded: LoadedModel, max_batch: int, max_seq_len: int, budget: int) -> LLMEngine:
+    params = GeneratorParams(block_size=16, max_batch_size=max_batch, max_seq_len=max_seq_len, max_num_batched_tokens=budget)
+    return LLMEngine(loaded, params, device=DEVICE, dtype=torch.bfloat16)
 
 
 def main() -> None:
@@ -150,25 +173,23 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--budgets", default="8192,16384",
+                   help="token budgets of a step: the first for every row, the others for an extra row at the largest batch")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
     args = p.parse_args()
     global DEVICE
     DEVICE = args.device
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
     report = {
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "dtype": "bfloat16", "date": time.strftime("%Y-%m-%d"),
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "results": [],
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "token_budget": budgets[0], "results": [],
     }  # fmt: skip
     for shape in args.shapes.split(","):
         hf, loaded = build(shape, torch.bfloat16)
-        engine = LLMEngine(
-            loaded,
-            GeneratorParams(block_size=16, max_batch_size=max(batches), max_seq_len=args.prompt_len + args.new_tokens + 16,
-                            max_num_batched_tokens=8192),
-            device=DEVICE, dtype=torch.bfloat16,
-        )  # fmt: skip
+        engine = make_engine(loaded, max(batches), args.prompt_len + args.new_tokens + 16, budgets[0])
         if shape == "llama-3.2-1b-shape":
             try:
                 profile_decode(engine, args.prompt_len, args.out / "profile_decode_b1.txt")
@@ -195,6 +216,20 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             report["results"].append(row)
             write(report, args.out)  # after every row: a run cut short keeps what it measured
+        if shape == "llama-3.2-1b-shape":
+            for budget in budgets[1:]:  # the same largest batch with a larger step: fewer steps for the prompts
+                del engine
+                engine = make_engine(loaded, max(batches), args.prompt_len + args.new_tokens + 16, budget)
+                prompts = torch.randint(0, loaded.config.vocab_size, (max(batches), args.prompt_len), generator=gen).tolist()
+                row = {"model": shape, "batch": max(batches), "token_budget": budget}
+                try:
+                    row["gllm"] = run_engine(engine, prompts, args.new_tokens)
+                except Exception as exc:
+                    row["gllm"] = {"error": repr(exc)}
+                    traceback.print_exc()
+                print(json.dumps(row), flush=True)
+                report["results"].append(row)
+                write(report, args.out)
         del hf, engine, loaded
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -209,7 +244,8 @@ def write(report: dict, out: Path) -> None:
 def markdown(report: dict) -> str:
     lines = [
         f"{report['device']}, torch {report['torch']}, bf16, {report['prompt_len']}-token prompts, "
-        f"{report['new_tokens']} new tokens, greedy, EOS ignored; {report['date']}",
+        f"{report['new_tokens']} new tokens, greedy, EOS ignored, token budget {report.get('token_budget', 8192):,} "
+        f"a step unless a row says otherwise; {report['date']}",
         "",
         "| model | batch | gLLM tok/s | HF generate tok/s | gLLM / HF | gLLM / HF at its best batch | "
         "gLLM decode tok/s (1 stream) |",
@@ -225,7 +261,8 @@ def markdown(report: dict) -> str:
         vs_best = f"{g['tok_per_s'] / best[r['model']]:.1f}x" if "tok_per_s" in g and best[r["model"]] else "-"
         fmt = lambda d: f"{d['tok_per_s']:,.0f}" if "tok_per_s" in d else d.get("error", "-")[:40]  # noqa: E731
         dec = f"{g['decode_tok_per_s']:,.0f}" if "decode_tok_per_s" in g else ""
-        lines.append(f"| {r['model']} | {r['batch']} | {fmt(g)} | {fmt(h)} | {ratio} | {vs_best} | {dec} |")
+        model = r["model"] + (f" (token budget {r['token_budget']:,})" if "token_budget" in r else "")
+        lines.append(f"| {model} | {r['batch']} | {fmt(g)} | {fmt(h)} | {ratio} | {vs_best} | {dec} |")
     plain = [r for r in report["results"] if "tok_per_s" in r.get("gllm_no_overlap", {})]
     if plain:
         lines += ["", "Without overlapped decoding (`LLMEngine(overlap=False)`): "
