@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,12 @@ import transformers
 # triton, and the engine imports it (through gllm.ops) in many test modules.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Model files' indexes and tokenizers are cached (gllm.loader.cache): the tests keep theirs out of the
+# home folder, in one folder for the session (runtime subprocesses inherit it).
+if "GLLM_CACHE_DIR" not in os.environ:
+    os.environ["GLLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="gllm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GLLM_CACHE_DIR"], ignore_errors=True)
 
 TINY_CONFIGS = {
     # name: LlamaConfig overrides. Large init spreads the logits so greedy choices are never near-ties.

@@ -10,12 +10,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGUFReader
 from gguf.quants import dequantize
 from tqdm import tqdm
 
 from gllm.config import ModelConfig
-from gllm.loader import LoadedModel, ModelLoadError, check_shape, weight_shapes
+from gllm.loader import LoadedModel, ModelLoadError, cache, check_shape, weight_shapes
+from gllm.loader.gguf_index import GGUFIndex, TensorEntry
 from gllm.tokenizer import Tokenizer
 
 ARCHITECTURE = "llama"
@@ -41,17 +42,46 @@ _REQUIRED = object()
 
 
 def load_gguf(path: Path, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
-    """Read config, weights and (when the file has one) tokenizer from one GGUF file."""
-    reader = open_gguf(path)
-    config = read_config(reader, path)
-    weights = _read_weights(reader, config, path, dtype)
-    tokenizer = None
-    if "tokenizer.ggml.model" in reader.fields:
-        try:
-            tokenizer = Tokenizer.from_folder(path.parent, gguf_file=path.name)
-        except Exception as exc:  # transformers raises many types for tokenizers it cannot convert
-            raise ModelLoadError(f"{path}: cannot load its tokenizer: {exc}") from exc
+    """Read config, weights and (when the file has one) tokenizer from one GGUF file.
+
+    The file's index and tokenizer are cached after the first load (`gllm.loader.cache`).
+    """
+    key = cache.file_key(path)
+    index = _index(path, key)
+    config = read_config(index, path)
+    weights = _read_weights(index, config, path, dtype)
+    tokenizer = _tokenizer(path, key) if "tokenizer.ggml.model" in index.meta else None
     return LoadedModel(name=name or path.stem, config=config, weights=weights, tokenizer=tokenizer)
+
+
+def _index(path: Path, key: str) -> GGUFIndex:
+    cached = cache.read_json(f"gguf-{key}.json")
+    if cached is not None:
+        try:
+            return GGUFIndex.from_json(cached, path)
+        except (KeyError, TypeError, ValueError):
+            pass  # an entry from another version of this code: read the file again
+    index = GGUFIndex.from_reader(open_gguf(path), path)
+    cache.write_json(f"gguf-{key}.json", index.to_json())
+    return index
+
+
+def _tokenizer(path: Path, key: str) -> Tokenizer | None:
+    """The file's tokenizer, converted by `transformers` on the first load and saved in the cache."""
+    name = f"tokenizer-{key}"
+    folder = cache.folder_entry(name)
+    if folder is not None:
+        try:
+            return Tokenizer.from_folder(folder)
+        except Exception:  # noqa: BLE001 - a damaged entry: convert again from the file
+            pass
+    try:
+        tokenizer = Tokenizer.from_folder(path.parent, gguf_file=path.name)
+    except Exception as exc:  # transformers raises many types for tokenizers it cannot convert
+        raise ModelLoadError(f"{path}: cannot load its tokenizer: {exc}") from exc
+    if tokenizer is not None:
+        cache.write_folder(name, tokenizer.hf.save_pretrained)
+    return tokenizer
 
 
 def open_gguf(path: Path) -> GGUFReader:
@@ -73,21 +103,20 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
+def read_config(index: GGUFIndex, path: Path) -> ModelConfig:
     """Model shape from ``llama.*`` and ``tokenizer.ggml.*`` metadata."""
 
     def meta(key: str, default: Any = _REQUIRED) -> Any:
-        field = reader.fields.get(key)
-        if field is None:
+        if key not in index.meta:
             if default is _REQUIRED:
                 raise ModelLoadError(f"{path}: missing metadata key {key}")
             return default
-        return field.contents()
+        return index.meta[key]
 
     arch = meta("general.architecture")
     if arch != ARCHITECTURE:
         raise ModelLoadError(f"{path}: unsupported architecture {arch!r}; only {ARCHITECTURE!r} is supported")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in index.tensors}
     if "rope_freqs.weight" in tensors:
         raise ModelLoadError(
             f"{path}: per-dimension RoPE factors (rope_freqs.weight, Llama 3.1 style) are not supported"
@@ -101,7 +130,7 @@ def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
     rotary_dim = int(meta("llama.rope.dimension_count", head_dim))
     if rotary_dim != head_dim:
         raise ModelLoadError(f"{path}: partial rotary embedding ({rotary_dim} of {head_dim} dims) is not supported")
-    eos_ids = tuple(dict.fromkeys(int(meta(key)) for key in EOS_KEYS if key in reader.fields))
+    eos_ids = tuple(dict.fromkeys(int(meta(key)) for key in EOS_KEYS if key in index.meta))
     bos = meta("tokenizer.ggml.bos_token_id", None)
     try:
         return ModelConfig(
@@ -151,8 +180,8 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _read_weights(reader: GGUFReader, config: ModelConfig, path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    by_hf_name = {hf: t for t in reader.tensors if (hf := hf_tensor_name(t.name)) is not None}
+def _read_weights(index: GGUFIndex, config: ModelConfig, path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    by_hf_name = {hf: t for t in index.tensors if (hf := hf_tensor_name(t.name)) is not None}
     weights: dict[str, torch.Tensor] = {}
     shapes = weight_shapes(config)
     for name, shape in tqdm(shapes.items(), desc="loading weights", unit="tensor", disable=None):
@@ -160,7 +189,7 @@ def _read_weights(reader: GGUFReader, config: ModelConfig, path: Path, dtype: to
         if tensor is None:
             raise ModelLoadError(f"{path}: missing tensor {name} ({_gguf_name(name)} in GGUF)")
         check_shape(path, f"{tensor.name} ({name})", tuple(int(d) for d in reversed(tensor.shape)), shape)
-        weight = _dequantize(tensor, path)
+        weight = _dequantize(index, tensor, path)
         if name.endswith("q_proj.weight"):
             weight = unpermute_qk(weight, config.num_heads)
         elif name.endswith("k_proj.weight"):
@@ -169,9 +198,9 @@ def _read_weights(reader: GGUFReader, config: ModelConfig, path: Path, dtype: to
     return weights
 
 
-def _dequantize(tensor: ReaderTensor, path: Path) -> torch.Tensor:
+def _dequantize(index: GGUFIndex, tensor: TensorEntry, path: Path) -> torch.Tensor:
     try:
-        array = dequantize(tensor.data, tensor.tensor_type)
+        array = dequantize(index.data(tensor), tensor.tensor_type)
     except NotImplementedError as exc:
         raise ModelLoadError(f"{path}: tensor {tensor.name} has unsupported type {tensor.tensor_type.name}") from exc
     if not array.flags.writeable:  # F32 comes back as a read-only view of the memory-mapped file
