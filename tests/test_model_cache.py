@@ -46,6 +46,14 @@ def test_second_load_of_the_default_model_comes_from_the_cache(tmp_path: Path, m
     chat = [{"role": "system", "content": "You are a guard."}, {"role": "user", "content": TEXTS[0]}]
     assert b.apply_chat_template(chat) == a.apply_chat_template(chat)
 
+    monkeypatch.undo()  # a damaged tokenizer entry: converted again from the file, and the entry repaired
+    monkeypatch.setenv("GLLM_CACHE_DIR", str(tmp_path))
+    (folder,) = tmp_path.glob("tokenizer-*")
+    (folder / "tokenizer.json").write_text("{")
+    assert load_model(DEFAULT_MODEL).tokenizer.encode(TEXTS[2]) == a.encode(TEXTS[2])
+    refuse_to_parse(monkeypatch)
+    assert load_model(DEFAULT_MODEL).tokenizer.encode(TEXTS[2]) == a.encode(TEXTS[2])
+
 
 def test_damaged_disabled_and_stale_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"

@@ -96,8 +96,7 @@ class LLMEngine(AsyncDriver):
             self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         )
         self.attention = select_backend(attention, self.device)
-        with torch.device(self.device):
-            net = LlamaModel(cfg, self.max_seq_len, self.attention).to(dtype)
+        net = LlamaModel.empty(cfg, self.max_seq_len, self.attention, dtype, self.device)
         net.load_weights(loaded.weights)
         if packed:
             net.pack_weights(quantize)

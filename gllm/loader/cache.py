@@ -74,6 +74,8 @@ def _store(name: str, fill: Callable[[Path], Any], file_in_tmp: str | None = Non
         tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
         try:
             fill(tmp)
+            if file_in_tmp is None and (folder / name).is_dir():  # a damaged entry being replaced
+                shutil.rmtree(folder / name)
             os.replace(tmp / file_in_tmp if file_in_tmp else tmp, folder / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -72,8 +72,10 @@ def _tokenizer(path: Path, key: str) -> Tokenizer | None:
     folder = cache.folder_entry(name)
     if folder is not None:
         try:
-            return Tokenizer.from_folder(folder)
-        except Exception:  # noqa: BLE001 - a damaged entry: convert again from the file
+            cached = Tokenizer.from_folder(folder)
+            if cached is not None:
+                return cached
+        except Exception:  # a damaged entry: convert again from the file
             pass
     try:
         tokenizer = Tokenizer.from_folder(path.parent, gguf_file=path.name)

@@ -71,4 +71,5 @@ class GGUFIndex:
             self._map = np.memmap(self.path, mode="r")
         dtype = np.dtype(tensor.dtype)
         size = int(np.prod(tensor.data_shape)) * dtype.itemsize
-        return self._map[tensor.offset : tensor.offset + size].view(dtype).reshape(tensor.data_shape)
+        raw = np.asarray(self._map[tensor.offset : tensor.offset + size])  # a plain array: slices of a
+        return raw.view(dtype).reshape(tensor.data_shape)  # memmap each cost a Python-level finalizer

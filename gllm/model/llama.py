@@ -108,6 +108,19 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head_kernel: Kernel | None = None
 
+    @classmethod
+    def empty(
+        cls, cfg: ModelConfig, max_positions: int, attn: AttentionBackend, dtype: torch.dtype, device: torch.device
+    ) -> LlamaModel:
+        """A model in ``dtype`` on ``device`` whose parameters are allocated but not initialised, for
+        ``load_weights`` to fill: no random initialisation and no float32 copy of every weight first."""
+        with torch.device("meta"):
+            net = cls(cfg, max_positions, attn).to(dtype)
+        net.to_empty(device=device)
+        with torch.device(device):  # the RoPE tables are computed, not loaded
+            net.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(dtype)
+        return net
+
     @torch.inference_mode()
     def forward(
         self,
