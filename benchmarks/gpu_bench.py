@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import time
@@ -70,14 +71,34 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], new: int) -> dict:
     reqs = lambda: [GenerationRequest(prompt_token_ids=p, max_new_tokens=new, temperature=0, ignore_eos=True) for p in prompts]  # noqa: E731
     engine.generate(reqs()[: min(4, len(prompts))])  # warm-up
     results = []
-    seconds = timed(lambda: results.extend(engine.generate(reqs())))
+    with gc_pauses() as pauses:
+        seconds = timed(lambda: results.extend(engine.generate(reqs())))
     out = {"seconds": seconds, "tok_per_s": len(prompts) * new / seconds, "overlap": engine.overlap,
-           "last_first_token_ms": max(r.metrics["ttft_ms"] for r in results)}  # where the prompts' phase ends
+           "last_first_token_ms": max(r.metrics["ttft_ms"] for r in results),  # where the prompts' phase ends
+           "gc_pauses_ms": pauses}
     if len(prompts) == 1:
         m = results[0].metrics
         out["decode_tok_per_s"] = (new - 1) / ((m["total_ms"] - m["ttft_ms"]) / 1000)
         out["ttft_ms"] = m["ttft_ms"]
     return out
+
+
+@contextlib.contextmanager
+def gc_pauses():
+    """Python's garbage collections of generations 1 and 2 inside the block: a list of their ms."""
+    pauses, started = [], []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif info["generation"] > 0 and started:
+            pauses.append(round((time.perf_counter() - started[0]) * 1000, 2))
+
+    gc.callbacks.append(note)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(note)
 
 
 def run_without_overlap(engine: LLMEngine, prompts: list[list[int]], new: int) -> dict:

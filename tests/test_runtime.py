@@ -72,6 +72,7 @@ def test_info_and_ping(server, sock):
     for key in ("kv_blocks_total", "kv_blocks_in_use", "running", "waiting", "cached_prompt_tokens"):
         assert isinstance(info["stats"][key], int)
     assert info["limits"]["max_open_requests"] == MAX_OPEN
+    assert info["stats"]["gc_frozen_objects"] > 10_000  # start-up objects (torch, the model) kept out of GC
     assert request(sock, {"type": "ping", "id": 7}) == {"type": "pong", "id": 7}
     assert request(sock, {"type": "ping"}) == {"type": "pong", "id": None}
 

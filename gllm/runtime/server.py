@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import logging
 import time
 from typing import Any, TypeVar
@@ -262,7 +263,7 @@ class Server:
         stats = {**dict.fromkeys(protocol.INFO_STATS, 0), **self.engine.stats(),
                  "open_requests": self.requests.num_open, "clients": self.requests.num_peers,
                  "disconnects": self._counters["disconnects"], "queued_replies": self.outboxes.num_replies,
-                 "slow_clients": self._counters["slow_clients"]}
+                 "slow_clients": self._counters["slow_clients"], "gc_frozen_objects": gc.get_freeze_count()}
         return protocol.info_message(request_id, self.engine.model_name, self.engine.config.vocab_size,
                                      self.engine.max_seq_len, stats, admission.reported(self.limits))
 
