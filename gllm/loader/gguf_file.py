@@ -55,6 +55,7 @@ def load_gguf(path: Path, dtype: torch.dtype, name: str | None = None) -> Loaded
 
 
 def _index(path: Path, key: str) -> GGUFIndex:
+    """The file's index from the cache, or parsed with `gguf.GGUFReader` and then cached."""
     cached = cache.read_json(f"gguf-{key}.json")
     if cached is not None:
         try:
