@@ -272,8 +272,8 @@ def markdown(report: dict) -> str:
         f"a step unless a row says otherwise; {report['date']}",
         "",
         "| model | batch | gLLM tok/s | HF generate tok/s | gLLM / HF | gLLM / HF at its best batch | "
-        "gLLM decode tok/s (1 stream) |",
-        "|---|---|---|---|---|---|---|",
+        "gLLM decode tok/s (1 stream) | gLLM last first token (ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     best = {}
     for r in report["results"]:
@@ -286,7 +286,8 @@ def markdown(report: dict) -> str:
         fmt = lambda d: f"{d['tok_per_s']:,.0f}" if "tok_per_s" in d else d.get("error", "-")[:40]  # noqa: E731
         dec = f"{g['decode_tok_per_s']:,.0f}" if "decode_tok_per_s" in g else ""
         model = r["model"] + (f" (token budget {r['token_budget']:,})" if "token_budget" in r else "")
-        lines.append(f"| {model} | {r['batch']} | {fmt(g)} | {fmt(h)} | {ratio} | {vs_best} | {dec} |")
+        first = f"{g['last_first_token_ms']:,.0f}" if "last_first_token_ms" in g else ""  # the batch's slowest
+        lines.append(f"| {model} | {r['batch']} | {fmt(g)} | {fmt(h)} | {ratio} | {vs_best} | {dec} | {first} |")
     plain = [r for r in report["results"] if "tok_per_s" in r.get("gllm_no_overlap", {})]
     if plain:
         lines += ["", "Without overlapped decoding (`LLMEngine(overlap=False)`): "
