@@ -120,6 +120,7 @@ def test_reduced_precision_stays_near_float32(hf, quantize):
         if len(results) == len(chats):
             break
     stats = engine.stats()
+    assert len(results) == len(chats)
     assert stats["kv_blocks_in_use"] == 0 and stats["preemptions"] > 0
     assert sum(r.num_cached_tokens for r in results.values()) > 0
     max_gap, max_error = REDUCED[quantize]
