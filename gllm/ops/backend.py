@@ -1,6 +1,10 @@
 """Backends: the kernels a layer calls around its matrix products (attention, KV write, the element-wise work).
 
-* ``torch``: the default path of ``gllm.ops.attention`` and plain torch ops (any device, the CPU's choice).
+* ``cpu``: C++ kernels for the CPU (``gllm.ops.cpu_kernels``): decode attention reading the paged cache
+  in place and the fused element-wise steps; prompt chunks use torch's SDPA. The CPU's choice when the
+  kernels can be built on this machine.
+* ``torch``: the default path of ``gllm.ops.attention`` and plain torch ops (any device; the CPU's
+  fallback without a C++ compiler).
 * ``triton``: Triton kernels for attention (decodes and prompt chunks, reading the paged cache in place:
   ``gllm.ops.triton_attention``, ``gllm.ops.triton_prefill``) and the fused element-wise steps (add +
   RMSNorm, RoPE + KV write, SiLU * up: ``gllm.ops.triton_fused``); the choice on a CUDA GPU with Triton.
@@ -14,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from gllm.ops import cpu_kernels
 from gllm.ops.attention import paged_attention
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.reference import reference_attention
@@ -45,6 +50,13 @@ class AttentionBackend:
 BACKENDS = {
     "torch": AttentionBackend("torch", paged_attention),
     "reference": AttentionBackend("reference", reference_attention),
+    "cpu": AttentionBackend(
+        "cpu",
+        cpu_kernels.cpu_paged_attention,
+        cpu_kernels.cpu_rope_write_kv,
+        cpu_kernels.cpu_add_rms_norm,
+        cpu_kernels.cpu_silu_mul,
+    ),
     "triton": AttentionBackend(
         "triton",
         triton_paged_attention,
@@ -56,11 +68,17 @@ BACKENDS = {
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Resolve a backend name; ``auto`` picks Triton on CUDA when it can run, else torch."""
+    """Resolve a backend name; ``auto`` picks Triton on CUDA when it can run, the C++ kernels on the CPU
+    when they build, else torch."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda" and triton_available():
+            name = "triton"
+        else:
+            name = "cpu" if device.type == "cpu" and cpu_kernels.available() else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (choose from auto, {', '.join(BACKENDS)})")
     if name == "triton" and not triton_available():
         raise ValueError("the triton attention backend needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+    if name == "cpu" and (device.type != "cpu" or not cpu_kernels.available()):
+        raise ValueError("the cpu attention backend needs the CPU device and a C++ compiler to build its kernels")
     return BACKENDS[name]

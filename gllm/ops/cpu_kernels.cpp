@@ -1,0 +1,273 @@
+// gLLM's CPU kernels: decode attention that reads the paged KV cache in place, and the fused element-wise
+// steps of a Llama layer (add + RMSNorm, RoPE + KV write, SiLU * up). Plain C++ that the compiler
+// vectorizes (-O3 -march=native), OpenMP across rows or (sequence, KV head) pairs. Built and loaded by
+// gllm/ops/cpu_kernels.py, which also states each function's contract.
+//
+// Every function exists for float32 (suffix _f32) and bfloat16 (suffix _bf16, raw uint16 bits). Math is
+// in float32; where the torch reference rounds after each op in bfloat16, these round at the same points.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int MAX_GROUP = 16;    // query heads per KV head
+constexpr int TILE = 32;         // cached tokens scored at a time by decode attention
+constexpr int64_t PARALLEL_MIN = 1 << 13;  // element-wise work below this many values stays on one thread
+
+inline float load(float x) { return x; }
+inline float load(bf16 x) { return __builtin_bit_cast(float, uint32_t(x) << 16); }
+
+inline void store(float* p, float x) { *p = x; }
+inline void store(bf16* p, float x) {  // round to nearest even, as torch does; NaN stays NaN
+    uint32_t u = __builtin_bit_cast(uint32_t, x);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    *p = bf16((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+template <typename T>
+inline float round_to(float x) {  // x as a T would hold it
+    T t;
+    store(&t, x);
+    return load(t);
+}
+
+// e^x for float32 to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7.
+// Branch-free, and rounding by adding 1.5 * 2^23 rather than calling floor, so that loops calling it
+// vectorize with every compiler.
+inline float exp_approx(float x) {
+    constexpr float shift = 12582912.0f;
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    float t = x * 1.44269504088896341f + shift;
+    float n = t - shift;
+    int32_t whole = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, shift);
+    float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+    float p = 1.984126984e-4f;
+    p = p * r + 1.388888889e-3f;
+    p = p * r + 8.333333333e-3f;
+    p = p * r + 4.166666667e-2f;
+    p = p * r + 1.666666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * __builtin_bit_cast(float, (whole + 127) << 23);
+}
+
+template <typename T>
+void add_rms_norm(const T* x, T* res, const T* weight, T* out, int64_t rows, int64_t dim, int64_t sx,
+                  int64_t sr, int64_t so, int add, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * dim >= PARALLEL_MIN)
+    for (int64_t t = 0; t < rows; ++t) {
+        const T* xr = x + t * sx;
+        T* rr = res + t * sr;
+        T* o = out + t * so;
+        float squares = 0.0f;
+        if (add) {
+#pragma omp simd reduction(+ : squares)
+            for (int64_t d = 0; d < dim; ++d) {
+                float v = round_to<T>(load(rr[d]) + load(xr[d]));
+                store(rr + d, v);
+                squares += v * v;
+            }
+        } else {
+#pragma omp simd reduction(+ : squares)
+            for (int64_t d = 0; d < dim; ++d) squares += load(rr[d]) * load(rr[d]);
+        }
+        float inv = 1.0f / std::sqrt(squares / float(dim) + eps);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) store(o + d, load(weight[d]) * round_to<T>(load(rr[d]) * inv));
+    }
+}
+
+template <typename T>
+void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter, int64_t sg, int64_t so, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN)
+    for (int64_t t = 0; t < rows; ++t) {
+        const T* g = gate_up + t * sg;
+        const T* u = g + inter;
+        T* o = out + t * so;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; ++i) {
+            float gate = load(g[i]);
+            store(o + i, round_to<T>(gate / (1.0f + exp_approx(-gate))) * load(u[i]));
+        }
+    }
+}
+
+template <typename T>
+void rope_write_kv(const T* qkv, const T* cos, const T* sin, T* q, T* cache_k, T* cache_v, const int64_t* slots,
+                   int64_t tokens, int heads, int kv_heads, int dim, int64_t s_qkv, int64_t s_cos, int64_t s_sin,
+                   int64_t s_slot, int threads) {
+    const int half = dim / 2;
+#pragma omp parallel for num_threads(threads) if (tokens * (heads + 2 * kv_heads) * dim >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const T* c = cos + t * s_cos;
+        const T* s = sin + t * s_sin;
+        for (int h = 0; h < heads + 2 * kv_heads; ++h) {
+            const T* src = qkv + t * s_qkv + int64_t(h) * dim;  // query, key and value heads in a row
+            if (h >= heads + kv_heads) {
+                T* dst = cache_v + slots[t] * s_slot + int64_t(h - heads - kv_heads) * dim;
+                for (int d = 0; d < dim; ++d) dst[d] = src[d];
+                continue;
+            }
+            T* dst = h < heads ? q + (t * heads + h) * dim : cache_k + slots[t] * s_slot + int64_t(h - heads) * dim;
+#pragma omp simd
+            for (int i = 0; i < half; ++i) {
+                float x1 = load(src[i]), x2 = load(src[i + half]), ci = load(c[i]), si = load(s[i]);
+                store(dst + i, round_to<T>(x1 * ci) - round_to<T>(x2 * si));
+                store(dst + i + half, round_to<T>(x2 * ci) + round_to<T>(x1 * si));
+            }
+        }
+    }
+}
+
+// Decode attention works on 16-float vectors (GCC / clang vector extensions: one AVX-512 register, two
+// AVX2 or four NEON ones) so that a chunk of query heads keeps its query and running output in registers.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+inline f32x16 load16(const float* p) {
+    f32x16 v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+inline f32x16 load16(const bf16* p) {
+    u16x16 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+}
+
+inline float sum16(f32x16 v) {  // a tree of halvings
+    auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// One query token per sequence against its cached tokens, read block by block in place. G query heads
+// that share KV head `kvh` are done together so each cached K/V row is read once for all of them (the
+// dispatcher splits larger groups into such chunks). Online softmax in float32, TILE tokens at a time.
+template <typename T, int DIM, int G>
+void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t* table, int64_t len, T* out,
+                  int kvh, int block_size, int64_t s_token, int64_t s_block, float scale) {
+    constexpr int V = DIM / 16;
+    f32x16 qv[G][V], acc[G][V];
+    float scores[G][TILE], best[G], total[G];
+    int64_t rows[TILE];
+    for (int g = 0; g < G; ++g) {
+        for (int c = 0; c < V; ++c) qv[g][c] = load16(q + g * DIM + c * 16) * scale, acc[g][c] = f32x16{};
+        best[g] = -std::numeric_limits<float>::infinity();
+        total[g] = 0.0f;
+    }
+    int64_t block = 0, offset = 0;  // where the next tile starts
+    for (int64_t start = 0; start < len; start += TILE) {
+        const int n = int(std::min<int64_t>(TILE, len - start));
+        for (int j = 0; j < n; ++j) {  // the tile's cached rows, as offsets into either plane
+            rows[j] = table[block] * s_block + offset * s_token + kvh * DIM;
+            if (++offset == block_size) offset = 0, ++block;
+        }
+        for (int j = 0; j < n; ++j) {
+            f32x16 k[V];
+            for (int c = 0; c < V; ++c) k[c] = load16(cache_k + rows[j] + c * 16);
+            for (int g = 0; g < G; ++g) {
+                f32x16 dot = qv[g][0] * k[0];
+                for (int c = 1; c < V; ++c) dot += qv[g][c] * k[c];
+                scores[g][j] = sum16(dot);
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            float peak = best[g];
+            for (int j = 0; j < n; ++j) peak = std::max(peak, scores[g][j]);
+            float shrink = exp_approx(best[g] - peak), sum = 0.0f;
+            for (int j = 0; j < n; ++j) {
+                scores[g][j] = exp_approx(scores[g][j] - peak);
+                sum += scores[g][j];
+            }
+            total[g] = total[g] * shrink + sum;
+            best[g] = peak;
+            for (int c = 0; c < V; ++c) acc[g][c] *= shrink;
+        }
+        for (int j = 0; j < n; ++j) {
+            f32x16 v[V];
+            for (int c = 0; c < V; ++c) v[c] = load16(cache_v + rows[j] + c * 16);
+            for (int g = 0; g < G; ++g)
+                for (int c = 0; c < V; ++c) acc[g][c] += scores[g][j] * v[c];
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        const float inv = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+        for (int c = 0; c < V; ++c)
+            for (int l = 0; l < 16; ++l) store(out + g * DIM + c * 16 + l, acc[g][c][l] * inv);
+    }
+}
+
+// A chunk of query heads: at most 4 of head dimension 64, 2 of 128 (what fits in registers).
+constexpr int chunk_heads(int dim) { return 256 / dim; }
+
+template <typename T, int DIM>
+void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int64_t* tables, const int64_t* lens,
+                      T* out, int batch, int heads, int kv_heads, int block_size, int64_t s_table,
+                      int64_t s_block, float scale, int threads) {
+    const int group = heads / kv_heads, chunks = (group + chunk_heads(DIM) - 1) / chunk_heads(DIM);
+    const int64_t s_token = int64_t(kv_heads) * DIM;
+#pragma omp parallel for collapse(3) schedule(dynamic) num_threads(threads)
+    for (int b = 0; b < batch; ++b) {
+        for (int kvh = 0; kvh < kv_heads; ++kvh) {
+            for (int chunk = 0; chunk < chunks; ++chunk) {
+                const int first = chunk * chunk_heads(DIM), count = std::min(chunk_heads(DIM), group - first);
+                const int64_t at = (int64_t(b) * heads + kvh * group + first) * DIM;
+                const auto args = std::make_tuple(q + at, cache_k, cache_v, tables + b * s_table, lens[b], out + at,
+                                                  kvh, block_size, s_token, s_block, scale);
+                switch (count) {
+                    case 1: std::apply(attend_heads<T, DIM, 1>, args); break;
+                    case 2: std::apply(attend_heads<T, DIM, 2>, args); break;
+                    case 3: std::apply(attend_heads<T, DIM, 3>, args); break;
+                    default: std::apply(attend_heads<T, DIM, 4>, args); break;
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#define GLLM_EXPORT(suffix, T)                                                                                 \
+    extern "C" void add_rms_norm_##suffix(const T* x, T* res, const T* w, T* out, int64_t rows, int64_t dim,   \
+                                          int64_t sx, int64_t sr, int64_t so, int add, float eps, int threads) { \
+        add_rms_norm<T>(x, res, w, out, rows, dim, sx, sr, so, add, eps, threads);                           \
+    }                                                                                                          \
+    extern "C" void silu_mul_##suffix(const T* gu, T* out, int64_t rows, int64_t inter, int64_t sg, int64_t so, \
+                                      int threads) {                                                           \
+        silu_mul<T>(gu, out, rows, inter, sg, so, threads);                                                    \
+    }                                                                                                          \
+    extern "C" void rope_write_kv_##suffix(const T* qkv, const T* cos, const T* sin, T* q, T* ck, T* cv,       \
+                                           const int64_t* slots, int64_t tokens, int heads, int kv_heads,      \
+                                           int dim, int64_t s_qkv, int64_t s_cos, int64_t s_sin, int64_t s_slot, \
+                                           int threads) {                                                      \
+        rope_write_kv<T>(qkv, cos, sin, q, ck, cv, slots, tokens, heads, kv_heads, dim, s_qkv, s_cos, s_sin,   \
+                         s_slot, threads);                                                                     \
+    }                                                                                                          \
+    extern "C" int decode_attention_##suffix(const T* q, const T* ck, const T* cv, const int64_t* tables,      \
+                                             const int64_t* lens, T* out, int batch, int heads, int kv_heads,  \
+                                             int dim, int block_size, int64_t s_table, int64_t s_block,        \
+                                             float scale, int threads) {                                       \
+        if (dim == 64)                                                                                         \
+            decode_attention<T, 64>(q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, \
+                                    s_block, scale, threads);                                                  \
+        else if (dim == 128)                                                                                   \
+            decode_attention<T, 128>(q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size,         \
+                                     s_table, s_block, scale, threads);                                        \
+        else                                                                                                   \
+            return 0;                                                                                          \
+        return 1;                                                                                              \
+    }
+
+GLLM_EXPORT(f32, float)
+GLLM_EXPORT(bf16, bf16)
+
+extern "C" int gllm_cpu_kernels_version() { return 1; }

@@ -1,0 +1,193 @@
+"""The ``cpu`` backend: C++ kernels (``cpu_kernels.cpp``) for the work around the CPU's matrix products.
+
+On the CPU a decode step of a small model is not only matrix products: with plain torch, attention first
+copies every sequence's cached K/V out of its blocks (``index_select``) and then runs SDPA over the copy,
+and each layer's element-wise work is some thirty small torch ops. These kernels read the paged cache in
+place and do each element-wise step in one pass. Their contracts are those of the ``torch_*`` functions in
+``gllm.ops.triton_fused`` and of ``gllm.ops.attention.decode_attention``; they take float32 and bfloat16
+tensors (anything else goes to the torch function).
+
+The source is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or
+``clang++``) for this machine's CPU and kept in the cache folder of ``gllm.loader.cache`` (a temporary
+folder when caching is off), so later processes load it at once. Without a compiler, or when the build
+fails, ``available()`` is False and the engine's ``auto`` backend uses plain torch. ``GLLM_CPU_KERNELS=0``
+turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gllm.loader.cache import cache_dir
+from gllm.ops.attention import decode_attention, paged_attention
+from gllm.ops.metadata import AttentionMetadata
+from gllm.ops.triton_fused import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAG_SETS = (  # tried in turn: the first that builds wins
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+MAX_GROUP, HEAD_DIMS = 16, (64, 128)  # as in the source
+
+_I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "add_rms_norm": [_PTR] * 4 + [_I64] * 5 + [_INT, _FLOAT, _INT],
+    "silu_mul": [_PTR] * 2 + [_I64] * 4 + [_INT],
+    "rope_write_kv": [_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT],
+    "decode_attention": [_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _INT],
+}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(compiler: str, folder: Path) -> Path | None:
+    """Compile the source into ``folder`` (named by a hash of source, compiler and flags); None on failure."""
+    source = SOURCE.read_bytes()
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + "\0".join([compiler, *flags, *COMMON_FLAGS]).encode()).hexdigest()[:16]
+        target = folder / f"cpu_kernels-{key}.so"
+        if target.exists():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{target.name}.{os.getpid()}"
+        cmd = [compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, target)  # whole or not at all: another process may be loading it
+            return target
+        tmp.unlink(missing_ok=True)
+        log.debug("building CPU kernels with %s failed:\n%s", " ".join(cmd), done.stderr)
+    return None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None when they are off or cannot be built."""
+    if os.environ.get("GLLM_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler found: the CPU runs plain torch ops (slower); set CXX to enable its kernels")
+        return None
+    folder = cache_dir()
+    folder = Path(tempfile.mkdtemp(prefix="gllm-kernels-")) if folder is None else folder / "kernels"
+    try:
+        path = _build(compiler, folder)
+        lib = None if path is None else ctypes.CDLL(str(path))
+    except OSError as err:
+        log.warning("the CPU kernels could not be built or loaded (%s): using plain torch ops", err)
+        return None
+    if lib is None:
+        log.warning("building the CPU kernels with %s failed: using plain torch ops", compiler)
+        return None
+    for name, args in SIGNATURES.items():
+        for suffix in SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loadable on this machine."""
+    return library() is not None
+
+
+def _fn(name: str, *tensors: torch.Tensor):
+    """The kernel ``name`` for these tensors' dtype, or None when they are not CPU float32 / bfloat16."""
+    lib = library()
+    dtype = tensors[0].dtype
+    if lib is None or dtype not in SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return None
+    return getattr(lib, f"{name}_{SUFFIX[dtype]}")
+
+
+def cpu_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """``torch_add_rms_norm``'s contract: ``(RMSNorm(r), r)`` with ``r = x + residual`` written into ``residual``."""
+    others = () if residual is None else (residual,)
+    fn = _fn("add_rms_norm", x, weight, *others)
+    if fn is None or x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        return torch_add_rms_norm(x, residual, weight, eps)
+    rows, dim = x.shape
+    res = x if residual is None else residual
+    out = torch.empty(rows, dim, dtype=x.dtype)
+    fn(x.data_ptr(), res.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, x.stride(0), res.stride(0),
+       dim, residual is not None, eps, torch.get_num_threads())  # fmt: skip
+    return out, res
+
+
+def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``."""
+    fn = _fn("silu_mul", gate_up)
+    if fn is None or gate_up.stride(-1) != 1:
+        return torch_silu_mul(gate_up)
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    fn(gate_up.data_ptr(), out.data_ptr(), rows, inter, gate_up.stride(0), inter, torch.get_num_threads())
+    return out
+
+
+def cpu_rope_write_kv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    num_heads: int, num_kv_heads: int,
+) -> torch.Tensor:  # fmt: skip
+    """Rotate queries and keys of ``qkv [T, (H + 2 KV) * D]``, store keys and values at ``slot_mapping``,
+    return the rotated queries ``[T, H, D]`` (``torch_rope_write_kv``'s contract)."""
+    n, dim = qkv.shape[0], kv_cache.shape[-1]
+    cos, sin = cos.reshape(n, dim // 2), sin.reshape(n, dim // 2)
+    fn = _fn("rope_write_kv", qkv, cos, sin, kv_cache)
+    strided = qkv.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or not kv_cache.is_contiguous()
+    if fn is None or strided or slot_mapping.dtype != torch.int64:
+        return torch_rope_write_kv(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads)
+    q = torch.empty(n, num_heads, dim, dtype=qkv.dtype)
+    slots = slot_mapping.contiguous()
+    plane = kv_cache[0].numel()
+    fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), kv_cache.data_ptr(),
+       kv_cache.data_ptr() + plane * kv_cache.element_size(), slots.data_ptr(), n, num_heads, num_kv_heads, dim,
+       qkv.stride(0), cos.stride(0), sin.stride(0), num_kv_heads * dim, torch.get_num_threads())  # fmt: skip
+    return q
+
+
+def cpu_decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
+    """``decode_attention``'s contract (``q [B, H, D]``, one token per sequence), reading blocks in place."""
+    batch, heads, dim = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    fn = _fn("decode_attention", q, kv_cache)
+    fits = heads // kv_heads <= MAX_GROUP and dim in HEAD_DIMS and kv_cache.is_contiguous()
+    if fn is None or not fits or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
+        return decode_attention(q, kv_cache, block_tables, seq_lens, max_len, scale)
+    q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
+    out = torch.empty_like(q)
+    plane = kv_cache[0].numel()
+    fn(q.data_ptr(), kv_cache.data_ptr(), kv_cache.data_ptr() + plane * kv_cache.element_size(), tables.data_ptr(),
+       lens.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size, tables.stride(0),
+       block_size * kv_heads * dim, scale, torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """``paged_attention`` with the decodes on ``cpu_decode_attention`` (prompt chunks stay on torch SDPA)."""
+    return paged_attention(q, kv_cache, meta, scale, decode=cpu_decode_attention)
