@@ -15,7 +15,6 @@
 namespace {
 
 using bf16 = uint16_t;
-constexpr int MAX_GROUP = 16;    // query heads per KV head
 constexpr int TILE = 32;         // cached tokens scored at a time by decode attention
 constexpr int64_t PARALLEL_MIN = 1 << 13;  // element-wise work below this many values stays on one thread
 
@@ -142,12 +141,27 @@ inline f32x16 load16(const bf16* p) {
     return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
 }
 
-inline float sum16(f32x16 v) {  // a tree of halvings
-    auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+// Sixteen horizontal sums at once: lane l of the result is the sum of the lanes of v[bit_reverse(l)].
+// Each level adds the two halves of every segment of two vectors and interleaves the results, halving
+// the vectors and the segment width; after four levels lane l holds the 4-bit reversal of l.
+#define GLLM_FOLD(x, y, ...) (__builtin_shufflevector(x, y, __VA_ARGS__))
+inline f32x16 sum16x16(const f32x16* v) {
+    f32x16 e[8], f[4], g[2];
+    for (int i = 0; i < 8; ++i)
+        e[i] = GLLM_FOLD(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               GLLM_FOLD(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)
+        f[i] = GLLM_FOLD(e[2 * i], e[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+               GLLM_FOLD(e[2 * i], e[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)
+        g[i] = GLLM_FOLD(f[2 * i], f[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+               GLLM_FOLD(f[2 * i], f[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    return GLLM_FOLD(g[0], g[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           GLLM_FOLD(g[0], g[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
+#undef GLLM_FOLD
+
+constexpr int bit_reverse4(int i) { return ((i & 1) << 3) | ((i & 2) << 1) | ((i & 4) >> 1) | ((i & 8) >> 3); }
 
 // One query token per sequence against its cached tokens, read block by block in place. G query heads
 // that share KV head `kvh` are done together so each cached K/V row is read once for all of them (the
@@ -156,7 +170,7 @@ template <typename T, int DIM, int G>
 void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t* table, int64_t len, T* out,
                   int kvh, int block_size, int64_t s_token, int64_t s_block, float scale) {
     constexpr int V = DIM / 16;
-    f32x16 qv[G][V], acc[G][V];
+    f32x16 qv[G][V], acc[G][V], partial[G][TILE / 16][16];
     float scores[G][TILE], best[G], total[G];
     int64_t rows[TILE];
     for (int g = 0; g < G; ++g) {
@@ -171,15 +185,20 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
             rows[j] = table[block] * s_block + offset * s_token + kvh * DIM;
             if (++offset == block_size) offset = 0, ++block;
         }
-        for (int j = 0; j < n; ++j) {
+        for (int j = 0; j < TILE; ++j) {  // per token and head: the 16 partial sums of q . k
             f32x16 k[V];
-            for (int c = 0; c < V; ++c) k[c] = load16(cache_k + rows[j] + c * 16);
+            for (int c = 0; c < V; ++c) k[c] = j < n ? load16(cache_k + rows[j] + c * 16) : f32x16{};
             for (int g = 0; g < G; ++g) {
                 f32x16 dot = qv[g][0] * k[0];
                 for (int c = 1; c < V; ++c) dot += qv[g][c] * k[c];
-                scores[g][j] = sum16(dot);
+                partial[g][j / 16][bit_reverse4(j % 16)] = dot;
             }
         }
+        for (int g = 0; g < G; ++g)
+            for (int half = 0; half < TILE / 16; ++half) {
+                f32x16 sums = sum16x16(partial[g][half]);
+                __builtin_memcpy(scores[g] + 16 * half, &sums, sizeof sums);
+            }
         for (int g = 0; g < G; ++g) {
             float peak = best[g];
             for (int j = 0; j < n; ++j) peak = std::max(peak, scores[g][j]);
@@ -206,8 +225,8 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
     }
 }
 
-// A chunk of query heads: at most 4 of head dimension 64, 2 of 128 (what fits in registers).
-constexpr int chunk_heads(int dim) { return 256 / dim; }
+// A chunk of query heads: at most 4, and at most 256 / DIM (2 of head dimension 128): what fits in registers.
+constexpr int chunk_heads(int dim) { return std::min(4, 256 / dim); }
 
 template <typename T, int DIM>
 void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int64_t* tables, const int64_t* lens,
@@ -223,11 +242,12 @@ void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int6
                 const int64_t at = (int64_t(b) * heads + kvh * group + first) * DIM;
                 const auto args = std::make_tuple(q + at, cache_k, cache_v, tables + b * s_table, lens[b], out + at,
                                                   kvh, block_size, s_token, s_block, scale);
-                switch (count) {
-                    case 1: std::apply(attend_heads<T, DIM, 1>, args); break;
-                    case 2: std::apply(attend_heads<T, DIM, 2>, args); break;
-                    case 3: std::apply(attend_heads<T, DIM, 3>, args); break;
-                    default: std::apply(attend_heads<T, DIM, 4>, args); break;
+                if (count == 1) std::apply(attend_heads<T, DIM, 1>, args);
+                if constexpr (chunk_heads(DIM) >= 2)
+                    if (count == 2) std::apply(attend_heads<T, DIM, 2>, args);
+                if constexpr (chunk_heads(DIM) >= 4) {
+                    if (count == 3) std::apply(attend_heads<T, DIM, 3>, args);
+                    if (count == 4) std::apply(attend_heads<T, DIM, 4>, args);
                 }
             }
         }
@@ -236,6 +256,7 @@ void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int6
 
 }  // namespace
 
+#define GLLM_ATTENTION_ARGS q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, s_block, scale, threads
 #define GLLM_EXPORT(suffix, T)                                                                                 \
     extern "C" void add_rms_norm_##suffix(const T* x, T* res, const T* w, T* out, int64_t rows, int64_t dim,   \
                                           int64_t sx, int64_t sr, int64_t so, int add, float eps, int threads) { \
@@ -256,18 +277,15 @@ void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int6
                                              const int64_t* lens, T* out, int batch, int heads, int kv_heads,  \
                                              int dim, int block_size, int64_t s_table, int64_t s_block,        \
                                              float scale, int threads) {                                       \
-        if (dim == 64)                                                                                         \
-            decode_attention<T, 64>(q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, \
-                                    s_block, scale, threads);                                                  \
-        else if (dim == 128)                                                                                   \
-            decode_attention<T, 128>(q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size,         \
-                                     s_table, s_block, scale, threads);                                        \
-        else                                                                                                   \
-            return 0;                                                                                          \
+        switch (dim) {                                                                                         \
+            case 16: decode_attention<T, 16>(GLLM_ATTENTION_ARGS); break;                                      \
+            case 32: decode_attention<T, 32>(GLLM_ATTENTION_ARGS); break;                                      \
+            case 64: decode_attention<T, 64>(GLLM_ATTENTION_ARGS); break;                                      \
+            case 128: decode_attention<T, 128>(GLLM_ATTENTION_ARGS); break;                                    \
+            default: return 0;                                                                                 \
+        }                                                                                                      \
         return 1;                                                                                              \
     }
 
 GLLM_EXPORT(f32, float)
 GLLM_EXPORT(bf16, bf16)
-
-extern "C" int gllm_cpu_kernels_version() { return 1; }

@@ -44,7 +44,7 @@ FLAG_SETS = (  # tried in turn: the first that builds wins
 )
 COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-MAX_GROUP, HEAD_DIMS = 16, (64, 128)  # as in the source
+HEAD_DIMS = (16, 32, 64, 128)  # those decode_attention is compiled for
 
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
@@ -105,7 +105,7 @@ def library() -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         for suffix in SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
-            fn.argtypes, fn.restype = args, None
+            fn.argtypes, fn.restype = args, (ctypes.c_int if name == "decode_attention" else None)
     return lib
 
 
@@ -176,15 +176,16 @@ def cpu_decode_attention(
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     fn = _fn("decode_attention", q, kv_cache)
-    fits = heads // kv_heads <= MAX_GROUP and dim in HEAD_DIMS and kv_cache.is_contiguous()
+    fits = dim in HEAD_DIMS and kv_cache.is_contiguous()
     if fn is None or not fits or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
         return decode_attention(q, kv_cache, block_tables, seq_lens, max_len, scale)
     q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
     plane = kv_cache[0].numel()
-    fn(q.data_ptr(), kv_cache.data_ptr(), kv_cache.data_ptr() + plane * kv_cache.element_size(), tables.data_ptr(),
-       lens.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size, tables.stride(0),
-       block_size * kv_heads * dim, scale, torch.get_num_threads())  # fmt: skip
+    done = fn(q.data_ptr(), kv_cache.data_ptr(), kv_cache.data_ptr() + plane * kv_cache.element_size(),
+              tables.data_ptr(), lens.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size,
+              tables.stride(0), block_size * kv_heads * dim, scale, torch.get_num_threads())  # fmt: skip
+    assert done, f"decode attention is not compiled for head_dim {dim}"
     return out
 
 

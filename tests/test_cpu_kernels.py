@@ -1,0 +1,166 @@
+"""The C++ CPU kernels (``gllm.ops.cpu_kernels``) against their torch twins and the attention oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gllm.model.rope import RotaryEmbedding
+from gllm.ops import cpu_kernels, reference_attention
+from gllm.ops.attention import decode_attention, paged_attention
+from gllm.ops.backend import select_backend
+from gllm.ops.triton_fused import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
+
+from test_attention import build_batch
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the CPU kernels")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _randn(*shape: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _assert_close(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32: within a few ulps (sums in another order, contracted products); bfloat16: within 1 ulp of
+    the value, which is what one flipped rounding of an intermediate gives."""
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-3)
+
+
+def test_auto_backend_is_cpu_on_the_cpu() -> None:
+    assert select_backend("auto", torch.device("cpu")).name == "cpu"
+    with pytest.raises(ValueError, match="CPU device"):
+        select_backend("cpu", torch.device("meta"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 576])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_torch(dtype: torch.dtype, dim: int, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(dim)
+    weight = (1 + 0.2 * torch.randn(dim, generator=gen)).to(dtype)
+    for tokens in (1, 3, 17, 300):  # 300 rows: split across threads
+        x = _randn(tokens, dim + 8, dtype=dtype, gen=gen, scale=3.0)[:, :dim]  # rows with a stride, as a slice
+        residual = _randn(tokens, dim, dtype=dtype, gen=gen, scale=10.0) if with_residual else None
+        ref_residual = None if residual is None else residual.clone()
+        expected, expected_res = torch_add_rms_norm(x, ref_residual, weight, 1e-5)
+        out, new_res = cpu_kernels.cpu_add_rms_norm(x, residual, weight, 1e-5)
+        assert torch.equal(new_res, expected_res)
+        assert new_res is (x if residual is None else residual)  # in place, or x itself: never a copy
+        _assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3])
+def test_rope_write_kv_matches_torch(dtype: torch.dtype, head_dim: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(head_dim + group)
+    kv_heads, num_blocks, block_size = 2, 40, 16
+    heads = kv_heads * group
+    width = (heads + 2 * kv_heads) * head_dim
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0, None)
+    for tokens in (1, 3, 200):
+        qkv = _randn(tokens, width + 40, dtype=dtype, gen=gen, scale=2.0)[:, :width]  # a view, as a matmul slice
+        cos, sin = rope.tables(torch.randint(0, 4096, (tokens,), generator=gen), dtype)
+        cache = _randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, gen=gen)
+        slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+        original, expected_cache = cache.clone(), cache.clone()
+        expected_q = torch_rope_write_kv(qkv, cos, sin, expected_cache, slots, heads, kv_heads)
+        q = cpu_kernels.cpu_rope_write_kv(qkv, cos, sin, cache, slots, heads, kv_heads)
+        assert q.shape == (tokens, heads, head_dim) and q.is_contiguous()
+        _assert_close(q, expected_q.contiguous())
+        _assert_close(cache, expected_cache)
+        untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+        untouched[slots] = False
+        flat, flat_original = cache.flatten(1, 2), original.flatten(1, 2)  # [2, slots, kv_heads, head_dim]
+        assert torch.equal(flat[:, untouched], flat_original[:, untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [64, 1536])
+def test_silu_mul_matches_torch(dtype: torch.dtype, inter: int) -> None:
+    gen = torch.Generator().manual_seed(inter)
+    for tokens in (1, 3, 17, 300):
+        gate_up = _randn(tokens, 2 * inter, dtype=dtype, gen=gen, scale=4.0)
+        gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamped ends and zero
+        _assert_close(cpu_kernels.cpu_silu_mul(gate_up), torch_silu_mul(gate_up))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 150), min_size=1, max_size=9),
+    kv_heads=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 2, 3, 4, 5, 8]),
+    dim=st.sampled_from([16, 32, 64, 128]),
+    block_size=st.sampled_from([1, 5, 16, 32]),
+    seed=st.integers(0, 1000),
+)
+def test_decode_attention_matches_reference(lens, kv_heads, group, dim, block_size, seed):
+    """Every supported head size, group sizes that split into chunks of query heads, blocks smaller and
+    larger than the kernel's tile of 32 tokens, contexts that end anywhere in a block."""
+    q, cache, meta = build_batch([(n, 1) for n in lens], kv_heads, group, dim, block_size, torch.float32, seed)
+    expected = reference_attention(q, cache, meta, dim**-0.5)
+    got = cpu_kernels.cpu_paged_attention(q, cache, meta, dim**-0.5)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_decode_attention_bfloat16_and_mixed_batch() -> None:
+    """bfloat16 cache and queries (float32 inside); decodes next to prompt chunks, which stay on torch."""
+    q, cache, meta = build_batch([(37, 1), (5, 1), (300, 1), (64, 20), (16, 16)], 3, 3, 64, 16, torch.bfloat16, 0)
+    expected = reference_attention(q, cache, meta, 64**-0.5)
+    got = cpu_kernels.cpu_paged_attention(q, cache, meta, 64**-0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    torch_path = paged_attention(q, cache, meta, 64**-0.5)
+    assert torch.equal(got[3:], torch_path[3:])  # the prompt chunks: same torch code
+
+
+def test_decode_attention_large_scores_stay_finite() -> None:
+    """Scores in the hundreds (online softmax must subtract the running maximum) and a long context."""
+    q, cache, meta = build_batch([(700, 1), (33, 1)], 1, 4, 64, 16, torch.float32, 3)
+    q = q * 40
+    expected = reference_attention(q, cache, meta, 64**-0.5)
+    got = cpu_kernels.cpu_paged_attention(q, cache, meta, 64**-0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_shapes_fall_back_to_torch() -> None:
+    """A head size the kernel is not compiled for (and float16) gives torch's result, not an error."""
+    q, cache, meta = build_batch([(20, 1), (9, 1)], 2, 2, 8, 4, torch.float32, 1)
+    args = (q, cache, meta.block_tables, meta.seq_lens, 20, 8**-0.5)
+    assert torch.equal(cpu_kernels.cpu_decode_attention(*args), decode_attention(*args))
+    x = torch.randn(4, 32, dtype=torch.float16)
+    assert torch.equal(cpu_kernels.cpu_silu_mul(x), torch_silu_mul(x))
+
+
+def test_a_failed_build_is_reported_not_raised(tmp_path) -> None:
+    assert cpu_kernels._build("false", tmp_path) is None  # a "compiler" that always fails
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_engine_on_the_cpu_backend_matches_the_torch_backend(gqa_model) -> None:
+    """The whole model on the C++ kernels, prompt chunks and decodes mixed: same greedy tokens and
+    logprobs as on plain torch (float32; bfloat16 end to end is held to float32 on the real model in
+    test_default_model, since this test model's large logits make bfloat16's rounding pick other tokens)."""
+    from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
+
+    folder, _ = gqa_model
+    gen = torch.Generator().manual_seed(4)
+    ps = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 17, 30, 45)]
+    runs = {}
+    for backend in ("torch", "cpu"):
+        params = GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=80, max_num_batched_tokens=24)
+        engine = LLMEngine(folder, params, dtype=torch.float32, attention=backend)
+        assert engine.attention.name == backend
+        runs[backend] = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=12, temperature=0) for p in ps])
+        assert engine.stats()["kv_blocks_in_use"] == 0
+    for a, b in zip(runs["torch"], runs["cpu"]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
