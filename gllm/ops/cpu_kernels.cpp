@@ -172,19 +172,32 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
     constexpr int V = DIM / 16;
     f32x16 qv[G][V], acc[G][V], partial[G][TILE / 16][16];
     float scores[G][TILE], best[G], total[G];
-    int64_t rows[TILE];
+    int64_t rows[TILE], next[TILE];
     for (int g = 0; g < G; ++g) {
         for (int c = 0; c < V; ++c) qv[g][c] = load16(q + g * DIM + c * 16) * scale, acc[g][c] = f32x16{};
         best[g] = -std::numeric_limits<float>::infinity();
         total[g] = 0.0f;
     }
-    int64_t block = 0, offset = 0;  // where the next tile starts
-    for (int64_t start = 0; start < len; start += TILE) {
-        const int n = int(std::min<int64_t>(TILE, len - start));
-        for (int j = 0; j < n; ++j) {  // the tile's cached rows, as offsets into either plane
-            rows[j] = table[block] * s_block + offset * s_token + kvh * DIM;
+    int64_t block = 0, offset = 0;  // the cache position of the next row to locate
+    auto locate = [&](int64_t* out, int count) {  // the next rows, as offsets into either plane
+        for (int j = 0; j < count; ++j) {
+            out[j] = table[block] * s_block + offset * s_token + kvh * DIM;
             if (++offset == block_size) offset = 0, ++block;
         }
+    };
+    locate(next, int(std::min<int64_t>(TILE, len)));
+    for (int64_t start = 0; start < len; start += TILE) {
+        const int n = int(std::min<int64_t>(TILE, len - start));
+        std::copy(next, next + n, rows);
+        // The rows are scattered over blocks, which the hardware prefetcher cannot follow: ask for the
+        // next tile's keys and values while this one is computed.
+        const int ahead = int(std::clamp<int64_t>(len - start - TILE, 0, TILE));
+        locate(next, ahead);
+        for (int j = 0; j < ahead; ++j)
+            for (int byte = 0; byte < int(DIM * sizeof(T)); byte += 64) {
+                __builtin_prefetch(reinterpret_cast<const char*>(cache_k + next[j]) + byte);
+                __builtin_prefetch(reinterpret_cast<const char*>(cache_v + next[j]) + byte);
+            }
         for (int j = 0; j < TILE; ++j) {  // per token and head: the 16 partial sums of q . k
             f32x16 k[V];
             for (int c = 0; c < V; ++c) k[c] = j < n ? load16(cache_k + rows[j] + c * 16) : f32x16{};
