@@ -164,3 +164,42 @@ def test_engine_on_the_cpu_backend_matches_the_torch_backend(gqa_model) -> None:
     for a, b in zip(runs["torch"], runs["cpu"]):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_argmax_logsumexp_matches_torch() -> None:
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 1003, generator=gen) * 6  # a vocabulary that is no multiple of 16
+    logits[1, [40, 7, 900]] = 50.0  # ties: the first index wins, as torch.argmax
+    logits[2] = 0.0
+    logits[3, 1000] = 60.0  # the maximum in the tail after the last whole vector
+    argmax, lse = cpu_kernels.cpu_argmax_logsumexp(logits)
+    assert torch.equal(argmax, logits.argmax(dim=-1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), rtol=1e-6, atol=1e-5)
+    logits[4, 3] = float("nan")
+    assert cpu_kernels.cpu_argmax_logsumexp(logits) is None  # torch's NaN rules apply then
+    assert cpu_kernels.cpu_argmax_logsumexp(logits.double()) is None
+
+
+def test_sampler_gives_the_same_with_and_without_the_kernel(monkeypatch) -> None:
+    """Greedy and sampled rows, seeded, with top-n: the one-pass statistics change nothing visible."""
+    from gllm.sample import sampler as sampler_module
+    from gllm.sample.sampler import Sampler, SamplingRow
+
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 2000, generator=gen) * 4
+    logits[0, [11, 12]] = 30.0  # a greedy tie
+
+    def rows():
+        return [SamplingRow(temperature=0.0, num_logprobs=3), SamplingRow(temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(1)),
+                SamplingRow(temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(2)), SamplingRow(temperature=0.0),
+                SamplingRow(temperature=1.5, num_logprobs=5, generator=torch.Generator().manual_seed(3))]  # fmt: skip
+
+    fast = Sampler(0)(logits, rows())
+    monkeypatch.setattr(sampler_module, "cpu_argmax_logsumexp", lambda logits: None)
+    plain = Sampler(0)(logits, rows())
+    assert fast.token_ids == plain.token_ids and fast.ranks == plain.ranks
+    assert fast.token_ids[0] == 11
+    assert max(abs(a - b) for a, b in zip(fast.logprobs, plain.logprobs)) < 1e-5
+    for a, b in zip(fast.top_logprobs, plain.top_logprobs):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b))

@@ -267,6 +267,39 @@ void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int6
     }
 }
 
+// Per row of float32 logits: the first index of the largest value, and log(sum(exp(x))). Two passes over
+// the row: the maximum with where it first occurs (per vector lane, then across lanes), then the sum of
+// exp(x - max). A NaN makes the sum NaN.
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+void argmax_logsumexp(const float* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* argmax,
+                      float* lse, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * vocab >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* x = logits + r * stride;
+        const int32_t whole = int32_t(vocab / 16 * 16);
+        f32x16 most = f32x16{} - std::numeric_limits<float>::infinity();
+        i32x16 where = i32x16{}, at = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        for (int32_t i = 0; i < whole; i += 16, at += 16) {
+            const f32x16 v = load16(x + i);
+            const i32x16 larger = v > most;  // strictly: each lane keeps its first maximum
+            most = larger ? v : most;
+            where = larger ? at : where;
+        }
+        float peak = -std::numeric_limits<float>::infinity();
+        int64_t first = 0;
+        for (int l = 0; l < 16; ++l)
+            if (most[l] > peak || (most[l] == peak && where[l] < first)) peak = most[l], first = where[l];
+        for (int64_t i = whole; i < vocab; ++i)
+            if (x[i] > peak) peak = x[i], first = i;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < vocab; ++i) sum += exp_approx(x[i] - peak);
+        argmax[r] = first;
+        lse[r] = peak + std::log(sum);
+    }
+}
+
 }  // namespace
 
 #define GLLM_ATTENTION_ARGS q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, s_block, scale, threads
@@ -302,3 +335,8 @@ void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int6
 
 GLLM_EXPORT(f32, float)
 GLLM_EXPORT(bf16, bf16)
+
+extern "C" void argmax_logsumexp_f32(const float* logits, int64_t rows, int64_t vocab, int64_t stride,
+                                     int64_t* argmax, float* lse, int threads) {
+    argmax_logsumexp(logits, rows, vocab, stride, argmax, lse, threads);
+}

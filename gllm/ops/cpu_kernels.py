@@ -47,11 +47,12 @@ SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 HEAD_DIMS = (16, 32, 64, 128)  # those decode_attention is compiled for
 
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-SIGNATURES = {
-    "add_rms_norm": [_PTR] * 4 + [_I64] * 5 + [_INT, _FLOAT, _INT],
-    "silu_mul": [_PTR] * 2 + [_I64] * 4 + [_INT],
-    "rope_write_kv": [_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT],
-    "decode_attention": [_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _INT],
+SIGNATURES = {  # name: argument types, result type, dtypes it is compiled for
+    "add_rms_norm": ([_PTR] * 4 + [_I64] * 5 + [_INT, _FLOAT, _INT], None, SUFFIX),
+    "silu_mul": ([_PTR] * 2 + [_I64] * 4 + [_INT], None, SUFFIX),
+    "rope_write_kv": ([_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT], None, SUFFIX),
+    "decode_attention": ([_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _INT], _INT, SUFFIX),
+    "argmax_logsumexp": ([_PTR] + [_I64] * 3 + [_PTR, _PTR, _INT], None, [torch.float32]),
 }
 
 
@@ -83,14 +84,14 @@ def _build(compiler: str, folder: Path) -> Path | None:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first call; None when they are off or cannot be built."""
+def kernels() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
+    """The compiled kernels by (name, dtype), built on first call; empty when they are off or cannot be built."""
     if os.environ.get("GLLM_CPU_KERNELS", "1") == "0":
-        return None
+        return {}
     compiler = _compiler()
     if compiler is None:
         log.warning("no C++ compiler found: the CPU runs plain torch ops (slower); set CXX to enable its kernels")
-        return None
+        return {}
     folder = cache_dir()
     folder = Path(tempfile.mkdtemp(prefix="gllm-kernels-")) if folder is None else folder / "kernels"
     try:
@@ -98,39 +99,32 @@ def library() -> ctypes.CDLL | None:
         lib = None if path is None else ctypes.CDLL(str(path))
     except OSError as err:
         log.warning("the CPU kernels could not be built or loaded (%s): using plain torch ops", err)
-        return None
+        return {}
     if lib is None:
         log.warning("building the CPU kernels with %s failed: using plain torch ops", compiler)
-        return None
-    for name, args in SIGNATURES.items():
-        for suffix in SUFFIX.values():
-            fn = getattr(lib, f"{name}_{suffix}")
-            fn.argtypes, fn.restype = args, (ctypes.c_int if name == "decode_attention" else None)
-    return lib
+        return {}
+    table = {}
+    for name, (args, result, dtypes) in SIGNATURES.items():
+        for dtype in dtypes:
+            fn = getattr(lib, f"{name}_{SUFFIX[dtype]}")
+            fn.argtypes, fn.restype = args, result
+            table[name, dtype] = fn
+    return table
 
 
 def available() -> bool:
     """Whether the kernels are built and loadable on this machine."""
-    return library() is not None
-
-
-def _fn(name: str, *tensors: torch.Tensor):
-    """The kernel ``name`` for these tensors' dtype, or None when they are not CPU float32 / bfloat16."""
-    lib = library()
-    dtype = tensors[0].dtype
-    if lib is None or dtype not in SUFFIX or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
-        return None
-    return getattr(lib, f"{name}_{SUFFIX[dtype]}")
+    return bool(kernels())
 
 
 def cpu_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """``torch_add_rms_norm``'s contract: ``(RMSNorm(r), r)`` with ``r = x + residual`` written into ``residual``."""
-    others = () if residual is None else (residual,)
-    fn = _fn("add_rms_norm", x, weight, *others)
-    if fn is None or x.stride(-1) != 1 or weight.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+    fn = kernels().get(("add_rms_norm", x.dtype))
+    res = x if residual is None else residual
+    unit = x.stride(-1) == res.stride(-1) == weight.stride(-1) == 1
+    if fn is None or not unit or weight.dtype != x.dtype or res.dtype != x.dtype:
         return torch_add_rms_norm(x, residual, weight, eps)
     rows, dim = x.shape
-    res = x if residual is None else residual
     out = torch.empty(rows, dim, dtype=x.dtype)
     fn(x.data_ptr(), res.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, x.stride(0), res.stride(0),
        dim, residual is not None, eps, torch.get_num_threads())  # fmt: skip
@@ -139,7 +133,7 @@ def cpu_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
 
 def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``."""
-    fn = _fn("silu_mul", gate_up)
+    fn = kernels().get(("silu_mul", gate_up.dtype))
     if fn is None or gate_up.stride(-1) != 1:
         return torch_silu_mul(gate_up)
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
@@ -156,13 +150,14 @@ def cpu_rope_write_kv(
     return the rotated queries ``[T, H, D]`` (``torch_rope_write_kv``'s contract)."""
     n, dim = qkv.shape[0], kv_cache.shape[-1]
     cos, sin = cos.reshape(n, dim // 2), sin.reshape(n, dim // 2)
-    fn = _fn("rope_write_kv", qkv, cos, sin, kv_cache)
+    fn = kernels().get(("rope_write_kv", qkv.dtype))
+    same = cos.dtype == sin.dtype == kv_cache.dtype == qkv.dtype and slot_mapping.dtype == torch.int64
     strided = qkv.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or not kv_cache.is_contiguous()
-    if fn is None or strided or slot_mapping.dtype != torch.int64:
+    if fn is None or not same or strided:
         return torch_rope_write_kv(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads)
     q = torch.empty(n, num_heads, dim, dtype=qkv.dtype)
     slots = slot_mapping.contiguous()
-    plane = kv_cache[0].numel()
+    plane = kv_cache.stride(0)
     fn(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), kv_cache.data_ptr(),
        kv_cache.data_ptr() + plane * kv_cache.element_size(), slots.data_ptr(), n, num_heads, num_kv_heads, dim,
        qkv.stride(0), cos.stride(0), sin.stride(0), num_kv_heads * dim, torch.get_num_threads())  # fmt: skip
@@ -175,13 +170,13 @@ def cpu_decode_attention(
     """``decode_attention``'s contract (``q [B, H, D]``, one token per sequence), reading blocks in place."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
-    fn = _fn("decode_attention", q, kv_cache)
-    fits = dim in HEAD_DIMS and kv_cache.is_contiguous()
+    fn = kernels().get(("decode_attention", q.dtype))
+    fits = dim in HEAD_DIMS and kv_cache.dtype == q.dtype and kv_cache.is_contiguous()
     if fn is None or not fits or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
         return decode_attention(q, kv_cache, block_tables, seq_lens, max_len, scale)
     q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
-    plane = kv_cache[0].numel()
+    plane = kv_cache.stride(0)
     done = fn(q.data_ptr(), kv_cache.data_ptr(), kv_cache.data_ptr() + plane * kv_cache.element_size(),
               tables.data_ptr(), lens.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size,
               tables.stride(0), block_size * kv_heads * dim, scale, torch.get_num_threads())  # fmt: skip
@@ -192,3 +187,16 @@ def cpu_decode_attention(
 def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """``paged_attention`` with the decodes on ``cpu_decode_attention`` (prompt chunks stay on torch SDPA)."""
     return paged_attention(q, kv_cache, meta, scale, decode=cpu_decode_attention)
+
+
+def cpu_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For float32 CPU ``logits [B, V]``: each row's argmax (the first of equal maxima, as ``torch.argmax``)
+    and log-sum-exp, in one call. None when the kernels are off, or when a row holds an infinity or NaN
+    (then torch's own rules for those apply)."""
+    fn = kernels().get(("argmax_logsumexp", logits.dtype))
+    if fn is None or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(-1) != 1:
+        return None
+    rows, vocab = logits.shape
+    argmax, lse = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
+    fn(logits.data_ptr(), rows, vocab, logits.stride(0), argmax.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    return (argmax, lse) if rows == 0 or bool(torch.isfinite(lse).all()) else None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gllm.ops.cpu_kernels import cpu_argmax_logsumexp
 from gllm.sample.filters import filter_logits
 
 
@@ -90,16 +91,18 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         logits = logits.float()
-        token_ids = self._choose(logits, rows)
+        stats = cpu_argmax_logsumexp(logits)  # the CPU's one-pass (argmax, log-sum-exp), when it has it
+        argmax = torch.argmax(logits, dim=-1) if stats is None else stats[0]
+        token_ids = self._choose(logits, rows, argmax)
         num_logprobs = [row.num_logprobs for row in rows]
         top_n = min(max(num_logprobs, default=0), logits.shape[1])
-        return PendingSample(token_ids, _pack(logits, token_ids, top_n), num_logprobs, top_n)
+        packed = _pack(logits, token_ids, top_n) if stats is None else _pack_with_stats(logits, token_ids, top_n, *stats)
+        return PendingSample(token_ids, packed, num_logprobs, top_n)
 
-    def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        greedy = torch.argmax(logits, dim=-1)
+    def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow], argmax: torch.Tensor) -> torch.Tensor:
         sampled = [i for i, row in enumerate(rows) if not row.greedy]
         if not sampled:
-            return greedy
+            return argmax
         device = logits.device
         rows = [rows[i] for i in sampled]
         index = torch.tensor(sampled, device=device)
@@ -118,7 +121,7 @@ class Sampler:
         # Strictly below the total, so the search never runs past the last token of non-zero probability.
         target = torch.minimum(self._uniforms(rows, device)[:, None] * total, total * (1 - 2**-23))
         chosen = torch.searchsorted(cdf, target, right=True).squeeze(1)
-        return greedy.index_copy_(0, index, chosen)
+        return argmax.clone().index_copy_(0, index, chosen)
 
     def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
         """One ``U[0, 1)`` number per row: from its own generator, or all from the shared one."""
@@ -167,6 +170,23 @@ def _pack(logits: torch.Tensor, token_ids: torch.Tensor, top_n: int) -> torch.Te
     ranks = (logits > logits.gather(1, chosen)).sum(dim=-1, keepdim=True) + 1
     top_ids = _top_ids(logits, top_n)
     parts = [chosen, ranks, logprobs.gather(1, chosen), top_ids, logprobs.gather(1, top_ids)]
+    return torch.cat([part.double() for part in parts], dim=-1)
+
+
+def _pack_with_stats(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_n: int, argmax: torch.Tensor, lse: torch.Tensor
+) -> torch.Tensor:
+    """``_pack`` given each row's argmax and log-sum-exp: a logprob is a logit minus the row's log-sum-exp,
+    and a row that took its argmax has rank 1, so only the other rows count larger logits."""
+    chosen = token_ids[:, None]
+    picked = logits.gather(1, chosen)
+    ranks = torch.ones_like(chosen)
+    other = torch.nonzero(token_ids != argmax).squeeze(1)
+    if other.numel():
+        ranks[other] = (logits[other] > picked[other]).sum(dim=-1, keepdim=True) + 1
+    top_ids = _top_ids(logits, top_n)
+    lse = lse[:, None]
+    parts = [chosen, ranks, picked - lse, top_ids, logits.gather(1, top_ids) - lse]
     return torch.cat([part.double() for part in parts], dim=-1)
 
 
