@@ -99,7 +99,7 @@ class LLMEngine(AsyncDriver):
         net = LlamaModel.empty(cfg, self.max_seq_len, self.attention, dtype, self.device)
         net.load_weights(loaded.weights)
         if packed:
-            net.pack_weights(quantize)
+            net.pack_weights(quantize, loaded.blocks)
         self.quantize = quantize
         self.model = net.eval()
         num_blocks = self._num_kv_blocks(dtype)

@@ -7,8 +7,9 @@ so the model code has a single format to read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,9 @@ class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]  # Hugging Face Llama names; lm_head.weight absent when tied
     tokenizer: Tokenizer | None  # None when a folder ships weights only
+    # GGUF matrices stored in llama.cpp blocks the CPU can multiply from (gllm.ops.linear.BlockWeight),
+    # by the same names as ``weights``; empty for other sources
+    blocks: dict[str, Any] = field(default_factory=dict)
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

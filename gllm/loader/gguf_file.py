@@ -17,6 +17,7 @@ from tqdm import tqdm
 from gllm.config import ModelConfig
 from gllm.loader import LoadedModel, ModelLoadError, cache, check_shape, weight_shapes
 from gllm.loader.gguf_index import GGUFIndex, TensorEntry
+from gllm.ops.linear import BLOCK_TYPES, BlockWeight
 from gllm.tokenizer import Tokenizer
 
 ARCHITECTURE = "llama"
@@ -49,9 +50,9 @@ def load_gguf(path: Path, dtype: torch.dtype, name: str | None = None) -> Loaded
     key = cache.file_key(path)
     index = _index(path, key)
     config = read_config(index, path)
-    weights = _read_weights(index, config, path, dtype)
+    weights, blocks = _read_weights(index, config, path, dtype)
     tokenizer = _tokenizer(path, key) if "tokenizer.ggml.model" in index.meta else None
-    return LoadedModel(name=name or path.stem, config=config, weights=weights, tokenizer=tokenizer)
+    return LoadedModel(name=name or path.stem, config=config, weights=weights, tokenizer=tokenizer, blocks=blocks)
 
 
 def _index(path: Path, key: str) -> GGUFIndex:
@@ -183,9 +184,14 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _read_weights(index: GGUFIndex, config: ModelConfig, path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_weights(
+    index: GGUFIndex, config: ModelConfig, path: Path, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, BlockWeight]]:
+    """Every weight dequantized to ``dtype``; and, in bfloat16, the raw blocks of the matrices stored in a
+    block type the CPU can multiply from (``gllm.ops.linear.BLOCK_TYPES``), rows in the same order."""
     by_hf_name = {hf: t for t in index.tensors if (hf := hf_tensor_name(t.name)) is not None}
     weights: dict[str, torch.Tensor] = {}
+    blocks: dict[str, BlockWeight] = {}
     shapes = weight_shapes(config)
     for name, shape in tqdm(shapes.items(), desc="loading weights", unit="tensor", disable=None):
         tensor = by_hf_name.get(name)
@@ -193,12 +199,18 @@ def _read_weights(index: GGUFIndex, config: ModelConfig, path: Path, dtype: torc
             raise ModelLoadError(f"{path}: missing tensor {name} ({_gguf_name(name)} in GGUF)")
         check_shape(path, f"{tensor.name} ({name})", tuple(int(d) for d in reversed(tensor.shape)), shape)
         weight = _dequantize(index, tensor, path)
-        if name.endswith("q_proj.weight"):
-            weight = unpermute_qk(weight, config.num_heads)
-        elif name.endswith("k_proj.weight"):
-            weight = unpermute_qk(weight, config.num_kv_heads)
+        kind = tensor.tensor_type.name
+        raw = None
+        if dtype == torch.bfloat16 and kind in BLOCK_TYPES and len(shape) == 2:
+            raw = torch.from_numpy(np.array(index.data(tensor))).view(shape[0], shape[1] // 32, BLOCK_TYPES[kind][1])
+        if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
+            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+            weight = unpermute_qk(weight, heads)
+            raw = None if raw is None else unpermute_qk(raw.reshape(shape[0], -1), heads).view(raw.shape)
         weights[name] = weight.to(dtype)
-    return weights
+        if raw is not None:
+            blocks[name] = BlockWeight(kind, raw)
+    return weights, blocks
 
 
 def _dequantize(index: GGUFIndex, tensor: TensorEntry, path: Path) -> torch.Tensor:

@@ -15,7 +15,7 @@ from gllm.config import ModelConfig
 from gllm.model.rope import RotaryEmbedding
 from gllm.ops import AttentionMetadata
 from gllm.ops.backend import BACKENDS, AttentionBackend
-from gllm.ops.linear import Kernel, make_kernel
+from gllm.ops.linear import BlockLinear, BlockWeight, Kernel, block_products_supported, make_kernel
 
 
 class RMSNorm(nn.Module):
@@ -141,19 +141,42 @@ class LlamaModel(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 
-    def pack_weights(self, quantize: str | None = None) -> None:
+    def pack_weights(self, quantize: str | None = None, blocks: dict[str, BlockWeight] | None = None) -> None:
         """Repack every matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after loading).
 
         The dense copies of the layers' weights are dropped; the embedding stays (a tied head packs a copy).
+        ``blocks`` (Hugging Face names, as ``LoadedModel.blocks``) are the block-quantized originals of
+        those weights: where the CPU can multiply from them, decode steps read those instead.
         """
-        for module in self.modules():
+        sources = self._block_sources(blocks or {}) if blocks and block_products_supported() else {}
+        for name, module in self.named_modules():
             if isinstance(module, Linear):
                 module.kernel = make_kernel(module.weight.detach(), quantize)
                 module.weight = None
+                if (source := sources.get(name)) is not None:
+                    module.kernel = BlockLinear(source, module.kernel)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.head_kernel = make_kernel(head.detach(), quantize)
         if self.lm_head is not None:
             self.lm_head.weight = None
+        if (source := sources.get("head")) is not None:
+            self.head_kernel = BlockLinear(source, self.head_kernel)
+
+    def _block_sources(self, blocks: dict[str, BlockWeight]) -> dict[str, BlockWeight]:
+        """This model's matrices (module names, ``head``) whose every part comes in blocks of one kind."""
+        parts = {"head": ["model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"]}
+        for i in range(self.config.num_layers):
+            p, ours = f"model.layers.{i}.", f"layers.{i}."
+            parts[ours + "self_attn.qkv_proj"] = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+            parts[ours + "self_attn.o_proj"] = [p + "self_attn.o_proj.weight"]
+            parts[ours + "mlp.gate_up_proj"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+            parts[ours + "mlp.down_proj"] = [p + "mlp.down_proj.weight"]
+        sources = {}
+        for module, names in parts.items():
+            if all(n in blocks for n in names) and (joined := BlockWeight.cat([blocks[n] for n in names])):
+                if joined.blocks.shape[0] % 16 == 0:
+                    sources[module] = joined
+        return sources
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take Hugging Face-named tensors, fusing Q/K/V and gate/up into this model's matrices."""

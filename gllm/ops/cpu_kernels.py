@@ -35,7 +35,7 @@ from gllm.ops.triton_fused import torch_add_rms_norm, torch_rope_write_kv, torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "block_matmul.cpp")]
 FLAG_SETS = (  # tried in turn: the first that builds wins
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
@@ -53,6 +53,7 @@ SIGNATURES = {  # name: argument types, result type, dtypes it is compiled for
     "rope_write_kv": ([_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT], None, SUFFIX),
     "decode_attention": ([_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _INT], _INT, SUFFIX),
     "argmax_logsumexp": ([_PTR] + [_I64] * 3 + [_PTR, _PTR, _INT], None, [torch.float32]),
+    "block_matmul": ([_INT, _PTR] + [_I64] * 3 + [_PTR] * 4 + [_INT], _INT, [torch.bfloat16]),
 }
 
 
@@ -65,7 +66,7 @@ def _compiler() -> str | None:
 
 def _build(compiler: str, folder: Path) -> Path | None:
     """Compile the source into ``folder`` (named by a hash of source, compiler and flags); None on failure."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     for flags in FLAG_SETS:
         key = hashlib.sha256(source + "\0".join([compiler, *flags, *COMMON_FLAGS]).encode()).hexdigest()[:16]
         target = folder / f"cpu_kernels-{key}.so"
@@ -73,7 +74,7 @@ def _build(compiler: str, folder: Path) -> Path | None:
             return target
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{target.name}.{os.getpid()}"
-        cmd = [compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", str(tmp)]
+        cmd = [compiler, *flags, *COMMON_FLAGS, *map(str, SOURCES), "-o", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0:
             os.replace(tmp, target)  # whole or not at all: another process may be loading it
@@ -109,6 +110,8 @@ def kernels() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
             fn = getattr(lib, f"{name}_{SUFFIX[dtype]}")
             fn.argtypes, fn.restype = args, result
             table[name, dtype] = fn
+    if lib.block_matmul_ready():  # AMX compiled in and allowed: products from block-quantized weights
+        table["block_matmul_ready", None] = lib.block_matmul_ready
     return table
 
 
