@@ -26,6 +26,8 @@ namespace {
 
 enum Kind { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 constexpr int MAX_M_TILES = 4;  // tiles 2..5 accumulate up to 64 rows of output
+// Rounding stated in the instruction: a product and a sum the compiler may not fuse into one FMA.
+constexpr int EXACT = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 struct TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -33,35 +35,35 @@ struct TileConfig {
     uint8_t rows[16] = {};
 };
 
-// Tile t/j of a weight as bfloat16 rows of 32 values, as the AMX "A" operand (16 rows x 64 bytes).
+// One tile (16 rows, one block column) of a weight as bfloat16 rows of 32 values: AMX's A operand.
+// Values come out as gguf's reference dequantization computes them: float32 products (then the minimum
+// added for Q4_1, the quant less 8 for Q4_0), rounded to nearest even.
 template <int KIND>
 inline void expand(const uint8_t* q, const uint16_t* d, const uint16_t* m, uint16_t* out) {
     alignas(64) float scales[16], mins[16];
     _mm512_store_ps(scales, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d))));
     if (KIND == Q4_1) _mm512_store_ps(mins, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m))));
     const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int r = 0; r < 16; ++r) {
         const __m512 scale = _mm512_set1_ps(scales[r]);
-        __m512 lo, hi;
+        __m512i row;
         if (KIND == Q8_0) {
             const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * 32));
-            lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes))), scale);
-            hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1))), scale);
-        } else {  // values 0-15 in the low nibbles, 16-31 in the high ones
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+            row = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale));
+        } else {  // 16 possible values: compute them once, then look the row's 32 quants up
+            const __m512 values = KIND == Q4_0 ? _mm512_mul_ps(scale, _mm512_sub_ps(iota, _mm512_set1_ps(8.0f)))
+                                               : _mm512_add_round_ps(_mm512_mul_round_ps(scale, iota, EXACT),
+                                                                     _mm512_set1_ps(mins[r]), EXACT);
+            const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
             const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * 16));
-            lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble)));
-            hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)));
-            if (KIND == Q4_0) {
-                const __m512 eight = _mm512_set1_ps(8.0f);
-                lo = _mm512_mul_ps(scale, _mm512_sub_ps(lo, eight));
-                hi = _mm512_mul_ps(scale, _mm512_sub_ps(hi, eight));
-            } else {
-                const __m512 min = _mm512_set1_ps(mins[r]);
-                lo = _mm512_add_ps(_mm512_mul_ps(scale, lo), min);
-                hi = _mm512_add_ps(_mm512_mul_ps(scale, hi), min);
-            }
+            const __m256i quants = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble),  // values 16-31
+                                                    _mm_and_si128(bytes, nibble));                    // values 0-15
+            row = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(quants), table);
         }
-        _mm512_store_si512(reinterpret_cast<__m512i*>(out + r * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_store_si512(reinterpret_cast<__m512i*>(out + r * 32), row);
     }
 }
 
@@ -72,29 +74,40 @@ void block_matmul(const uint16_t* x, int64_t rows, int64_t k, int64_t n, const u
                   const uint16_t* scales, const uint16_t* mins, uint16_t* y, int threads) {
     const int64_t m_tiles = (rows + 15) / 16, k_blocks = k / 32, n_tiles = n / 16;
     const int64_t q_bytes = KIND == Q8_0 ? 32 : 16;
-    std::vector<uint16_t> xt(m_tiles * k_blocks * 512, 0);  // [m tile][k block][16 k pairs][16 rows][2]
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < k; ++c)
-            xt[((r / 16 * k_blocks + c / 32) * 16 + (c % 32) / 2) * 32 + (r % 16) * 2 + c % 2] = x[r * k + c];
+    // x transposed for AMX's B operand: [m tile][k block][16 pairs of k][16 rows], each entry a pair of
+    // bfloat16 (32 bits) taken whole from a row of x.
+    std::vector<uint32_t> xt(m_tiles * k_blocks * 256, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+        uint32_t* to = xt.data() + r / 16 * k_blocks * 256 + r % 16;
+        for (int64_t pair = 0; pair < k / 2; ++pair) {
+            uint32_t both;
+            std::memcpy(&both, x + r * k + 2 * pair, 4);
+            to[pair / 16 * 256 + pair % 16 * 16] = both;
+        }
+    }
 #pragma omp parallel num_threads(threads)
     {
         TileConfig config;
         for (int t = 0; t < 2 + MAX_M_TILES; ++t) config.rows[t] = 16, config.colsb[t] = 64;
         _tile_loadconfig(&config);
-        alignas(64) uint16_t a[16 * 32];
+        alignas(64) uint16_t a[2][16 * 32];  // tile j is expanded while tile j - 1 is multiplied
         alignas(64) float c[16 * 16];
+        auto expand_tile = [&](int64_t t, int64_t j) {
+            const int64_t at = t * k_blocks + j;
+            expand<KIND>(quants + at * 16 * q_bytes, scales + at * 16, KIND == Q4_1 ? mins + at * 16 : nullptr, a[j & 1]);
+        };
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tiles; ++t) {
+            expand_tile(t, 0);
             _tile_zero(2);  // the tile instructions are asm statements: one per statement
             _tile_zero(3);
             _tile_zero(4);
             _tile_zero(5);
             for (int64_t j = 0; j < k_blocks; ++j) {
-                const int64_t at = t * k_blocks + j;
-                expand<KIND>(quants + at * 16 * q_bytes, scales + at * 16, KIND == Q4_1 ? mins + at * 16 : nullptr, a);
-                _tile_loadd(0, a, 64);
-                const uint16_t* b = xt.data() + j * 512;
-                const int64_t step = k_blocks * 512;  // to the next m tile
+                if (j + 1 < k_blocks) expand_tile(t, j + 1);  // its stores land while this tile multiplies
+                _tile_loadd(0, a[j & 1], 64);
+                const uint32_t* b = xt.data() + j * 256;
+                const int64_t step = k_blocks * 256;  // to the next m tile
                 _tile_loadd(1, b, 64);
                 _tile_dpbf16ps(2, 0, 1);
                 if (m_tiles > 1) {
