@@ -185,19 +185,23 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
             if (++offset == block_size) offset = 0, ++block;
         }
     };
+    // The rows are scattered over blocks, which the hardware prefetcher cannot follow: ask for each
+    // tile's keys and values one tile ahead of computing it (and for the first at once).
+    auto prefetch = [&](const int64_t* offsets, int count) {
+        for (int j = 0; j < count; ++j)
+            for (int byte = 0; byte < int(DIM * sizeof(T)); byte += 64) {
+                __builtin_prefetch(reinterpret_cast<const char*>(cache_k + offsets[j]) + byte);
+                __builtin_prefetch(reinterpret_cast<const char*>(cache_v + offsets[j]) + byte);
+            }
+    };
     locate(next, int(std::min<int64_t>(TILE, len)));
+    prefetch(next, int(std::min<int64_t>(TILE, len)));
     for (int64_t start = 0; start < len; start += TILE) {
         const int n = int(std::min<int64_t>(TILE, len - start));
         std::copy(next, next + n, rows);
-        // The rows are scattered over blocks, which the hardware prefetcher cannot follow: ask for the
-        // next tile's keys and values while this one is computed.
         const int ahead = int(std::clamp<int64_t>(len - start - TILE, 0, TILE));
         locate(next, ahead);
-        for (int j = 0; j < ahead; ++j)
-            for (int byte = 0; byte < int(DIM * sizeof(T)); byte += 64) {
-                __builtin_prefetch(reinterpret_cast<const char*>(cache_k + next[j]) + byte);
-                __builtin_prefetch(reinterpret_cast<const char*>(cache_v + next[j]) + byte);
-            }
+        prefetch(next, ahead);
         for (int j = 0; j < TILE; ++j) {  // per token and head: the 16 partial sums of q . k
             f32x16 k[V];
             for (int c = 0; c < V; ++c) k[c] = j < n ? load16(cache_k + rows[j] + c * 16) : f32x16{};
