@@ -7,17 +7,19 @@ place and do each element-wise step in one pass. Their contracts are those of th
 ``gllm.ops.triton_fused`` and of ``gllm.ops.attention.decode_attention``; they take float32 and bfloat16
 tensors (anything else goes to the torch function).
 
-The source is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or
-``clang++``) for this machine's CPU and kept in the cache folder of ``gllm.loader.cache`` (a temporary
-folder when caching is off), so later processes load it at once. Without a compiler, or when the build
-fails, ``available()`` is False and the engine's ``auto`` backend uses plain torch. ``GLLM_CPU_KERNELS=0``
-turns the kernels off.
+The sources (this file's ``cpu_kernels.cpp`` and ``block_matmul.cpp``, the products from llama.cpp
+blocks that ``gllm.ops.linear.BlockLinear`` calls) are compiled on first use with the system's C++
+compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this machine's CPU, about 9 s, and kept in
+the cache folder of ``gllm.loader.cache`` (a folder in the temporary directory when caching is off), so
+later processes load them at once. Without a compiler, or when the build fails, ``available()`` is
+False and the engine's ``auto`` backend uses plain torch. ``GLLM_CPU_KERNELS=0`` turns them off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import getpass
 import hashlib
 import logging
 import os
@@ -93,8 +95,8 @@ def kernels() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
     if compiler is None:
         log.warning("no C++ compiler found: the CPU runs plain torch ops (slower); set CXX to enable its kernels")
         return {}
-    folder = cache_dir()
-    folder = Path(tempfile.mkdtemp(prefix="gllm-kernels-")) if folder is None else folder / "kernels"
+    folder = cache_dir()  # with caching off, one folder per user in the temporary directory
+    folder = Path(tempfile.gettempdir()) / f"gllm-kernels-{getpass.getuser()}" if folder is None else folder / "kernels"
     try:
         path = _build(compiler, folder)
         lib = None if path is None else ctypes.CDLL(str(path))
