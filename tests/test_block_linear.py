@@ -68,12 +68,13 @@ def test_default_model_blocks_match_its_weights() -> None:
     """The loader keeps each matrix's blocks in the engine's row order (Q and K rows un-permuted)."""
     from gllm.loader import load_model
 
-    loaded = load_model("smollm2-135m-instruct", torch.bfloat16)
+    loaded = load_model("smollm2-135m-instruct", torch.bfloat16, blocks=True)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
                  "model.layers.5.mlp.down_proj.weight", "model.embed_tokens.weight"):  # fmt: skip
         block = loaded.blocks[name]
         assert torch.equal(reference_weight(block.kind, block.blocks), loaded.weights[name]), name
-    assert not load_model("smollm2-135m-instruct", torch.float32).blocks  # float32 multiplies dense weights
+    assert not load_model("smollm2-135m-instruct", torch.float32, blocks=True).blocks  # float32: dense products
+    assert not load_model("smollm2-135m-instruct", torch.bfloat16).blocks  # not asked for
 
 
 def test_engine_tokens_equal_with_and_without_blocks() -> None:
@@ -83,9 +84,7 @@ def test_engine_tokens_equal_with_and_without_blocks() -> None:
     prompts = ["Tell me about the village blacksmith.", "Write a haiku about rain."]
     runs = []
     for keep_blocks in (True, False):
-        loaded = load_model("smollm2-135m-instruct", torch.bfloat16)
-        if not keep_blocks:
-            loaded.blocks = {}
+        loaded = load_model("smollm2-135m-instruct", torch.bfloat16, blocks=keep_blocks)
         engine = LLMEngine(loaded, GeneratorParams(block_size=16, max_batch_size=4, max_seq_len=128), dtype=torch.bfloat16)
         assert isinstance(engine.model.head_kernel, BlockLinear) == keep_blocks
         reqs = [GenerationRequest(messages=[{"role": "user", "content": p}], max_new_tokens=16, temperature=0) for p in prompts]

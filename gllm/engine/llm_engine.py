@@ -88,7 +88,7 @@ class LLMEngine(AsyncDriver):
         if quantize is not None and not packed:
             raise ValueError(f"quantize={quantize!r} needs dtype bfloat16 on a CPU with bfloat16 support "
                              f"(got {dtype} on {self.device})")
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, blocks=packed)
         self.model_name, self.config, self.tokenizer = loaded.name, loaded.config, loaded.tokenizer
         cfg = self.config
         self.max_seq_len = min(params.max_seq_len, cfg.max_position_embeddings)

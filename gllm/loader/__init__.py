@@ -62,16 +62,18 @@ def check_shape(source: str | os.PathLike[str], name: str, got: tuple[int, ...],
         raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(got)}, expected {tuple(want)}")
 
 
-def load_model(model: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(model: str | os.PathLike[str], dtype: torch.dtype = torch.float32, blocks: bool = False) -> LoadedModel:
     """Load a registered model name, a Hugging Face Llama folder or a ``.gguf`` file.
 
-    Weights are converted to ``dtype`` (GGUF quantized tensors are dequantized first).
+    Weights are converted to ``dtype`` (GGUF quantized tensors are dequantized first). With ``blocks``,
+    a GGUF file's block-quantized matrices are also kept as they are, where this CPU can multiply from
+    them (``LoadedModel.blocks``).
     """
     # Imported here because these modules import ModelLoadError and weight_shapes from this one.
     from gllm.loader import gguf_file, hf, registry
 
     if isinstance(model, str) and registry.is_registered(model):  # a name means the same in every folder
-        return gguf_file.load_gguf(registry.resolve(model), dtype, name=model)
+        return gguf_file.load_gguf(registry.resolve(model), dtype, name=model, blocks=blocks)
     path = Path(model)
     if not path.exists():
         if isinstance(model, str) and path.name == model and path.suffix.lower() != ".gguf":
@@ -80,5 +82,5 @@ def load_model(model: str | os.PathLike[str], dtype: torch.dtype = torch.float32
     if path.is_dir():
         return hf.load_hf_folder(path, dtype)
     if path.suffix.lower() == ".gguf":
-        return gguf_file.load_gguf(path, dtype)
+        return gguf_file.load_gguf(path, dtype, blocks=blocks)
     raise ModelLoadError(f"{path}: expected a Hugging Face model folder or a .gguf file")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from gllm.config import ModelConfig
 from gllm.loader import LoadedModel, ModelLoadError, cache, check_shape, weight_shapes
 from gllm.loader.gguf_index import GGUFIndex, TensorEntry
-from gllm.ops.linear import BLOCK_TYPES, BlockWeight
+from gllm.ops.linear import BLOCK_TYPES, BlockWeight, block_products_supported
 from gllm.tokenizer import Tokenizer
 
 ARCHITECTURE = "llama"
@@ -42,17 +42,18 @@ EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "token
 _REQUIRED = object()
 
 
-def load_gguf(path: Path, dtype: torch.dtype, name: str | None = None) -> LoadedModel:
-    """Read config, weights and (when the file has one) tokenizer from one GGUF file.
+def load_gguf(path: Path, dtype: torch.dtype, name: str | None = None, blocks: bool = False) -> LoadedModel:
+    """Read config, weights and (when the file has one) tokenizer from one GGUF file; with ``blocks``,
+    also the raw blocks of the matrices this CPU can multiply from (in bfloat16).
 
     The file's index and tokenizer are cached after the first load (`gllm.loader.cache`).
     """
     key = cache.file_key(path)
     index = _index(path, key)
     config = read_config(index, path)
-    weights, blocks = _read_weights(index, config, path, dtype)
+    weights, kept = _read_weights(index, config, path, dtype, blocks)
     tokenizer = _tokenizer(path, key) if "tokenizer.ggml.model" in index.meta else None
-    return LoadedModel(name=name or path.stem, config=config, weights=weights, tokenizer=tokenizer, blocks=blocks)
+    return LoadedModel(name=name or path.stem, config=config, weights=weights, tokenizer=tokenizer, blocks=kept)
 
 
 def _index(path: Path, key: str) -> GGUFIndex:
@@ -185,13 +186,15 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _read_weights(
-    index: GGUFIndex, config: ModelConfig, path: Path, dtype: torch.dtype
+    index: GGUFIndex, config: ModelConfig, path: Path, dtype: torch.dtype, with_blocks: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, BlockWeight]]:
-    """Every weight dequantized to ``dtype``; and, in bfloat16, the raw blocks of the matrices stored in a
-    block type the CPU can multiply from (``gllm.ops.linear.BLOCK_TYPES``), rows in the same order."""
+    """Every weight dequantized to ``dtype``; and, ``with_blocks`` in bfloat16 on a CPU that can multiply
+    from them, the raw blocks of the matrices stored in a block type it reads (``BLOCK_TYPES``), rows in
+    the same order as the dequantized weights."""
     by_hf_name = {hf: t for t in index.tensors if (hf := hf_tensor_name(t.name)) is not None}
     weights: dict[str, torch.Tensor] = {}
     blocks: dict[str, BlockWeight] = {}
+    keep_blocks = with_blocks and dtype == torch.bfloat16 and block_products_supported()
     shapes = weight_shapes(config)
     for name, shape in tqdm(shapes.items(), desc="loading weights", unit="tensor", disable=None):
         tensor = by_hf_name.get(name)
@@ -201,7 +204,7 @@ def _read_weights(
         weight = _dequantize(index, tensor, path)
         kind = tensor.tensor_type.name
         raw = None
-        if dtype == torch.bfloat16 and kind in BLOCK_TYPES and len(shape) == 2:
+        if keep_blocks and kind in BLOCK_TYPES and len(shape) == 2:
             raw = torch.from_numpy(np.array(index.data(tensor))).view(shape[0], shape[1] // 32, BLOCK_TYPES[kind][1])
         if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
             heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads

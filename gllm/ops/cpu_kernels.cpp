@@ -1,10 +1,12 @@
-// gLLM's CPU kernels: decode attention that reads the paged KV cache in place, and the fused element-wise
-// steps of a Llama layer (add + RMSNorm, RoPE + KV write, SiLU * up). Plain C++ that the compiler
-// vectorizes (-O3 -march=native), OpenMP across rows or (sequence, KV head) pairs. Built and loaded by
-// gllm/ops/cpu_kernels.py, which also states each function's contract.
+// gLLM's CPU kernels: decode attention that reads the paged KV cache in place, the fused element-wise
+// steps of a Llama layer (add + RMSNorm, RoPE + KV write, SiLU * up), and the sampler's argmax and
+// log-sum-exp. Plain C++ that the compiler vectorizes (-O3 -march=native), OpenMP across rows or
+// (sequence, KV head) pairs. Built and loaded by gllm/ops/cpu_kernels.py, which states each contract.
 //
-// Every function exists for float32 (suffix _f32) and bfloat16 (suffix _bf16, raw uint16 bits). Math is
-// in float32; where the torch reference rounds after each op in bfloat16, these round at the same points.
+// The layer kernels exist for float32 (suffix _f32) and bfloat16 (suffix _bf16, raw uint16 bits). Math
+// is in float32; where the torch reference rounds after each op in bfloat16, these round at the same
+// points. Plain float expressions may be fused into multiply-adds (the compiler's default), so float32
+// results can differ from torch's in the last bit.
 
 #include <algorithm>
 #include <cmath>

@@ -23,6 +23,7 @@ import getpass
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -66,11 +67,22 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags (Linux), else the platform."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
 def _build(compiler: str, folder: Path) -> Path | None:
-    """Compile the source into ``folder`` (named by a hash of source, compiler and flags); None on failure."""
+    """Compile the sources into ``folder``, named by a hash of sources, compiler, flags and CPU (a cache
+    folder shared by several machines keeps one build per kind of CPU); None on failure."""
     source = b"\0".join(path.read_bytes() for path in SOURCES)
     for flags in FLAG_SETS:
-        key = hashlib.sha256(source + "\0".join([compiler, *flags, *COMMON_FLAGS]).encode()).hexdigest()[:16]
+        text = "\0".join([compiler, *flags, *COMMON_FLAGS, _cpu()])
+        key = hashlib.sha256(source + text.encode()).hexdigest()[:16]
         target = folder / f"cpu_kernels-{key}.so"
         if target.exists():
             return target
@@ -87,7 +99,7 @@ def _build(compiler: str, folder: Path) -> Path | None:
 
 
 @functools.cache
-def kernels() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
+def kernels() -> dict[tuple[str, torch.dtype | None], ctypes._CFuncPtr]:
     """The compiled kernels by (name, dtype), built on first call; empty when they are off or cannot be built."""
     if os.environ.get("GLLM_CPU_KERNELS", "1") == "0":
         return {}
