@@ -146,8 +146,8 @@ def test_a_failed_build_is_reported_not_raised(tmp_path) -> None:
 
 
 def test_engine_on_the_cpu_backend_matches_the_torch_backend(gqa_model) -> None:
-    """The whole model on the C++ kernels, prompt chunks and decodes mixed: same greedy tokens and
-    logprobs as on plain torch (float32; bfloat16 end to end is held to float32 on the real model in
+    """The whole model on the C++ kernels, prompt chunks and decodes mixed, then prefix-cache hits: same
+    greedy tokens and logprobs as on plain torch (float32; bfloat16 end to end is held to float32 on the real model in
     test_default_model, since this test model's large logits make bfloat16's rounding pick other tokens)."""
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
@@ -159,8 +159,11 @@ def test_engine_on_the_cpu_backend_matches_the_torch_backend(gqa_model) -> None:
         params = GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=80, max_num_batched_tokens=24)
         engine = LLMEngine(folder, params, dtype=torch.float32, attention=backend)
         assert engine.attention.name == backend
-        runs[backend] = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=12, temperature=0) for p in ps])
-        assert engine.stats()["kv_blocks_in_use"] == 0
+        first = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=12, temperature=0) for p in ps])
+        # the conversations go on: their earlier tokens come from the prefix cache
+        more = [p + r.token_ids + [7, 8, 9] for p, r in zip(ps, first)]
+        runs[backend] = first + engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in more])
+        assert engine.stats()["cached_prompt_tokens"] >= 64 and engine.stats()["kv_blocks_in_use"] == 0
     for a, b in zip(runs["torch"], runs["cpu"]):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
