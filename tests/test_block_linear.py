@@ -85,9 +85,11 @@ def test_engine_tokens_equal_with_and_without_blocks() -> None:
     runs = []
     for keep_blocks in (True, False):
         loaded = load_model("smollm2-135m-instruct", torch.bfloat16, blocks=keep_blocks)
-        engine = LLMEngine(loaded, GeneratorParams(block_size=16, max_batch_size=4, max_seq_len=128), dtype=torch.bfloat16)
+        params = GeneratorParams(block_size=16, max_batch_size=4, max_seq_len=128)
+        engine = LLMEngine(loaded, params, dtype=torch.bfloat16)
         assert isinstance(engine.model.head_kernel, BlockLinear) == keep_blocks
-        reqs = [GenerationRequest(messages=[{"role": "user", "content": p}], max_new_tokens=16, temperature=0) for p in prompts]
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        reqs = [GenerationRequest(messages=chat, max_new_tokens=16, temperature=0) for chat in chats]
         runs.append(engine.generate(reqs))
     for a, b in zip(*runs):
         assert a.token_ids == b.token_ids

@@ -147,8 +147,9 @@ def test_a_failed_build_is_reported_not_raised(tmp_path) -> None:
 
 def test_engine_on_the_cpu_backend_matches_the_torch_backend(gqa_model) -> None:
     """The whole model on the C++ kernels, prompt chunks and decodes mixed, then prefix-cache hits: same
-    greedy tokens and logprobs as on plain torch (float32; bfloat16 end to end is held to float32 on the real model in
-    test_default_model, since this test model's large logits make bfloat16's rounding pick other tokens)."""
+    greedy tokens and logprobs as on plain torch. Float32: bfloat16 end to end is held to float32 on the
+    real model in test_default_model, since this test model's large logits make bfloat16's rounding
+    pick other tokens."""
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
     folder, _ = gqa_model
@@ -162,7 +163,8 @@ def test_engine_on_the_cpu_backend_matches_the_torch_backend(gqa_model) -> None:
         first = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=12, temperature=0) for p in ps])
         # the conversations go on: their earlier tokens come from the prefix cache
         more = [p + r.token_ids + [7, 8, 9] for p, r in zip(ps, first)]
-        runs[backend] = first + engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in more])
+        later = engine.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in more])
+        runs[backend] = first + later
         assert engine.stats()["cached_prompt_tokens"] >= 64 and engine.stats()["kv_blocks_in_use"] == 0
     for a, b in zip(runs["torch"], runs["cpu"]):
         assert a.token_ids == b.token_ids
@@ -192,10 +194,17 @@ def test_sampler_gives_the_same_with_and_without_the_kernel(monkeypatch) -> None
     logits = torch.randn(5, 2000, generator=gen) * 4
     logits[0, [11, 12]] = 30.0  # a greedy tie
 
+    def seeded(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
     def rows():
-        return [SamplingRow(temperature=0.0, num_logprobs=3), SamplingRow(temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(1)),
-                SamplingRow(temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(2)), SamplingRow(temperature=0.0),
-                SamplingRow(temperature=1.5, num_logprobs=5, generator=torch.Generator().manual_seed(3))]  # fmt: skip
+        return [
+            SamplingRow(temperature=0.0, num_logprobs=3),
+            SamplingRow(temperature=1.0, top_k=50, generator=seeded(1)),
+            SamplingRow(temperature=0.7, top_p=0.9, generator=seeded(2)),
+            SamplingRow(temperature=0.0),
+            SamplingRow(temperature=1.5, num_logprobs=5, generator=seeded(3)),
+        ]
 
     fast = Sampler(0)(logits, rows())
     monkeypatch.setattr(sampler_module, "cpu_argmax_logsumexp", lambda logits: None)

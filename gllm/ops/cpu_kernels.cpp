@@ -308,7 +308,8 @@ void argmax_logsumexp(const float* logits, int64_t rows, int64_t vocab, int64_t 
 
 }  // namespace
 
-#define GLLM_ATTENTION_ARGS q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, s_block, scale, threads
+#define GLLM_ATTENTION_ARGS \
+    q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, s_block, scale, threads
 #define GLLM_EXPORT(suffix, T)                                                                                 \
     extern "C" void add_rms_norm_##suffix(const T* x, T* res, const T* w, T* out, int64_t rows, int64_t dim,   \
                                           int64_t sx, int64_t sr, int64_t so, int add, float eps, int threads) { \

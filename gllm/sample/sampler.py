@@ -96,7 +96,10 @@ class Sampler:
         token_ids = self._choose(logits, rows, argmax)
         num_logprobs = [row.num_logprobs for row in rows]
         top_n = min(max(num_logprobs, default=0), logits.shape[1])
-        packed = _pack(logits, token_ids, top_n) if stats is None else _pack_with_stats(logits, token_ids, top_n, *stats)
+        if stats is None:
+            packed = _pack(logits, token_ids, top_n)
+        else:
+            packed = _pack_with_stats(logits, token_ids, top_n, *stats)
         return PendingSample(token_ids, packed, num_logprobs, top_n)
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow], argmax: torch.Tensor) -> torch.Tensor:
