@@ -145,6 +145,15 @@ def test_a_failed_build_is_reported_not_raised(tmp_path) -> None:
     assert not list(tmp_path.glob("*.so"))
 
 
+def test_a_damaged_build_in_the_cache_is_built_again(tmp_path) -> None:
+    compiler = cpu_kernels._compiler()
+    built = cpu_kernels._build(compiler, tmp_path)
+    built.write_bytes(b"not a library")
+    lib = cpu_kernels._load(compiler, tmp_path)
+    assert lib is not None and lib.silu_mul_f32 is not None
+    assert built.read_bytes() != b"not a library"
+
+
 def test_engine_on_the_cpu_backend_matches_the_torch_backend(gqa_model) -> None:
     """The whole model on the C++ kernels, prompt chunks and decodes mixed, then prefix-cache hits: same
     greedy tokens and logprobs as on plain torch. Float32: bfloat16 end to end is held to float32 on the

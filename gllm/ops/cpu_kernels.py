@@ -98,6 +98,19 @@ def _build(compiler: str, folder: Path) -> Path | None:
     return None
 
 
+def _load(compiler: str, folder: Path) -> ctypes.CDLL | None:
+    """The built library, loaded; a cached build that does not load (a damaged file) is built again once."""
+    path = _build(compiler, folder)
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        path = _build(compiler, folder)
+        return None if path is None else ctypes.CDLL(str(path))
+
+
 @functools.cache
 def kernels() -> dict[tuple[str, torch.dtype | None], ctypes._CFuncPtr]:
     """The compiled kernels by (name, dtype), built on first call; empty when they are off or cannot be built."""
@@ -110,8 +123,7 @@ def kernels() -> dict[tuple[str, torch.dtype | None], ctypes._CFuncPtr]:
     folder = cache_dir()  # with caching off, one folder per user in the temporary directory
     folder = Path(tempfile.gettempdir()) / f"gllm-kernels-{getpass.getuser()}" if folder is None else folder / "kernels"
     try:
-        path = _build(compiler, folder)
-        lib = None if path is None else ctypes.CDLL(str(path))
+        lib = _load(compiler, folder)
     except OSError as err:
         log.warning("the CPU kernels could not be built or loaded (%s): using plain torch ops", err)
         return {}
