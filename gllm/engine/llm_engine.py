@@ -79,7 +79,9 @@ class LLMEngine(AsyncDriver):
     ):
         """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
         ``torch.float32`` is exact against the reference. ``quantize="int8"`` (CPU, bfloat16) stores
-        weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``)."""
+        weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``). On a CPU with
+        AMX in bfloat16, a GGUF model's Q4_0 / Q4_1 / Q8_0 matrices are kept in their blocks and decode
+        steps multiply from them (same results as the dequantized weights, a third of the bytes)."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
