@@ -304,3 +304,30 @@ def test_top_n_orders_ties_by_lowest_id_like_greedy() -> None:
     for row, top in zip(logits, out.top_logprobs):
         assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
         assert all(abs(lp - torch.log_softmax(row, -1)[t].item()) < 1e-6 for t, lp in top)
+
+
+def test_long_rows_filtered_among_their_best_tokens_match_a_full_sort(monkeypatch) -> None:
+    """A vocabulary longer than the candidate count: the same masks as sorting every token, for top-k,
+    top-p and both, with ties around the boundary (which send the batch to the full sort)."""
+    from gllm.sample import filters
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 3000, generator=gen) * 3
+    logits[1, :] = torch.randn(3000, generator=gen).round()  # coarse values: ties everywhere
+    logits[2, 100:140] = logits[2].max() + 1  # a tied top group
+    logits[3, ::2] = float("-inf")  # masked tokens
+    settings_ = [
+        (torch.tensor([0, 0, 0, 0, 0, 0]), torch.tensor([0.9, 0.5, 0.95, 0.8, 1.0, 0.3])),
+        (torch.tensor([50, 5, 20, 0, 300, 1]), None),
+        (torch.tensor([40, 0, 10, 7, 0, 100]), torch.tensor([0.9, 0.7, 1.0, 0.5, 0.99, 0.2])),
+        (None, torch.tensor([0.97, 1.0, 0.999, 0.9, 0.6, 0.1])),
+    ]
+    for top_k, top_p in settings_:
+        fast = filters.filter_logits(logits, top_k=top_k, top_p=top_p)
+        with monkeypatch.context() as m:
+            m.setattr(filters, "CANDIDATES", 10**9)  # every row sorted in full
+            full = filters.filter_logits(logits, top_k=top_k, top_p=top_p)
+        assert torch.equal(fast, full)
+    # the fast path decides these rows itself (no fallback), and so does not always sort
+    assert filters._filter_best(logits[[0, 3, 5]], torch.tensor([50, 0, 1]), torch.tensor([0.9, 0.8, 0.3])) is not None
+    assert filters._filter_best(logits[[1]], torch.tensor([0]), torch.tensor([0.5])) is None  # ties at its boundary
