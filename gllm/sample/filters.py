@@ -31,8 +31,8 @@ def filter_logits(
     """Top-k, then top-p over what top-k left (renormalised); ``None`` skips a filter.
 
     Works in sorted order and scatters the mask back, so a batch costs one sort whatever mix of settings
-    its rows use. A row longer than ``CANDIDATES`` sorts only its best ``CANDIDATES`` tokens, which
-    decides it whenever its last kept token ranks above the smallest of them (a full sort of a
+    its rows use. On the CPU a row longer than ``CANDIDATES`` sorts only its best ``CANDIDATES`` tokens,
+    which decides it whenever its last kept token ranks above the smallest of them (a full sort of a
     50,000-token vocabulary costs more than a decode step); otherwise the batch is sorted in full.
     Tokens already at ``-inf`` stay there.
     """
@@ -42,7 +42,8 @@ def filter_logits(
         return logits
     vocab = logits.shape[1]
     k = None if top_k is None else top_k.to(device=logits.device, dtype=torch.long)
-    if vocab > CANDIDATES and (k is None or int(k.max()) < CANDIDATES):
+    # On the CPU only: the check reads values back, which would stall a GPU's queue (where sorting is cheap).
+    if logits.device.type == "cpu" and vocab > CANDIDATES and (k is None or int(k.max()) < CANDIDATES):
         mask = _filter_best(logits, k, top_p)
         if mask is not None:
             return logits.masked_fill(mask, float("-inf"))
