@@ -94,3 +94,13 @@ def test_engine_tokens_equal_with_and_without_blocks() -> None:
     for a, b in zip(*runs):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+
+
+def test_int8_asked_for_keeps_int8_not_blocks() -> None:
+    """``quantize="int8"`` means int8 copies: the file's blocks are not loaded over them."""
+    from gllm.engine import GeneratorParams, LLMEngine
+    from gllm.ops.linear import Int8Linear
+
+    engine = LLMEngine("smollm2-135m-instruct", GeneratorParams(max_seq_len=64), dtype=torch.bfloat16, quantize="int8")
+    assert isinstance(engine.model.head_kernel, Int8Linear)
+    assert isinstance(engine.model.layers[0].mlp.down_proj.kernel, Int8Linear)

@@ -79,9 +79,9 @@ class LLMEngine(AsyncDriver):
     ):
         """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
         ``torch.float32`` is exact against the reference. ``quantize="int8"`` (CPU, bfloat16) stores
-        weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``). On a CPU with
-        AMX in bfloat16, a GGUF model's Q4_0 / Q4_1 / Q8_0 matrices are kept in their blocks and decode
-        steps multiply from them (same results as the dequantized weights, a third of the bytes)."""
+        weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``). Without it, on a
+        CPU with AMX in bfloat16, a GGUF model's Q4_0 / Q4_1 / Q8_0 matrices are kept in their blocks and
+        decode steps multiply from them (same results as the dequantized weights, a third of the bytes)."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
@@ -90,7 +90,8 @@ class LLMEngine(AsyncDriver):
         if quantize is not None and not packed:
             raise ValueError(f"quantize={quantize!r} needs dtype bfloat16 on a CPU with bfloat16 support "
                              f"(got {dtype} on {self.device})")
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, blocks=packed)
+        blocks = packed and quantize is None  # int8 asked for: int8 copies, not the file's own blocks
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, blocks=blocks)
         self.model_name, self.config, self.tokenizer = loaded.name, loaded.config, loaded.tokenizer
         cfg = self.config
         self.max_seq_len = min(params.max_seq_len, cfg.max_position_embeddings)
@@ -101,7 +102,7 @@ class LLMEngine(AsyncDriver):
         net = LlamaModel.empty(cfg, self.max_seq_len, self.attention, dtype, self.device)
         net.load_weights(loaded.weights)
         if packed:
-            net.pack_weights(quantize, loaded.blocks)
+            net.pack_weights(quantize, loaded.blocks if blocks else None)
         self.quantize = quantize
         self.model = net.eval()
         num_blocks = self._num_kv_blocks(dtype)
