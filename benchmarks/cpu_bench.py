@@ -35,11 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # this checkout's gllm, not an installed one
 
 from common import cpu_model, markdown_table, summarize, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = BENCHMARKS / "results"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PROMPT_LENGTHS = (256, 512)
 LABELS = {

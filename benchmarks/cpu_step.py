@@ -6,7 +6,11 @@ the batch, some 300 kernel calls from Python, sampling, detokenizing) is paid ag
 runs the real engine on one stream (greedy, ``ignore_eos``), times every step and the phases of
 ``LLMEngine.step`` inside it (schedule, prepare the batch, the model's forward, sampling, the
 scheduler's update and the request's output), and with ``--profile`` lists the operators that
-``torch.profiler`` sees inside the forward. Medians over ``--steps`` steps after a warm-up, in
+``torch.profiler`` sees inside the forward. ``--stub-products`` replaces every matrix product with a
+function that returns zeros of its output's shape: what is left of a step is the host's work and the
+small kernels around the products, whatever the weights cost on this machine. ``--clock cpu`` times
+with the thread's CPU time instead of the wall clock: with ``--threads 1`` every kernel runs on this
+thread, so the figures then hold on a machine whose other work keeps descheduling this process. Medians over ``--steps`` steps after a warm-up, in
 ``--repeats`` rounds (the table shows the median round by step time).
 
     python benchmarks/cpu_step.py [--model smollm2-135m-instruct] [--threads 2] [--steps 64] [--profile]
@@ -24,22 +28,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # this checkout's gllm, not an installed one
 from common import machine_info, markdown_table, write_results  # noqa: E402
 
 PHASES = ("schedule", "prepare", "forward", "sample", "update", "output")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCKS["wall"]
+
+
 def timed(spent: dict[str, float], phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` that adds its wall time to ``spent[phase]``."""
+    """``fn`` that adds its time to ``spent[phase]``."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[phase] += time.perf_counter() - start
+            spent[phase] += clock() - start
 
     return wrapper
 
@@ -59,6 +68,19 @@ def instrument(engine: Any, spent: dict[str, float]) -> None:
     GenerationJob.on_token = timed(spent, "output", GenerationJob.on_token)
 
 
+def stub_products(model: Any) -> None:
+    """Make every matrix product of ``model`` (a ``LlamaModel``) return zeros of its output's shape."""
+    from gllm.model.llama import Linear
+
+    def zeros(out_features: int) -> Callable[[Any], Any]:
+        return lambda x: x.new_zeros(*x.shape[:-1], out_features)
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = zeros(module.out_features)
+    model.head_kernel = zeros(model.config.vocab_size)
+
+
 def one_round(engine: Any, steps: int, request: Any) -> list[dict[str, float]]:
     """Per-step timings (ms) of ``steps`` decode steps of one stream, after its prompt and a warm-up."""
     spent: dict[str, float] = defaultdict(float)
@@ -69,9 +91,9 @@ def one_round(engine: Any, steps: int, request: Any) -> list[dict[str, float]]:
     rows = []
     for _ in range(steps):
         spent.clear()
-        start = time.perf_counter()
+        start = clock()
         engine.step()
-        row = {"step": (time.perf_counter() - start) * 1000, **{p: spent[p] * 1000 for p in PHASES}}
+        row = {"step": (clock() - start) * 1000, **{p: spent[p] * 1000 for p in PHASES}}
         row["other"] = row["step"] - sum(row[p] for p in PHASES)
         rows.append(row)
     while engine.has_work():
@@ -99,17 +121,23 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: this thread's CPU time")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stub-products", action="store_true", help="matrix products return zeros (host work only)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's operator table")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu_step"))
     args = p.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     import torch
 
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
     torch.set_num_threads(args.threads)
     engine = LLMEngine(args.model, GeneratorParams(max_batch_size=1, max_seq_len=512), dtype=args.dtype)
+    if args.stub_products:
+        stub_products(engine.model)
     prompt = engine.tokenizer.encode("Tell the traveller about the old mill by the river, in a few sentences.")
     request = lambda: GenerationRequest(prompt_token_ids=prompt, max_new_tokens=args.steps + 16,  # noqa: E731
                                         temperature=0, ignore_eos=True)  # fmt: skip
@@ -123,7 +151,8 @@ def main() -> None:
     table = markdown_table(["phase", "ms per step (median)", "share"],
                            [[k, f"{v:.3f}", f"{v / typical['step']:.0%}"] for k, v in typical.items()])  # fmt: skip
     md = (f"# One stream's decode step on the CPU, by phase\n\n{info['cpu']}, {args.threads} threads, torch "
-          f"{info['torch']}, model {args.model}, dtype {engine.dtype}, backend {engine.attention.name}. "
+          f"{info['torch']}, model {args.model}, dtype {engine.dtype}, backend {engine.attention.name}"
+          f"{', matrix products stubbed (zeros)' if args.stub_products else ''}, {args.clock} clock. "
           f"Medians of {args.steps} steps; the median of {args.repeats} rounds by step time "
           f"({1000 / typical['step']:.1f} tok/s).\nCommand: `python benchmarks/cpu_step.py {' '.join(sys.argv[1:])}`\n\n"
           + table)  # fmt: skip

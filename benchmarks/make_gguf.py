@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's gllm (the default tokenizer)
+
 WEIGHT_STD = 0.02  # standard deviation of every matrix's dequantized values
 
 
@@ -317,7 +319,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:14} {s.arch:6} hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads "
                   f"(head dim {s.dim}), FFN {s.ffn}, vocab {s.vocab}{', tied' if s.tied else ''}")  # fmt: skip
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # gllm, for the default tokenizer
     args.out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = default_tokenizer()
     for name in args.shape:
