@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats = 16, 1
+    if args.max_seq_len <= max(PROMPT_LENGTHS):
+        p.error(f"--max-seq-len must leave room after the longest prompt ({max(PROMPT_LENGTHS)} tokens)")
     args.model = args.model or [DEFAULT_MODEL]
     args.threads = args.threads or len(os.sched_getaffinity(0))
     if args.out is None:

@@ -3,6 +3,10 @@
 It works on packed batches: ``T`` new tokens of many sequences in one flat tensor, their positions, and an
 ``AttentionMetadata`` that says where each sequence's context lives in the paged KV cache. Q/K/V and the
 gate/up projections are fused into single matrices so each layer does two large matmuls instead of five.
+
+Inside a step, layers and their parts are called through ``.forward``: ``nn.Module.__call__`` checks for
+hooks on every call, and a step makes about nine such calls per layer, which on a small model is a
+measurable part of a single stream's step on the CPU (``benchmarks/cpu_step.py``).
 """
 
 from __future__ import annotations
@@ -61,9 +65,9 @@ class Attention(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         """``rope``: this step's cos / sin tables; queries and keys are rotated, and K/V stored, in one go."""
-        q = attn.rope_write_kv(self.qkv_proj(x), *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
+        q = attn.rope_write_kv(self.qkv_proj.forward(x), *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         out = attn.attend(q, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return self.o_proj.forward(out.reshape(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -75,7 +79,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ops: AttentionBackend) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward(ops.silu_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -89,9 +93,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, rope, kv_cache, meta, ops) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: the last sub-layer's output, not yet added to ``residual`` (``None`` before the first layer).
         Returns this layer's MLP output and the residual stream before it."""
-        h, residual = self.input_layernorm(x, residual, ops)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, kv_cache, meta, ops), residual, ops)
-        return self.mlp(h, ops), residual
+        h, residual = self.input_layernorm.forward(x, residual, ops)
+        attended = self.self_attn.forward(h, rope, kv_cache, meta, ops)
+        h, residual = self.post_attention_layernorm.forward(attended, residual, ops)
+        return self.mlp.forward(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -134,8 +139,8 @@ class LlamaModel(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rope.tables(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope, kv_cache, meta, self.attn)
-        x, _ = self.norm(x[logits_indices], residual[logits_indices], self.attn)
+            x, residual = layer.forward(x, residual, rope, kv_cache, meta, self.attn)
+        x, _ = self.norm.forward(x[logits_indices], residual[logits_indices], self.attn)
         if self.head_kernel is not None:
             return self.head_kernel(x).float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
