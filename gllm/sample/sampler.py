@@ -184,9 +184,10 @@ def _pack_with_stats(
     chosen = token_ids[:, None]
     picked = logits.gather(1, chosen)
     ranks = torch.ones_like(chosen)
-    other = torch.nonzero(token_ids != argmax).squeeze(1)
-    if other.numel():
-        ranks[other] = (logits[other] > picked[other]).sum(dim=-1, keepdim=True) + 1
+    if token_ids is not argmax:  # some rows drew a token (all-greedy batches pass ``argmax`` itself)
+        other = torch.nonzero(token_ids != argmax).squeeze(1)
+        if other.numel():
+            ranks[other] = (logits[other] > picked[other]).sum(dim=-1, keepdim=True) + 1
     top_ids = _top_ids(logits, top_n)
     lse = lse[:, None]
     parts = [chosen, ranks, picked - lse, top_ids, logits.gather(1, top_ids) - lse]
