@@ -40,7 +40,9 @@ def start_backed_up_stream(srv) -> zmq.Socket:
                         "ignore_eos": True, "logprobs": 5}))
     watcher = dealer(srv.endpoint)
     try:
-        wait_until(lambda: stats(watcher)["queued_replies"] > 0, timeout=REPLY_TIMEOUT_S)
+        # How soon depends on the machine's speed: the stream fills the sockets between runtime and client
+        # within its first thousand tokens or so; a busy machine may take minutes for that.
+        wait_until(lambda: stats(watcher)["queued_replies"] > 0, timeout=10 * REPLY_TIMEOUT_S)
     finally:
         watcher.close(linger=0)
     return reader
@@ -72,7 +74,7 @@ def test_slow_reader_gets_its_whole_stream_and_its_end_after_sigterm(tiny_dir, t
 
 def test_a_client_that_reads_nothing_cannot_hold_the_runtime(tiny_dir, tmp_path):
     srv = start_server(tiny_dir, tmp_path, "--shutdown-grace", "0.5", "--shutdown-drain", "1",
-                       "--max-seq-len", "4096")
+                       "--max-seq-len", "4096", endpoint=f"ipc://{tmp_path}/gllm.sock")
     reader = start_backed_up_stream(srv)
     try:
         assert srv.stop() == 0, srv.log()[-3000:]  # stop() fails the test if the process does not exit
