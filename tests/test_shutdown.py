@@ -34,7 +34,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def start_backed_up_stream(srv) -> zmq.Socket:
-    """A slow reader with a long stream open, once the runtime holds replies that wait for it."""
+    """A slow reader with a long stream open, once the runtime holds replies that wait for it (if that fails,
+    the runtime is killed: no test leaves one behind)."""
     reader = slow_reader(srv.endpoint)
     reader.send(encode({"type": "generate", "id": "long", "prompt_token_ids": [1, 2], "max_tokens": STREAM,
                         "ignore_eos": True, "logprobs": 5}))
@@ -43,6 +44,10 @@ def start_backed_up_stream(srv) -> zmq.Socket:
         # How soon depends on the machine's speed: the stream fills the sockets between runtime and client
         # within its first thousand tokens or so; a busy machine may take minutes for that.
         wait_until(lambda: stats(watcher)["queued_replies"] > 0, timeout=10 * REPLY_TIMEOUT_S)
+    except BaseException:
+        reader.close(linger=0)
+        srv.proc.kill()
+        raise
     finally:
         watcher.close(linger=0)
     return reader
