@@ -13,7 +13,7 @@ with the thread's CPU time instead of the wall clock: with ``--threads 1`` every
 thread, so the figures then hold on a machine whose other work keeps descheduling this process. Medians over ``--steps`` steps after a warm-up, in
 ``--repeats`` rounds (the table shows the median round by step time).
 
-    python benchmarks/cpu_step.py [--model smollm2-135m-instruct] [--threads 2] [--steps 64] [--profile]
+    python benchmarks/cpu_step.py [--model NAME] [--threads 2] [--steps 64] [--profile]
 """
 
 from __future__ import annotations

@@ -139,7 +139,8 @@ class Tensor:
 
 
 def tensors(shape: Shape, mix: str, rope_freqs: bool) -> Iterator[Tensor]:
-    """Every tensor of the file, in the order llama.cpp's converter writes a model of this architecture."""
+    """Every tensor of the file, layer by layer (llama.cpp's converter orders them otherwise; the order
+    changes nothing for a reader)."""
     h, q_rows, kv_rows = shape.hidden, shape.heads * shape.dim, shape.kv_heads * shape.dim
 
     def matrix(name: str, rows: int, columns: int, layer: int = 0) -> Tensor:

@@ -65,7 +65,8 @@ class Attention(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         """``rope``: this step's cos / sin tables; queries and keys are rotated, and K/V stored, in one go."""
-        q = attn.rope_write_kv(self.qkv_proj.forward(x), *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
+        qkv = self.qkv_proj.forward(x)
+        q = attn.rope_write_kv(qkv, *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         out = attn.attend(q, kv_cache, meta, self.scale)
         return self.o_proj.forward(out.reshape(x.shape[0], self.q_size))
 
