@@ -43,6 +43,7 @@ from common import cpu_model, markdown_table, summarize, write_results  # noqa: 
 RESULTS = BENCHMARKS / "results"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PROMPT_LENGTHS = (256, 512)
+SPEEDS = ("single_decode_tps", "multi_decode_tps", "prefill_256_tps", "prefill_512_tps", "ttft_500_ms")
 LABELS = {
     "single_decode_tps": "one stream, decode tok/s",
     "multi_decode_tps": "{streams} streams, decode tok/s summed (128-token prompts)",
@@ -69,11 +70,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], default=None, help="also run gLLM with these weights")
     p.add_argument("--hf", default="float32,bfloat16", help="HF dtypes to run, comma-separated ('' for none)")
     p.add_argument("--llama-cpp", metavar="DIR", default=None, help="folder with llama-bench and llama-batched-bench")
+    p.add_argument("--workloads", default=",".join(SPEEDS),
+                   help="speed rows to measure, comma-separated (default all): a large model on a small or busy "
+                        "machine can leave out the long ones")  # fmt: skip
     p.add_argument("--no-startup", action="store_true", help="skip the start-up rows (two extra loads per model)")
     p.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat: a smoke run")
     p.add_argument("--out", default=None, help="output path without suffix (default results/cpu_bench[_MODEL]_tN)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system in a child process
     args = p.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    if unknown := set(args.workloads) - set(SPEEDS):
+        p.error(f"--workloads: unknown {', '.join(sorted(unknown))} (choose from {', '.join(SPEEDS)})")
     if args.quick:
         args.new_tokens, args.repeats = 16, 1
     if args.max_seq_len <= max(PROMPT_LENGTHS):
@@ -183,7 +190,7 @@ def measure(system: Any, args: argparse.Namespace) -> dict[str, Any]:
         "ttft_500_ms": lambda: system.ttft_ms(long500),
     }
     out = {}
-    for key, job in jobs.items():
+    for key, job in ((k, jobs[k]) for k in args.workloads):
         job()
         runs = [job() for _ in range(args.repeats)]
         out[key] = summarize(runs, higher_is_better=key.endswith("tps"))
@@ -200,10 +207,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     kind, _, rest = args.worker.partition(":")
     model = args.model[0]
     start = time.perf_counter()
-    if kind == "load":  # start-up only
+    if kind == "load":  # start-up only, in ``load:DTYPE``
         from gllm.engine import GeneratorParams, LLMEngine
 
-        LLMEngine(model, GeneratorParams(max_batch_size=args.streams, max_seq_len=args.max_seq_len))
+        LLMEngine(model, GeneratorParams(max_batch_size=args.streams, max_seq_len=args.max_seq_len), dtype=rest or "auto")
         return {"seconds": time.perf_counter() - start}
     if kind == "gllm":
         dtype, _, quantize = rest.partition(":")
@@ -222,7 +229,7 @@ def run_worker(args: argparse.Namespace, model: str, system: str, env: dict[str,
     """One system on one model in a fresh Python process; its last stdout line is its JSON."""
     argv = [sys.executable, __file__, "--worker", system, "--model", model, "--threads", str(args.threads),
             "--streams", str(args.streams), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-            "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
+            "--max-seq-len", str(args.max_seq_len), "--workloads", ",".join(args.workloads)]  # fmt: skip
     out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -231,8 +238,8 @@ def startup(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """Engine construction in fresh processes: with an empty cache folder, then with that folder."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, GLLM_CACHE_DIR=cache)
-        cold = run_worker(args, model, "load:", env)["seconds"]
-        warm = [run_worker(args, model, "load:", env)["seconds"] for _ in range(args.repeats)]
+        cold = run_worker(args, model, f"load:{args.gllm_dtype}", env)["seconds"]
+        warm = [run_worker(args, model, f"load:{args.gllm_dtype}", env)["seconds"] for _ in range(args.repeats)]
     print(f"  start-up cold {cold:.2f} s, warm {[round(w, 2) for w in warm]}", file=sys.stderr, flush=True)
     return {"startup_cold_s": summarize([cold]), "startup_warm_s": summarize(warm)}
 
@@ -252,7 +259,7 @@ def bench_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
         path = resolve(model) if is_registered(model) else Path(model)
         cpp = LlamaCppSystem(Path(args.llama_cpp), path, args.threads)
-        systems[cpp.name] = cpp.measure(args.streams, args.new_tokens, args.repeats, PROMPT_LENGTHS, args.max_seq_len)
+        systems[cpp.name] = cpp.measure(args.workloads, args.streams, args.new_tokens, args.repeats, args.max_seq_len)
     return systems
 
 

@@ -64,16 +64,23 @@ class LlamaCppSystem:
         self._run(str(self.bench), "-p", "1", "-n", "0", "-r", "1", "--no-warmup", "-o", "json")
         return time.perf_counter() - start
 
-    def measure(self, streams: int, new_tokens: int, repeats: int, prompt_lengths: Sequence[int],
+    def measure(self, workloads: Sequence[str], streams: int, new_tokens: int, repeats: int,
                 max_seq_len: int) -> dict[str, Any]:  # fmt: skip
-        runs = self._bench([*prompt_lengths, 500], new_tokens, repeats)
+        """``cpu_bench.py``'s rows named in ``workloads`` (``prefill_<N>_tps``, ``ttft_500_ms``, ...), its
+        memory and start-up."""
+        prefill = [int(w.split("_")[1]) for w in workloads if w.startswith("prefill_")]
+        prompts = prefill + ([500] if "ttft_500_ms" in workloads else [])
+        gen = new_tokens if "single_decode_tps" in workloads else 0
+        runs = self._bench(prompts or [0], gen, repeats) if prompts or gen else {}
         rate = lambda values: summarize(values, higher_is_better=True)  # noqa: E731
-        out = {
-            "single_decode_tps": rate(runs[0, new_tokens]),
-            "multi_decode_tps": rate([self._batched(streams, new_tokens, streams * max_seq_len) for _ in range(repeats)]),
-            **{f"prefill_{n}_tps": rate(runs[n, 0]) for n in prompt_lengths},
-            "ttft_500_ms": summarize([500_000 / ts for ts in runs[500, 0]]),
-            "peak_run_mb": summarize([self.peak_mb]),
-        }
+        out = {f"prefill_{n}_tps": rate(runs[n, 0]) for n in prefill}
+        if gen:
+            out["single_decode_tps"] = rate(runs[0, gen])
+        if "ttft_500_ms" in workloads:
+            out["ttft_500_ms"] = summarize([500_000 / ts for ts in runs[500, 0]])
+        if "multi_decode_tps" in workloads:
+            out["multi_decode_tps"] = rate([self._batched(streams, new_tokens, streams * max_seq_len)
+                                            for _ in range(repeats)])  # fmt: skip
+        out["peak_run_mb"] = summarize([self.peak_mb])
         out["startup_warm_s"] = summarize([self._startup_s() for _ in range(repeats)])
         return out
