@@ -6,7 +6,7 @@ Workloads (greedy, ``ignore_eos``, every stream exactly ``--new-tokens`` tokens)
 * ``--streams`` streams at once: 128-token prompts (random ids, fixed seed); summed decode tokens/s over
   the decode phase (from the last stream's first token to the end), as ``llama-batched-bench`` counts S_TG;
 * prompt processing: a 256- and a 512-token prompt, one new token; prompt tokens / time to first token;
-* time to first token of a 500-token prompt on a cold cache;
+* time to first token of a 500-token prompt on a cold cache (``--workloads`` picks among these five);
 * memory: resident set (``VmRSS``) after the engine is built, and its peak (``VmHWM``) over loading and
   over the whole run, read from ``/proc``;
 * start-up: building the engine in a fresh process with an empty cache folder (cold: the GGUF index and
