@@ -171,11 +171,14 @@ class LlamaModel(nn.Module):
     """A causal LM of any supported family over the paged KV cache; ``attn`` picks the attention kernels
     (default: torch)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, attn: AttentionBackend = BACKENDS["torch"]):
+    def __init__(self, cfg: ModelConfig, max_positions: int, attn: AttentionBackend | None = None):
         super().__init__()
         self.config = cfg
-        self.attn = attn
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.attn = attn or BACKENDS["torch"]()
+        # An empty weight instead of nn.Embedding's random one (``load_weights`` fills it): that init, on the meta
+        # device where ``empty`` builds, would import torch._dynamo and with it Triton into every CPU run.
+        embedding = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self._position_tables(max_positions)
@@ -196,7 +199,7 @@ class LlamaModel(nn.Module):
         with torch.device("meta"):
             net = cls(cfg, max_positions, attn).to(dtype)
         net.to_empty(device=device)
-        net._position_tables(max_positions)
+        net._position_tables(max_positions)  # computed, not loaded
         net.ropes.to(device, dtype)
         if net.query_scales is not None:
             net.query_scales = net.query_scales.to(device)

@@ -45,7 +45,7 @@ def rope_frequencies(
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, s), 1.0
     if kind == "freq_factors":
-        return inv_freq / torch.tensor(s["factors"], dtype=torch.float32), 1.0
+        return inv_freq / torch.tensor(s["factors"], dtype=torch.float32, device="cpu"), 1.0
     if kind == "yarn":
         return _yarn(inv_freq, rotary_dim, theta, s)
     if kind == "longrope":
@@ -88,7 +88,7 @@ def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, s: dict[str, Any]) -> 
     if s.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / ((high - low) or 0.001)).clamp(0, 1)
     keep = 1 - ramp  # the share of the original frequency
     return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
 
@@ -99,7 +99,7 @@ def _longrope(
     """LongRoPE: each frequency divided by its own factor, short or long (see ``rope_frequencies``)."""
     original = s["original_max_position_embeddings"]
     factors = s["long_factor"] if max_positions > original else s["short_factor"]
-    inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
+    inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * theta**exponents)
     attention = s.get("attention_factor")
     if attention is None:
         factor = s.get("factor") or 1.0
@@ -114,7 +114,7 @@ def rotary_row_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
     r, p = rotary_dim // 2, (head_dim - rotary_dim) // 2
     first = [*range(r), *range(rotary_dim, rotary_dim + p)]
     second = [*range(r, rotary_dim), *range(rotary_dim + p, head_dim)]
-    return torch.tensor(first + second)
+    return torch.tensor(first + second, device="cpu")
 
 
 def query_scales(scaling: dict[str, Any] | None, max_positions: int) -> torch.Tensor | None:
