@@ -1,0 +1,119 @@
+"""Every supported family against HF transformers on tiny random checkpoints (``tests/families.py``).
+
+Greedy tokens must be identical and logprobs within 1e-4 in float32, through staggered arrivals (prompt
+chunks beside decodes), prompts longer than the sliding window, preemption, prefix-cache hits, forks
+and scoring; bfloat16 and int8 weights stay within the bounds the default model's tests use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine, ScoreRequest
+from gllm.ops.linear import packing_supported
+from families import FAMILIES, WINDOW, build
+from test_parity_hf import LOGPROB_TOL, hf_greedy
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, folder, build(request.param, folder)
+
+
+def prompts(name: str, lengths: list[int], seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (max(n, FAMILIES[name].min_prompt),), generator=gen).tolist() for n in lengths]
+
+
+def run_staggered(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[int, object]:
+    """Add one request every third step (so batches mix prompt chunks and decodes); results by index."""
+    ids, results = {}, {}
+    for step in range(10_000):
+        if step % 3 == 0 and len(ids) < len(requests):
+            ids[engine.add_request(requests[len(ids)])] = len(ids)
+        results.update((ids[r.request_id], r) for r in engine.step().finished)
+        if len(results) == len(requests):
+            return results
+    raise AssertionError("requests did not finish")
+
+
+def test_greedy_matches_hf_with_staggered_arrivals_and_preemption(family, device):
+    name, folder, hf = family
+    texts = prompts(name, [1, 7, 33, 100])
+    assert max(map(len, texts)) > 4 * WINDOW
+    # A small token budget splits long prompts into chunks; 16 blocks of 8 cannot hold all four at once.
+    params = GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256, max_num_batched_tokens=40, num_kv_blocks=16)
+    engine = LLMEngine(folder, params, device=device, dtype=torch.float32)
+    reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=NEW_TOKENS, temperature=0) for p in texts]
+    results = run_staggered(engine, reqs)
+    stats = engine.stats()
+    assert stats["kv_blocks_in_use"] == 0 and stats["preemptions"] > 0
+    hf.to(device)
+    for i, prompt in enumerate(texts):
+        tokens, logprobs, gap = hf_greedy(hf, prompt, NEW_TOKENS, device)
+        assert gap > 1e-4, "test model has near-ties; change its seed or init scale"
+        assert results[i].token_ids == tokens, f"{name}: prompt {i} ({len(prompt)} tokens)"
+        assert max(abs(a - b) for a, b in zip(results[i].logprobs, logprobs)) < LOGPROB_TOL[device]
+    hf.to("cpu")
+
+
+def hf_logprobs(hf, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """HF's log-probability of each token of ``continuation`` after ``prompt``."""
+    ids = prompt + continuation
+    with torch.no_grad():
+        logp = hf(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    return logp[torch.arange(len(prompt) - 1, len(ids) - 1), torch.tensor(continuation)]
+
+
+def test_prefix_cache_forks_and_scoring_match_hf(family):
+    name, folder, hf = family
+    engine = LLMEngine(folder, GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256), dtype=torch.float32)
+    shared, tail = prompts(name, [40, 5], seed=2)
+    first = engine.generate([GenerationRequest(prompt_token_ids=shared, max_new_tokens=8, temperature=0)])[0]
+    assert first.token_ids == hf_greedy(hf, shared, 8)[0]
+    # The same prefix again, longer: its full blocks come from the cache (past the sliding window, too).
+    again = engine.generate([GenerationRequest(prompt_token_ids=shared + tail, max_new_tokens=8, temperature=0)])[0]
+    assert again.num_cached_tokens >= len(shared) // 8 * 8 - 8
+    tokens, logprobs, _ = hf_greedy(hf, shared + tail, 8)
+    assert again.token_ids == tokens
+    assert max(abs(a - b) for a, b in zip(again.logprobs, logprobs)) < 1e-4
+    # Two forks of one prompt share its blocks; greedy, both are HF's continuation.
+    forked = engine.generate([GenerationRequest(prompt_token_ids=shared + tail[:3], max_new_tokens=8, temperature=0, n=2)])[0]
+    expected = hf_greedy(hf, shared + tail[:3], 8)[0]
+    assert [f.token_ids for f in forked.forks] == [expected, expected]
+    # Candidates scored in one batch after the prompt.
+    candidates = [tail[:1], tail[1:4], tail[::-1]]
+    scores = engine.score(ScoreRequest(prompt_token_ids=shared, candidates=candidates))
+    for candidate, score in zip(candidates, scores.candidates):
+        assert torch.allclose(torch.tensor(score.token_logprobs), hf_logprobs(hf, shared, candidate), atol=1e-4)
+    assert engine.stats()["kv_blocks_in_use"] == 0
+
+
+# Bounds of tests/test_default_model.py: the chosen token's float32 logit below the float32 best, and its
+# logprob against float32's, in nats.
+REDUCED = {None: (0.5, 0.3), "int8": (0.75, 0.5)}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"], ids=["bfloat16", "int8"])
+def test_reduced_precision_stays_near_float32(family, quantize):
+    if quantize and not packing_supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("int8 weights need oneDNN bfloat16 kernels, which this CPU lacks")
+    name, folder, hf = family
+    texts = prompts(name, [5, 30, 70], seed=3)
+    params = GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256, max_num_batched_tokens=32)
+    engine = LLMEngine(folder, params, dtype=torch.bfloat16, quantize=quantize)
+    reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=12, temperature=0) for p in texts]
+    results = run_staggered(engine, reqs)
+    max_gap, max_error = REDUCED[quantize]
+    for i, prompt in enumerate(texts):
+        tokens = results[i].token_ids
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+        chosen = logits[torch.arange(len(tokens)), torch.tensor(tokens)]
+        assert (logits.max(-1).values - chosen).max().item() < max_gap, name
+        reference = logits.log_softmax(-1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+        assert (reference - torch.tensor(results[i].logprobs)).abs().max().item() < max_error, name
