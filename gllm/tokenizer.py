@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # Any of these in a folder means it carries a tokenizer that `AutoTokenizer` can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -37,15 +37,16 @@ class Tokenizer:
         """Load the tokenizer of a model folder, or of ``gguf_file`` inside it.
 
         Returns ``None`` for a folder without tokenizer files, so that weights-only checkpoints still load.
-        Never touches the network.
+        Never touches the network. A GGUF file's tokenizer is built by the fast tokenizer class itself:
+        ``AutoTokenizer`` would first read the file as a model config, which transformers refuses for
+        architectures it cannot run (``smollm3``, ``mistral3``), although the vocabulary is the same kind.
         """
         folder = Path(folder)
-        if gguf_file is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            return None
-        kwargs: dict[str, Any] = {"local_files_only": True}
         if gguf_file is not None:
-            kwargs["gguf_file"] = gguf_file
-        return cls(AutoTokenizer.from_pretrained(str(folder), **kwargs))
+            return cls(PreTrainedTokenizerFast.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True))
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``, with the special tokens (e.g. BOS) the model's tokenizer adds unless told not to."""
