@@ -150,7 +150,7 @@ class LLMEngine(AsyncDriver):
         elif req.messages is not None:
             if not req.messages:
                 raise ValueError("messages is empty")
-            ids = self.tokenizer.apply_chat_template(req.messages)
+            ids = self.tokenizer.apply_chat_template(req.messages, thinking=req.thinking)
         else:
             ids = self.tokenizer.encode(req.prompt) if req.prompt else []
         if not ids:
