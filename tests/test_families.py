@@ -117,3 +117,23 @@ def test_reduced_precision_stays_near_float32(family, quantize):
         assert (logits.max(-1).values - chosen).max().item() < max_gap, name
         reference = logits.log_softmax(-1)[torch.arange(len(tokens)), torch.tensor(tokens)]
         assert (reference - torch.tensor(results[i].logprobs)).abs().max().item() < max_error, name
+
+
+def test_all_local_model_releases_blocks_behind_the_window(tmp_path):
+    """Mistral 7B v0.1's shape (every layer local): a sequence holds only the blocks its window reaches, so
+    116 tokens run in 6 blocks of 8 (15 without the release), with HF's tokens."""
+    folder, hf = tmp_path, build("mistral", tmp_path)
+    params = GeneratorParams(block_size=8, max_batch_size=2, max_seq_len=256, max_num_batched_tokens=16, num_kv_blocks=6)
+    engine = LLMEngine(folder, params, dtype=torch.float32)
+    prompt = prompts("mistral", [100], seed=4)[0]
+    engine.add_request(GenerationRequest(prompt_token_ids=prompt, max_new_tokens=NEW_TOKENS, temperature=0))
+    peak, result = 0, None
+    while result is None:
+        out = engine.step()
+        peak = max(peak, engine.stats()["kv_blocks_in_use"])
+        result = out.finished[0] if out.finished else None
+    assert peak <= (WINDOW - 1 + 16) // 8 + 2 and engine.stats()["kv_blocks_in_use"] == 0
+    tokens, logprobs, _ = hf_greedy(hf, prompt, NEW_TOKENS)
+    assert result.token_ids == tokens
+    assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs)) < 1e-4
+

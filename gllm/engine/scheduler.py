@@ -172,6 +172,7 @@ class Scheduler:
                 continue  # finished by an abort during the step
             seq.num_computed_tokens += chunk.num_tokens
             self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens)
+            self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)
             if not chunk.completes:
                 continue
             for child in seq.pending_forks:
