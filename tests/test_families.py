@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine, ScoreRequest
+from gllm.ops.backend import triton_available
 from gllm.ops.linear import packing_supported
 from families import FAMILIES, WINDOW, build
 from test_parity_hf import LOGPROB_TOL, hf_greedy
@@ -140,3 +141,20 @@ def test_all_local_model_releases_blocks_behind_the_window(tmp_path):
     assert result.token_ids == tokens
     assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs)) < 1e-4
 
+
+
+@pytest.mark.skipif(not triton_available(), reason="no GPU and no Triton interpreter")
+def test_triton_backend_matches_hf(family, device):
+    """The Triton kernels (Triton's CPU interpreter without a GPU) on every family: windows, soft-caps,
+    GELU gates, head sizes 16 and 32, prompt chunks beside decodes."""
+    name, folder, hf = family
+    texts = prompts(name, [7, 33], seed=6)
+    params = GeneratorParams(block_size=8, max_batch_size=2, max_seq_len=128, max_num_batched_tokens=24)
+    engine = LLMEngine(folder, params, device=device, dtype=torch.float32, attention="triton")
+    results = run_staggered(engine, [GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in texts])
+    hf.to(device)
+    for i, prompt in enumerate(texts):
+        tokens, logprobs, _ = hf_greedy(hf, prompt, 8, device)
+        assert results[i].token_ids == tokens, name
+        assert max(abs(a - b) for a, b in zip(results[i].logprobs, logprobs)) < LOGPROB_TOL[device]
+    hf.to("cpu")
