@@ -14,7 +14,7 @@ from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine, ScoreRequ
 from gllm.ops.backend import triton_available
 from gllm.ops.linear import packing_supported
 from families import FAMILIES, WINDOW, build
-from test_parity_hf import LOGPROB_TOL, hf_greedy
+from test_parity_hf import assert_greedy_matches_hf, hf_greedy, run_staggered
 
 NEW_TOKENS = 16
 
@@ -28,18 +28,6 @@ def family(request, tmp_path_factory):
 def prompts(name: str, lengths: list[int], seed: int = 1) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (max(n, FAMILIES[name].min_prompt),), generator=gen).tolist() for n in lengths]
-
-
-def run_staggered(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[int, object]:
-    """Add one request every third step (so batches mix prompt chunks and decodes); results by index."""
-    ids, results = {}, {}
-    for step in range(10_000):
-        if step % 3 == 0 and len(ids) < len(requests):
-            ids[engine.add_request(requests[len(ids)])] = len(ids)
-        results.update((ids[r.request_id], r) for r in engine.step().finished)
-        if len(results) == len(requests):
-            return results
-    raise AssertionError("requests did not finish")
 
 
 def test_greedy_matches_hf_with_staggered_arrivals_and_preemption(family, device):
@@ -56,13 +44,7 @@ def test_greedy_matches_hf_with_staggered_arrivals_and_preemption(family, device
     results = run_staggered(engine, reqs)
     stats = engine.stats()
     assert stats["kv_blocks_in_use"] == 0 and stats["preemptions"] > 0
-    hf.to(device)
-    for i, prompt in enumerate(texts):
-        tokens, logprobs, gap = hf_greedy(hf, prompt, NEW_TOKENS, device)
-        assert gap > 1e-4, "test model has near-ties; change its seed or init scale"
-        assert results[i].token_ids == tokens, f"{name}: prompt {i} ({len(prompt)} tokens)"
-        assert max(abs(a - b) for a, b in zip(results[i].logprobs, logprobs)) < LOGPROB_TOL[device]
-    hf.to("cpu")
+    assert_greedy_matches_hf(hf, texts, results, NEW_TOKENS, device, label=f"{name}: ")
 
 
 def hf_logprobs(hf, prompt: list[int], continuation: list[int]) -> torch.Tensor:
@@ -151,10 +133,5 @@ def test_triton_backend_matches_hf(family, device):
     texts = prompts(name, [7, 33], seed=6)
     params = GeneratorParams(block_size=8, max_batch_size=2, max_seq_len=128, max_num_batched_tokens=24)
     engine = LLMEngine(folder, params, device=device, dtype=torch.float32, attention="triton")
-    results = run_staggered(engine, [GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in texts])
-    hf.to(device)
-    for i, prompt in enumerate(texts):
-        tokens, logprobs, _ = hf_greedy(hf, prompt, 8, device)
-        assert results[i].token_ids == tokens, name
-        assert max(abs(a - b) for a, b in zip(results[i].logprobs, logprobs)) < LOGPROB_TOL[device]
-    hf.to("cpu")
+    reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in texts]
+    assert_greedy_matches_hf(hf, texts, run_staggered(engine, reqs), 8, device, label=f"{name}: ")
