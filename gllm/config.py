@@ -58,7 +58,8 @@ class ModelConfig:
             raise ValueError(f"unsupported activation {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
         rotary = self.rotary_dim if self.rotary_dim is not None else self.head_dim
         if self.head_dim % 2 or rotary % 2 or not 0 < rotary <= self.head_dim:
-            raise ValueError(f"rotary_dim ({rotary}) and head_dim ({self.head_dim}) must be even, rotary_dim <= head_dim")
+            raise ValueError(f"rotary_dim ({rotary}) and head_dim ({self.head_dim}) must be even, "
+                             "and rotary_dim at most head_dim")
         if self.local_layers and not self.sliding_window:
             raise ValueError("local_layers need a sliding_window")
         for name in ("local_layers", "nope_layers"):

@@ -68,7 +68,8 @@ def test_prefix_cache_forks_and_scoring_match_hf(family):
     assert again.token_ids == tokens
     assert max(abs(a - b) for a, b in zip(again.logprobs, logprobs)) < 1e-4
     # Two forks of one prompt share its blocks; greedy, both are HF's continuation.
-    forked = engine.generate([GenerationRequest(prompt_token_ids=shared + tail[:3], max_new_tokens=8, temperature=0, n=2)])[0]
+    fork = GenerationRequest(prompt_token_ids=shared + tail[:3], max_new_tokens=8, temperature=0, n=2)
+    forked = engine.generate([fork])[0]
     expected = hf_greedy(hf, shared + tail[:3], 8)[0]
     assert [f.token_ids for f in forked.forks] == [expected, expected]
     # Candidates scored in one batch after the prompt.
@@ -109,7 +110,8 @@ def test_all_local_model_releases_blocks_behind_the_window(tmp_path):
     """Mistral 7B v0.1's shape (every layer local): a sequence holds only the blocks its window reaches, so
     116 tokens run in 6 blocks of 8 (15 without the release), with HF's tokens."""
     folder, hf = tmp_path, build("mistral", tmp_path)
-    params = GeneratorParams(block_size=8, max_batch_size=2, max_seq_len=256, max_num_batched_tokens=16, num_kv_blocks=6)
+    params = GeneratorParams(block_size=8, max_batch_size=2, max_seq_len=256, max_num_batched_tokens=16,
+                             num_kv_blocks=6)
     engine = LLMEngine(folder, params, dtype=torch.float32)
     prompt = prompts("mistral", [100], seed=4)[0]
     engine.add_request(GenerationRequest(prompt_token_ids=prompt, max_new_tokens=NEW_TOKENS, temperature=0))

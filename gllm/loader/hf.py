@@ -85,7 +85,9 @@ def _stored_names(folder: Path) -> dict[str, Path]:
             with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
                 return dict.fromkeys(f.keys(), folder / SINGLE_FILE)
         except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{folder / SINGLE_FILE}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+            raise ModelLoadError(
+                f"{folder / SINGLE_FILE}: unreadable safetensors file (truncated or corrupt?): {exc}"
+            ) from exc
     index_path = folder / SHARD_INDEX
     if not index_path.is_file():
         raise ModelLoadError(f"{folder}: no {SINGLE_FILE} or {SHARD_INDEX}; only safetensors weights are supported")

@@ -159,10 +159,11 @@ def rope_kind(cfg: ModelConfig, layer: int) -> str:
 def rope_tables(cfg: ModelConfig, max_positions: int) -> nn.ModuleDict:
     """The RoPE tables the layers of ``cfg`` use, by ``rope_kind``."""
     kinds = {rope_kind(cfg, i) for i in range(cfg.num_layers)}
+    dim, rotary = cfg.head_dim, cfg.rotary_dim
     tables = {
-        "global": lambda: RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim),
-        "local": lambda: RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope_theta, None, cfg.rotary_dim),
-        "none": lambda: RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, None, rotary_dim=0),
+        "global": lambda: RotaryEmbedding(dim, max_positions, cfg.rope_theta, cfg.rope_scaling, rotary),
+        "local": lambda: RotaryEmbedding(dim, max_positions, cfg.local_rope_theta, None, rotary),
+        "none": lambda: RotaryEmbedding(dim, max_positions, cfg.rope_theta, None, rotary_dim=0),
     }
     return nn.ModuleDict({kind: make() for kind, make in tables.items() if kind in kinds})
 
@@ -310,9 +311,9 @@ class LlamaModel(nn.Module):
         cfg = self.config
         for i in range(cfg.num_layers):
             p, ours = f"model.layers.{i}.", f"layers.{i}."
-            own[ours + "self_attn.qkv_proj.weight"].copy_(torch.cat(self._qkv_rows(weights, self._qkv_names(p, "weight"))))
-            if cfg.qkv_bias:
-                own[ours + "self_attn.qkv_proj.bias"].copy_(torch.cat(self._qkv_rows(weights, self._qkv_names(p, "bias"))))
+            for part in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                qkv = self._qkv_rows(weights, self._qkv_names(p, part))
+                own[f"{ours}self_attn.qkv_proj.{part}"].copy_(torch.cat(qkv))
             own[ours + "self_attn.o_proj.weight"].copy_(weights[p + "self_attn.o_proj.weight"])
             gate_up = self._gate_up_names(p)
             own[ours + "mlp.gate_up_proj.weight"].copy_(torch.cat(self._gate_up_rows(weights, gate_up)))
