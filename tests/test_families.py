@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine, ScoreRequest
 from gllm.ops.backend import triton_available
@@ -137,3 +138,25 @@ def test_triton_backend_matches_hf(family, device):
     engine = LLMEngine(folder, params, device=device, dtype=torch.float32, attention="triton")
     reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in texts]
     assert_greedy_matches_hf(hf, texts, run_staggered(engine, reqs), 8, device, label=f"{name}: ")
+
+
+def test_multimodal_gemma3_checkpoint_runs_its_language_model(tmp_path):
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: text under ``language_model.``, a vision
+    tower beside it. The engine reads the language model alone and answers text prompts as HF does."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, sliding_window=6, max_position_embeddings=256)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path)
+    engine = LLMEngine(tmp_path, GeneratorParams(block_size=8, max_seq_len=128), dtype=torch.float32)
+    assert engine.config.family == "gemma3_text" and engine.config.local_layers == (0, 1)
+    prompt = prompts("gemma3", [40], seed=7)[0]
+    assert_greedy_matches_hf(hf, [prompt], engine.generate([GenerationRequest(prompt_token_ids=prompt,
+                                                                              max_new_tokens=8, temperature=0)]), 8)
