@@ -58,6 +58,7 @@ class Architecture:
     permuted: bool  # Q/K rows in llama.cpp's interleaved order
     switches: Callable[[Meta, GGUFIndex, dict[str, Any]], dict[str, Any]]  # family switches, given the base fields
     layer_tensors: dict[str, str] = field(default_factory=dict)  # overrides of LAYER_TENSORS
+    partial_rotary: bool = False  # rope.dimension_count may be less than the head size
 
     def hf_name(self, gguf_name: str) -> str | None:
         """Hugging Face name of a GGUF tensor, or None for tensors gLLM does not use."""
@@ -196,7 +197,7 @@ ARCHITECTURES = {
     "qwen3": Architecture("qwen3", False, _qwen3),
     "gemma2": Architecture("gemma2", False, _gemma2, GEMMA_LAYER_TENSORS),
     "gemma3": Architecture("gemma3_text", False, _gemma3, GEMMA_LAYER_TENSORS),
-    "phi3": Architecture("phi3", False, _phi3, {"ffn_up": "mlp.gate_up_proj"}),
+    "phi3": Architecture("phi3", False, _phi3, {"ffn_up": "mlp.gate_up_proj"}, partial_rotary=True),
 }
 
 # Token ids after which llama.cpp stops generating; all count as end of sequence.
@@ -247,7 +248,7 @@ def read_config(index: GGUFIndex, path: Path) -> ModelConfig:
         eos_token_ids=tuple(dict.fromkeys(int(meta(key)) for key in EOS_KEYS if key in index.meta)),
         family=family.family,
     )
-    if family.switches is not _phi3 and int(meta("rope.dimension_count", head_dim)) != head_dim:
+    if not family.partial_rotary and int(meta("rope.dimension_count", head_dim)) != head_dim:
         raise ModelLoadError(f"{path}: partial rotary embedding in a {arch!r} file is not supported")
     try:
         return ModelConfig(**{**base, **family.switches(meta, index, base)})

@@ -104,9 +104,10 @@ def _rope(text: Any) -> tuple[float, dict[str, Any] | None]:
 
 
 def _local_layers(text: Any) -> tuple[int | None, tuple[int, ...]]:
-    """The sliding window and the layers that use it (``layer_types``; all layers when a family has none)."""
+    """The sliding window and the layers that use it (``layer_types``; all layers when a family has none).
+    A window as long as the context (Phi-3.5-mini's 262,144) is none."""
     window = getattr(text, "sliding_window", None)
-    if not window:
+    if not window or window >= text.max_position_embeddings:
         return None, ()
     types = getattr(text, "layer_types", None)
     if types is None:
