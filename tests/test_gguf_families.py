@@ -7,8 +7,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize, quantize
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
@@ -99,3 +102,52 @@ def test_thinking_switch_reaches_the_template(name):
     assert prompt(thinking=True).endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="thinking"):
         engine.add_request(GenerationRequest(messages=chat, thinking="yes"))
+
+
+def quantized_copy(source: Path, target: Path, kind: GGMLQuantizationType) -> None:
+    """``source`` with every matrix whose rows split into 32-value blocks stored as ``kind`` (gguf-py's
+    quantization), metadata and tokenizer unchanged: the fixture as a quantized release would ship it."""
+    reader = GGUFReader(source)
+    writer = GGUFWriter(target, arch=reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name != "general.architecture" and not field.name.startswith("GGUF."):
+            kinds = field.types
+            writer.add_key_value(field.name, field.contents(), kinds[0], kinds[-1] if len(kinds) > 1 else None)
+    for tensor in reader.tensors:
+        values = dequantize(tensor.data, tensor.tensor_type)
+        if values.ndim == 2 and values.shape[1] % 32 == 0 and not tensor.name.startswith("rope_"):
+            writer.add_tensor(tensor.name, quantize(values, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(tensor.name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# Bounds of tests/test_default_model.py, in nats: bfloat16's greedy token below float32's best, and its
+# logprob against float32's.
+MAX_GAP, MAX_ERROR = 0.5, 0.3
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_quantized_file_in_bfloat16_stays_near_float32(name, tmp_path):
+    """A Q8_0 copy of each fixture, run in bfloat16 (on a CPU with AMX its matrices are multiplied straight
+    from their blocks) against float32 on the same file."""
+    path = tmp_path / f"{name}-q8_0.gguf"
+    quantized_copy(FOLDER / f"{name}.gguf", path, GGMLQuantizationType.Q8_0)
+    params = GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=128)
+    fast, exact = (LLMEngine(str(path), params, dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, exact.config.vocab_size, (max(n, FIXTURES[name].min_prompt),), generator=gen).tolist()
+               for n in (5, 40)]  # fmt: skip
+    runs = fast.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0, ignore_eos=True)
+                          for p in prompts])  # fmt: skip
+    for prompt, run in zip(prompts, runs):
+        prefixes = [prompt + run.token_ids[:i] for i in range(len(run.token_ids))]
+        best = exact.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=1, temperature=0) for p in prefixes])
+        chosen = exact.generate([GenerationRequest(prompt_token_ids=prompt + run.token_ids, max_new_tokens=1,
+                                                   prompt_logprobs=True)])[0].prompt_logprobs[len(prompt):]  # fmt: skip
+        for i, logprob in enumerate(chosen):
+            assert best[i].logprobs[0] - logprob < MAX_GAP, (name, i)
+            assert abs(run.logprobs[i] - logprob) < MAX_ERROR, (name, i)
