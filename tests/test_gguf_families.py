@@ -145,7 +145,8 @@ def test_quantized_file_in_bfloat16_stays_near_float32(name, tmp_path):
                           for p in prompts])  # fmt: skip
     for prompt, run in zip(prompts, runs):
         prefixes = [prompt + run.token_ids[:i] for i in range(len(run.token_ids))]
-        best = exact.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=1, temperature=0) for p in prefixes])
+        best = exact.generate([GenerationRequest(prompt_token_ids=p, max_new_tokens=1, temperature=0)
+                               for p in prefixes])  # fmt: skip
         chosen = exact.generate([GenerationRequest(prompt_token_ids=prompt + run.token_ids, max_new_tokens=1,
                                                    prompt_logprobs=True)])[0].prompt_logprobs[len(prompt):]  # fmt: skip
         for i, logprob in enumerate(chosen):
