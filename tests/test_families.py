@@ -1,8 +1,9 @@
 """Every supported family against HF transformers on tiny random checkpoints (``tests/families.py``).
 
 Greedy tokens must be identical and logprobs within 1e-4 in float32, through staggered arrivals (prompt
-chunks beside decodes), prompts longer than the sliding window, preemption, prefix-cache hits, forks
-and scoring; bfloat16 and int8 weights stay within the bounds the default model's tests use.
+chunks beside decodes), prompts longer than the sliding window, preemption, prefix-cache hits, forks,
+scoring and overlapped decoding; bfloat16 and int8 weights stay within the bounds the default model's
+tests use.
 """
 
 from __future__ import annotations
