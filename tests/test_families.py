@@ -49,20 +49,20 @@ def test_greedy_matches_hf_with_staggered_arrivals_and_preemption(family, device
     assert_greedy_matches_hf(hf, texts, results, NEW_TOKENS, device, label=f"{name}: ")
 
 
-def test_overlapped_decoding_matches_hf(family):
-    """Decode steps queued before the host reads the last one's tokens (``overlap``, the GPU default): the
-    step ahead holds block tables from before the last update, which for Mistral has just released blocks
-    behind the window."""
+def test_overlapped_decoding_matches_hf(family, device):
+    """Decode steps queued before the host reads the last one's tokens (``overlap``, the GPU default; with
+    CUDA graphs there): the step ahead holds block tables from before the last update, which for Mistral
+    has just released blocks behind the window."""
     name, folder, hf = family
     texts = prompts(name, [3, 20, 50], seed=8)
     params = GeneratorParams(block_size=8, max_batch_size=4, max_seq_len=256, max_num_batched_tokens=24)
-    engine = LLMEngine(folder, params, dtype=torch.float32, overlap=True)
+    engine = LLMEngine(folder, params, device=device, dtype=torch.float32, overlap=True)
     reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=NEW_TOKENS, temperature=0) for p in texts]
     results = run_staggered(engine, reqs)
     while engine.has_work():  # a step queued ahead for a finished sequence is drained without output
         engine.step()
     assert engine.stats()["steps_ahead"] > 0 and engine.stats()["kv_blocks_in_use"] == 0
-    assert_greedy_matches_hf(hf, texts, results, NEW_TOKENS, label=f"{name}: ")
+    assert_greedy_matches_hf(hf, texts, results, NEW_TOKENS, device, label=f"{name}: ")
 
 
 def hf_logprobs(hf, prompt: list[int], continuation: list[int]) -> torch.Tensor:
