@@ -90,6 +90,8 @@ namespace Gllm
         public int? Logprobs;
         public int? Priority;
         public bool? IgnoreEos;
+        /// <summary>Chat prompts: let a thinking model (Qwen3, SmolLM3) reason before it answers (default false).</summary>
+        public bool? Thinking;
 
         internal void AddTo(Dictionary<string, object> m)
         {
@@ -102,6 +104,7 @@ namespace Gllm
             Put(m, "logprobs", Logprobs);
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
+            Put(m, "thinking", Thinking);
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct
