@@ -51,15 +51,17 @@ class Tokenizer:
         """Token ids of ``text``, with the special tokens (e.g. BOS) the model's tokenizer adds unless told not to."""
         return cast("list[int]", self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat prompt that ends where the assistant's reply begins."""
+    def apply_chat_template(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a chat prompt that ends where the assistant's reply begins; ``tools`` (function
+        descriptions) are handed to templates that list them."""
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
         _check_messages(messages)
         try:
             out = cast(
                 BatchEncoding,
-                self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True),
+                self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True),
             )
         except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
             raise ValueError(f"chat template rejected the messages: {exc}") from exc
