@@ -1,271 +1,40 @@
 """GBNF (llama.cpp's grammar format) to llguidance's Lark dialect.
 
 llguidance ships a converter, but it turns ``\\U0010FFFF`` and ``\\u00e9`` escapes into text its own
-parser rejects (llama.cpp's newer ``json.gbnf`` fails on it), and it does not know llama.cpp's token
-syntax (``<[id]>``, ``<name>``, ``!<[id]>``). This one reads both. Its plan:
+parser rejects, does not know llama.cpp's token syntax (``<[id]>``, ``<name>``, ``!<[id]>``), and folds
+every regular rule into one greedy lexeme, which changes what some grammars accept (see
+``gbnf_lexing``). Here:
 
-* parse every rule (``name ::= alternatives``; newlines are plain white space, a rule ends where the
-  next ``name ::=`` starts);
-* a rule that can be a regular expression (it reaches neither itself nor a token) becomes a Lark
-  terminal (an upper-case name), so the lexer matches it as one lexeme, which is what makes masks fast;
-* the other rules stay Lark rules, and each run of regular items inside them becomes a helper terminal.
+* a regular rule that nothing after it can continue becomes a Lark terminal (an upper-case name),
+  matched as one lexeme, which is what keeps masks fast;
+* every other rule stays a Lark rule, and inside it each run of regular items becomes one helper
+  terminal when what follows cannot continue it, else its items stay separate lexemes (a repeated
+  character class then repeats as a rule, one character per lexeme, as llama.cpp would read it).
 
-Characters in classes are written as ``\\x{...}`` escapes, so no character of the source can change
-the meaning of the regular expression around it.
+Characters in classes are written as ``\\x{...}`` escapes, so no character of the source can change the
+meaning of the regular expression around it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from gllm.constrain.gbnf_lexing import NO_CHARS, Follow, Lexing, overlaps, union
+from gllm.constrain.gbnf_syntax import (
+    CharClass,
+    Choice,
+    GbnfError,
+    Literal,
+    Node,
+    Repeat,
+    RuleRef,
+    TokenRef,
+    parse_gbnf,
+    walk,
+)
 
-class GbnfError(ValueError):
-    """The text is not GBNF this converter understands; the message says where."""
-
-
-# ------------------------------------------------------------------------------------------ syntax tree
-@dataclass
-class Literal:
-    text: str
-
-
-@dataclass
-class CharClass:
-    ranges: list[tuple[int, int]]
-    negated: bool = False
-
-
-@dataclass
-class RuleRef:
-    name: str
-
-
-@dataclass
-class TokenRef:
-    spec: str  # "[12]" or "|im_end|", as written between < and >
-    negated: bool = False
-
-
-@dataclass
-class Repeat:
-    item: Node
-    low: int
-    high: int | None  # None: unbounded
-
-
-@dataclass
-class Choice:
-    options: list[list[Node]] = field(default_factory=list)  # alternatives, each a sequence
-
-
-Node = Literal | CharClass | RuleRef | TokenRef | Repeat | Choice
-ANY_CHAR = CharClass([(0, 0x10FFFF)])
-
-_NAME = re.compile(r"[a-zA-Z0-9_-]+")
-_RULE_START = re.compile(r"[a-zA-Z0-9_-]+\s*::=")
-_SIMPLE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "[": "[", "]": "]", "-": "-", "/": "/"}
-
-
-class _Parser:
-    def __init__(self, text: str):
-        self.text = text
-        self.pos = 0
-
-    def fail(self, what: str) -> GbnfError:
-        line = self.text.count("\n", 0, self.pos) + 1
-        snippet = self.text[self.pos : self.pos + 20].split("\n")[0]
-        return GbnfError(f"GBNF line {line}: {what} at {snippet!r}")
-
-    def skip(self) -> None:
-        """White space (newlines included) and # comments."""
-        while self.pos < len(self.text):
-            c = self.text[self.pos]
-            if c in " \t\r\n":
-                self.pos += 1
-            elif c == "#":
-                end = self.text.find("\n", self.pos)
-                self.pos = len(self.text) if end < 0 else end
-            else:
-                return
-
-    def at_rule_start(self) -> bool:
-        return _RULE_START.match(self.text, self.pos) is not None
-
-    def rules(self) -> dict[str, Choice]:
-        rules: dict[str, Choice] = {}
-        self.skip()
-        while self.pos < len(self.text):
-            match = _NAME.match(self.text, self.pos)
-            if not match or not self.at_rule_start():
-                raise self.fail("expected a rule (name ::= ...)")
-            name = match.group()
-            if name in rules:
-                raise self.fail(f"rule {name!r} is defined twice")
-            self.pos = self.text.index("::=", self.pos) + 3
-            rules[name] = self.alternatives(nested=False)
-        if "root" not in rules:
-            raise GbnfError("GBNF: the grammar has no 'root' rule")
-        return rules
-
-    def alternatives(self, nested: bool) -> Choice:
-        choice = Choice([self.sequence(nested)])
-        while self.peek() == "|":
-            self.pos += 1
-            choice.options.append(self.sequence(nested))
-        return choice
-
-    def peek(self) -> str:
-        self.skip()
-        return self.text[self.pos : self.pos + 1]
-
-    def sequence(self, nested: bool) -> list[Node]:
-        items: list[Node] = []
-        while True:
-            c = self.peek()
-            if c in ("", "|") or (c == ")" and nested) or (not nested and self.at_rule_start()):
-                return items
-            items.append(self.postfix(self.atom()))
-
-    def atom(self) -> Node:
-        c = self.text[self.pos]
-        if c == '"':
-            return self.literal()
-        if c == "[":
-            return self.char_class()
-        if c == "(":
-            self.pos += 1
-            inner = self.alternatives(nested=True)
-            if self.peek() != ")":
-                raise self.fail("expected ')'")
-            self.pos += 1
-            return inner
-        if c == ".":
-            self.pos += 1
-            return ANY_CHAR
-        if c == "!" or c == "<":
-            negated = c == "!"
-            self.pos += negated
-            end = self.text.find(">", self.pos)
-            if self.text[self.pos : self.pos + 1] != "<" or end < 0:
-                raise self.fail("expected a token such as <[12]> or <|end|>")
-            spec, self.pos = self.text[self.pos + 1 : end], end + 1
-            return TokenRef(spec, negated)
-        match = _NAME.match(self.text, self.pos)
-        if match:
-            self.pos = match.end()
-            return RuleRef(match.group())
-        raise self.fail("unexpected character")
-
-    def postfix(self, item: Node) -> Node:
-        while self.pos < len(self.text):
-            c = self.text[self.pos]
-            if c in "*+?":
-                self.pos += 1
-                item = Repeat(item, 1 if c == "+" else 0, 1 if c == "?" else None)
-            elif c == "{":
-                match = re.compile(r"\{\s*(\d+)\s*(,\s*(\d*)\s*)?\}").match(self.text, self.pos)
-                if not match:
-                    raise self.fail("bad repetition {m,n}")
-                self.pos = match.end()
-                low = int(match.group(1))
-                high = low if match.group(2) is None else (int(match.group(3)) if match.group(3) else None)
-                if high is not None and high < low:
-                    raise self.fail(f"repetition {{{low},{high}}} has its maximum below its minimum")
-                item = Repeat(item, low, high)
-            else:
-                return item
-        return item
-
-    def char(self, end: str) -> int:
-        """One character of a literal or class, escapes decoded, as a code point."""
-        text = self.text
-        if self.pos >= len(text) or text[self.pos] == "\n":
-            raise self.fail(f"unterminated {'literal' if end == chr(34) else 'character class'}")
-        c = text[self.pos]
-        if c != "\\":
-            self.pos += 1
-            return ord(c)
-        kind = text[self.pos + 1 : self.pos + 2]
-        digits = {"x": 2, "u": 4, "U": 8}.get(kind)
-        if digits:
-            hex_digits = text[self.pos + 2 : self.pos + 2 + digits]
-            if len(hex_digits) != digits or not all(h in "0123456789abcdefABCDEF" for h in hex_digits):
-                raise self.fail(f"\\{kind} needs {digits} hex digits")
-            self.pos += 2 + digits
-            value = int(hex_digits, 16)
-            if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
-                raise self.fail(f"\\{kind}{hex_digits} is not a Unicode character")
-            return value
-        if kind in _SIMPLE_ESCAPES:
-            self.pos += 2
-            return ord(_SIMPLE_ESCAPES[kind])
-        raise self.fail(f"unknown escape \\{kind}")
-
-    def literal(self) -> Literal:
-        self.pos += 1
-        chars = []
-        while self.text[self.pos : self.pos + 1] != '"':
-            chars.append(chr(self.char('"')))
-        self.pos += 1
-        return Literal("".join(chars))
-
-    def char_class(self) -> CharClass:
-        self.pos += 1
-        negated = self.text[self.pos : self.pos + 1] == "^"
-        self.pos += negated
-        ranges = []
-        while self.text[self.pos : self.pos + 1] != "]":
-            low = self.char("]")
-            high = low
-            if self.text[self.pos : self.pos + 1] == "-" and self.text[self.pos + 1 : self.pos + 2] != "]":
-                self.pos += 1
-                high = self.char("]")
-            if high < low:
-                raise self.fail("a character range runs backwards")
-            ranges.append((low, high))
-        self.pos += 1
-        return CharClass(ranges, negated)
-
-
-def parse_gbnf(text: str) -> dict[str, Choice]:
-    """The rules of a GBNF grammar, by name; raises ``GbnfError``."""
-    return _Parser(text).rules()
-
-
-# ------------------------------------------------------------------------------------------- emitting
-def _children(node: Node) -> list[Node]:
-    if isinstance(node, Repeat):
-        return [node.item]
-    if isinstance(node, Choice):
-        return [item for option in node.options for item in option]
-    return []
-
-
-def _walk(node: Node):
-    yield node
-    for child in _children(node):
-        yield from _walk(child)
-
-
-def regular_rules(rules: dict[str, Choice]) -> set[str]:
-    """Rules expressible as one regular expression: they reach no token and not themselves."""
-    refs = {name: {n.name for n in _walk(body) if isinstance(n, RuleRef)} for name, body in rules.items()}
-    for name, names in refs.items():
-        missing = names - rules.keys()
-        if missing:
-            raise GbnfError(f"GBNF: rule {name!r} refers to undefined rule(s) {', '.join(sorted(missing))}")
-    has_token = {name for name, body in rules.items() if any(isinstance(n, TokenRef) for n in _walk(body))}
-    regular: set[str] = set()
-    changed = True
-    while changed:  # a rule is regular once every rule it refers to is (which rules out cycles)
-        changed = False
-        for name in rules.keys() - regular - has_token:
-            if refs[name] <= regular:
-                regular.add(name)
-                changed = True
-    return regular
+__all__ = ["GbnfError", "gbnf_to_lark", "lark_string", "regex_literal"]
 
 
 def lark_string(text: str) -> str:
@@ -293,98 +62,128 @@ def regex_literal(text: str) -> str:
 
 
 def _class_regex(node: CharClass) -> str:
-    one = _regex_char
-    body = "".join(one(lo) if lo == hi else f"{one(lo)}-{one(hi)}" for lo, hi in node.ranges)
+    body = "".join(_regex_char(lo) if lo == hi else f"{_regex_char(lo)}-{_regex_char(hi)}" for lo, hi in node.ranges)
     return f"/[{'^' if node.negated else ''}{body}]/"
+
+
+def _repeat_suffix(node: Repeat) -> str:
+    if (node.low, node.high) == (0, None):
+        return "*"
+    if (node.low, node.high) == (1, None):
+        return "+"
+    if (node.low, node.high) == (0, 1):
+        return "?"
+    return f"{{{node.low},{'' if node.high is None else node.high}}}"
 
 
 class _Emitter:
     def __init__(self, rules: dict[str, Choice], token_id: Callable[[str], int | None], vocab_size: int):
         self.rules = rules
-        self.regular = regular_rules(rules)
+        self.lexing = Lexing(rules)
+        self.terminals = self.lexing.terminal_rules
         self.token_id = token_id
         self.vocab_size = vocab_size
-        self.names: dict[str, str] = {}
         self.helpers: list[str] = []
-        taken = {"start"} if "root" in self.regular else set()  # then start is the rule naming ROOT
+        self.names: dict[str, str] = {}
+        self.taken = {"start"} if "root" in self.terminals else set()  # then start is the rule naming ROOT
         for name in sorted(rules, key=lambda n: n != "root"):  # the root first: it takes "start" (or ROOT)
             if name == "root":
-                base = "ROOT" if name in self.regular else "start"
+                base = "ROOT" if name in self.terminals else "start"
             else:
                 base = re.sub(r"\W", "_", name)
-                base = base.upper() if name in self.regular else base.lower()
-            unique, i = base, 1
-            while unique.lower() in taken:
-                i += 1
-                unique = f"{base}_{i}"
-            taken.add(unique.lower())
-            self.names[name] = unique
-        self.taken = taken
+                base = base.upper() if name in self.terminals else base.lower()
+            self.names[name] = self.fresh(base)
+
+    def fresh(self, base: str) -> str:
+        unique, i = base, 1
+        while unique.lower() in self.taken:
+            i += 1
+            unique = f"{base}_{i}"
+        self.taken.add(unique.lower())
+        return unique
 
     def emit(self) -> str:
-        lines = ["start: ROOT"] if "root" in self.regular else []  # start must be a rule
+        lines = ["start: ROOT"] if "root" in self.terminals else []  # start must be a rule
         for name, body in self.rules.items():
-            lines.append(f"{self.names[name]}: {self.expr(body, terminal=name in self.regular)}")
+            if name in self.terminals:
+                lines.append(f"{self.names[name]}: {self.regex(body)}")
+            else:
+                lines.append(f"{self.names[name]}: {self.rule_choice(body, (NO_CHARS, True), name)}")
         return "\n".join(["%llguidance {}", *lines, *self.helpers]) + "\n"
 
-    def expr(self, node: Node, terminal: bool) -> str:
+    # ------------------------------------------------------------------- inside a terminal: a regex
+    def regex(self, node: Choice | list[Node]) -> str:
+        """Alternatives, or a sequence, as (Lark terminal) regex syntax."""
         if isinstance(node, Choice):
-            options = [self.sequence(option, terminal) for option in node.options]
-            return " | ".join(options)
-        return self.item(node, terminal)
+            return " | ".join(self.regex(option) for option in node.options)
+        return " ".join(self.regex_item(item) for item in node) if node else '""'
 
-    def sequence(self, items: list[Node], terminal: bool) -> str:
-        if not items:
-            return '""'
-        if terminal:
-            return " ".join(self.item(i, True) for i in items)
-        parts, run = [], []
-        for item in items + [None]:  # None flushes the last run
-            if item is not None and self.is_regular(item):
-                run.append(item)
-                continue
-            if run:
-                parts.append(self.helper(run))
-                run = []
-            if item is not None:
-                parts.append(self.item(item, False))
-        return " ".join(parts)
+    def regex_item(self, node: Node) -> str:
+        if isinstance(node, RuleRef):
+            if node.name in self.terminals:
+                return self.names[node.name]
+            return f"({self.regex(self.rules[node.name])})"  # a regular rule that is a Lark rule elsewhere
+        if isinstance(node, Repeat):
+            inner = self.regex_item(node.item)
+            return (f"({inner})" if isinstance(node.item, Repeat) else inner) + _repeat_suffix(node)
+        return self.atom(node)
 
-    def is_regular(self, node: Node) -> bool:
-        return all(not isinstance(n, TokenRef) and (not isinstance(n, RuleRef) or n.name in self.regular)
-                   for n in _walk(node))
-
-    def helper(self, run: list[Node]) -> str:
-        """A run of regular items inside a rule: one literal or terminal as it is, else a helper terminal."""
-        if len(run) == 1 and isinstance(run[0], (Literal, RuleRef)):
-            return self.item(run[0], True)
-        name = f"GBNF_TERMINAL_{len(self.helpers)}"
-        while name.lower() in self.taken:
-            name += "_"
-        self.helpers.append(f"{name}: {' '.join(self.item(i, True) for i in run)}")
-        return name
-
-    def item(self, node: Node, terminal: bool) -> str:
+    def atom(self, node: Node) -> str:
         if isinstance(node, Literal):
             return lark_string(node.text)
         if isinstance(node, CharClass):
             return _class_regex(node)
+        if isinstance(node, Choice):
+            return f"({self.regex(node)})"
+        assert isinstance(node, TokenRef), node
+        return self.token(node)
+
+    # ---------------------------------------------------------------------- inside a rule: lexemes
+    def rule_choice(self, node: Choice, after: Follow, rule: str) -> str:
+        return " | ".join(self.rule_sequence(option, after, rule) for option in node.options)
+
+    def rule_sequence(self, items: list[Node], after: Follow, rule: str) -> str:
+        if not items:
+            return '""'
+        parts: list[str] = []
+        run: list[tuple[Node, Follow]] = []
+        for item, follow in [*zip(items, self.lexing.follows(items, after)), (None, after)]:
+            if item is not None and self.is_regular(item):
+                run.append((item, follow))
+                continue
+            if run:
+                parts.append(self.lexemes(run, rule))
+                run = []
+            if item is not None:
+                parts.append(self.rule_item(item, follow, rule))
+        return " ".join(parts)
+
+    def lexemes(self, run: list[tuple[Node, Follow]], rule: str) -> str:
+        """Regular items in a row: one lexeme when what follows cannot continue them, else each apart."""
+        items = [item for item, _ in run]
+        if overlaps(self.lexing.cont(items), self.lexing.here(run[-1][1], rule)):
+            return " ".join(self.rule_item(item, follow, rule) for item, follow in run)
+        if len(items) == 1 and (isinstance(items[0], Literal) or
+                                isinstance(items[0], RuleRef) and items[0].name in self.terminals):
+            return self.regex_item(items[0])
+        name = self.fresh("GBNF_TERMINAL")
+        self.helpers.append(f"{name}: {self.regex(items)}")
+        return name
+
+    def rule_item(self, node: Node, after: Follow, rule: str) -> str:
         if isinstance(node, RuleRef):
             return self.names[node.name]
-        if isinstance(node, TokenRef):
-            return self.token(node)
         if isinstance(node, Choice):
-            return f"({self.expr(node, terminal)})"
-        inner = self.item(node.item, terminal)
-        if isinstance(node.item, Repeat):
-            inner = f"({inner})"
-        if (node.low, node.high) == (0, None):
-            return inner + "*"
-        if (node.low, node.high) == (1, None):
-            return inner + "+"
-        if (node.low, node.high) == (0, 1):
-            return inner + "?"
-        return f"{inner}{{{node.low},{'' if node.high is None else node.high}}}"
+            return f"({self.rule_choice(node, after, rule)})"
+        if isinstance(node, Repeat):
+            again = self.lexing.first(node.item) if node.high is None or node.high > 1 else NO_CHARS
+            inner = self.rule_sequence([node.item], (union(after[0], again), after[1]), rule)
+            return f"({inner}){_repeat_suffix(node)}"
+        return self.atom(node)
+
+    def is_regular(self, node: Node) -> bool:
+        return all(not isinstance(n, TokenRef) and (not isinstance(n, RuleRef) or n.name in self.lexing.regular)
+                   for n in walk(node))
 
     def token(self, node: TokenRef) -> str:
         if not node.negated:
