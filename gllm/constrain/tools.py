@@ -15,9 +15,11 @@ on, so the form follows the chat template:
   system paragraph written here lists the tools and shows the form. This is the documented form for
   models without one of their own.
 
-The grammar allows, under ``"auto"``, either plain text that never writes the call marker or calls
-(Hermes form: after a short lead-in text); a call's name is one of the tools and its arguments follow
-that tool's schema, so every call parses and validates by construction.
+The grammar allows one call per reply (a small model asked for "one or more" tends to repeat itself
+until its length limit): under ``"auto"``, either plain text that never writes the call marker, or a
+call (in the ``<tool_call>`` form, after some lead-in text if the model wants). The call's name is one of
+the tools and its arguments follow that tool's schema, so every call parses and validates by
+construction; the reply ends with the call.
 """
 
 from __future__ import annotations
@@ -86,7 +88,6 @@ class ToolCallFormat:
     end: str
     arguments_key: str
     native: bool  # the chat template lists the tools itself
-    many: bool  # several calls in one reply
 
     def grammar(self, tools: list[dict[str, Any]], tool_choice: str) -> str:
         """The grammar (llguidance's form, from Lark) of a reply under ``tool_choice`` (not ``"none"``)."""
@@ -97,9 +98,6 @@ class ToolCallFormat:
         lines = ["%llguidance {}", f"body: %json {json.dumps({'anyOf': calls, 'x-guidance': JSON_STYLE})}"]
         begin, end = (lark_string(s) if s else "" for s in (self.begin, self.end))
         reply = f"body {end}"
-        if self.many:
-            lines.append(f'more: "\\n" {begin} body {end}')
-            reply += " more*"
         if tool_choice != "auto":
             lines.append(f"start: {begin} {reply}")
         elif self.begin:  # text that never writes the marker, or text leading into the first call
@@ -142,9 +140,9 @@ class ToolCallFormat:
         return [{"role": "system", "content": note}, *messages]
 
 
-HERMES = ToolCallFormat("hermes", "<tool_call>\n", "\n</tool_call>", "arguments", native=True, many=True)
-LLAMA3 = ToolCallFormat("llama3", "", "", "parameters", native=True, many=False)
-DOCUMENTED = ToolCallFormat("gllm", "<tool_call>\n", "\n</tool_call>", "arguments", native=False, many=True)
+HERMES = ToolCallFormat("hermes", "<tool_call>\n", "\n</tool_call>", "arguments", native=True)
+LLAMA3 = ToolCallFormat("llama3", "", "", "parameters", native=True)
+DOCUMENTED = ToolCallFormat("gllm", "<tool_call>\n", "\n</tool_call>", "arguments", native=False)
 
 
 def tool_call_format(chat_template: str | None) -> ToolCallFormat:
