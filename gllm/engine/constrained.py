@@ -22,7 +22,8 @@ from gllm.constrain import (
     template_tools,
     tool_call_format,
 )
-from gllm.engine.params import GenerationRequest
+from gllm.engine.jobs import GenerationJob
+from gllm.engine.params import GenerationRequest, TokenDelta
 from gllm.engine.scheduler import SchedulePlan
 from gllm.engine.sequence import Sequence
 from gllm.tokenizer import Tokenizer
@@ -36,6 +37,7 @@ class Constraints:
         self.masks = MaskBuilder(vocab_size)
         template = getattr(tokenizer.hf, "chat_template", None) if tokenizer else None
         self.tool_format = tool_call_format(template if isinstance(template, str) else None)
+        self.forced_tokens = 0  # appended without sampling, since the engine started
 
     def chat(self, req: Any) -> tuple[list[dict[str, str]], list[dict[str, Any]] | None]:
         """A request's chat messages and the tools to hand its chat template (None: the template is not
@@ -62,19 +64,23 @@ class Constraints:
         rows = [(i, seq.constraint) for i, seq in enumerate(sampling_order(plan)) if seq.constraint is not None]
         return self.masks.start(rows)
 
-    @staticmethod
-    def advance(seq: Sequence, token_id: int) -> tuple[list[int], str | None]:
-        """After ``seq`` sampled ``token_id``: the tokens the grammar forces next, already appended to the
-        sequence (leaving room for one more sample), and the finish reason this causes, if any: ``stop``
-        when nothing may follow, ``error`` when the grammar failed."""
+    def after_sample(self, seq: Sequence, token_id: int, job: GenerationJob, delta: TokenDelta) -> str | None:
+        """Advance ``seq``'s grammar past its new token and append the tokens it forces next (leaving room
+        for one more sample; ``job`` reports them once the next step has their logprobs). Returns the
+        finish reason this causes: ``stop`` when nothing may follow, ``error`` when the grammar failed."""
         constraint = seq.constraint
         assert constraint is not None
         forced = constraint.advance(token_id, room=seq.max_tokens - seq.num_tokens - 1)
         if constraint.error is not None:
-            return [], "error"
-        seq.token_ids.extend(forced)
-        return forced, "stop" if constraint.stopped and not forced else None
-
+            job.error = f"the grammar failed: {constraint.error}"
+            final = "error"
+        else:
+            seq.token_ids.extend(forced)
+            job.expect_forced(seq, len(forced))
+            self.forced_tokens += len(forced)
+            final = "stop" if constraint.stopped and not forced else None
+        delta.finished, delta.finish_reason = final is not None, final
+        return final
 
 def sampling_order(plan: SchedulePlan) -> list[Sequence]:
     """The sequences that sample in a step, in row order: each completing chunk's, then its new forks."""

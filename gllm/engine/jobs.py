@@ -7,6 +7,7 @@ is one job of a prompt sequence plus one sequence per candidate that forks from 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -38,26 +39,33 @@ class GenerationJob:
     def expect_forced(self, seq: Sequence, count: int) -> None:
         """The last ``count`` tokens of ``seq`` were forced: have the next step compute their logits
         (from the position that predicts the first of them) and report them then."""
+        if not count:
+            return
         first = seq.num_tokens - count
         self.forced[seq] = (first, [None] * count)
         if seq.logits_from is None:
             seq.logits_from = first - 1
 
-    def forced_deltas(self, seq: Sequence) -> list[tuple[TokenDelta, str | None]]:
-        """Deltas of the forced tokens whose logprobs are known, in order (a stop string may end them)."""
-        if seq not in self.forced:
+    def forced_deltas(self, seq: Sequence, finish: Callable[[Sequence, str], None]) -> list[TokenDelta]:
+        """Deltas of the forced tokens whose logprobs are known, in order; a stop string among them ends
+        the sequence (``finish``)."""
+        if seq not in self.forced or seq.status is not Status.RUNNING:
             return []
         first, infos = self.forced[seq]
-        done = []
-        while infos and infos[0] is not None and (not done or done[-1][1] is None):
-            done.append(self.on_token(seq, seq.token_ids[first], *infos.pop(0), None))
+        deltas = []
+        while infos and infos[0] is not None:
+            delta, final = self.on_token(seq, seq.token_ids[first], *infos.pop(0), None)
+            deltas.append(delta)
             first += 1
+            if final is not None:
+                finish(seq, final)
+                break
         self.forced[seq] = (first, infos)
         if not infos:
             del self.forced[seq]
             if self.prompt_logprobs is None:
                 seq.logits_from = None
-        return done
+        return deltas
 
     def record_logprobs(self, seq: Sequence, first_pos: int, logprobs: torch.Tensor) -> None:
         """Logprob rows for positions ``first_pos ..``: keep those that predict prompt or forced tokens."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gllm.constrain import GrammarLimits, PendingMasks
-from gllm.engine.constrained import Constraints, sampling_order
+from gllm.engine.constrained import Constraints
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
 from gllm.engine.scheduler import SchedulePlan, Scheduler
@@ -311,39 +311,20 @@ class LLMEngine(AsyncDriver):
                 r = launched.sample.result()
                 sampled = dict(zip(launched.seqs, r.token_ids))
                 info = dict(zip(launched.seqs, zip(r.logprobs, r.ranks, r.top_logprobs)))
-            self._report_forced(plan, out)
+            for seq in dict.fromkeys(c.seq for c in plan.chunks if c.seq.constraint is not None):
+                out.deltas += self._job_of[seq].forced_deltas(seq, self.scheduler.finish)  # before the samples
             events = self.scheduler.update(plan, sampled)
             for seq, token, reason in events:
-                delta, final = self._job_of[seq].on_token(seq, token, *info[seq], reason)
+                job = self._job_of[seq]
+                delta, final = job.on_token(seq, token, *info[seq], reason)
                 if final is None and seq.constraint is not None:
-                    final = self._fast_forward(seq, token, delta)
+                    final = self.constraints.after_sample(seq, token, job, delta)
                 if final is not None and reason is None:
-                    self.scheduler.finish(seq, final)  # a stop string, or a grammar that ends here
+                    self.scheduler.finish(seq, final)  # a stop string, a complete structure, a failed grammar
                 out.deltas.append(delta)
             self._counters["generated_tokens"] += len(events)
         except Exception as exc:
             self._fail_batch(plan, exc)
-
-    def _report_forced(self, plan: SchedulePlan, out: StepOutput) -> None:
-        """Hand out the grammar-forced tokens whose logprobs this step computed (before its samples)."""
-        for c in plan.chunks:
-            if c.seq.constraint is not None and c.seq.status is Status.RUNNING:
-                for delta, final in self._job_of[c.seq].forced_deltas(c.seq):
-                    out.deltas.append(delta)
-                    if final is not None:
-                        self.scheduler.finish(c.seq, final)  # a stop string in forced text
-
-    def _fast_forward(self, seq: Sequence, token: int, delta: TokenDelta) -> str | None:
-        """Advance a constrained sequence's grammar past its new token; append what the grammar forces."""
-        forced, final = self.constraints.advance(seq, token)
-        if forced:
-            self._job_of[seq].expect_forced(seq, len(forced))
-            self._counters["forced_tokens"] += len(forced)
-        if final == "error":
-            self._fail_jobs({self._job_of[seq]}, f"the grammar failed: {seq.constraint.error}")
-        elif final is not None:
-            delta.finished, delta.finish_reason = True, final
-        return final if final != "error" else None
 
     def _fail_batch(self, plan: SchedulePlan, exc: Exception) -> None:
         """End every request with a sequence in the failed batch (all its sequences: forks, candidates)."""
@@ -364,7 +345,7 @@ class LLMEngine(AsyncDriver):
         """Record logprobs of given tokens, then queue sampling for every sequence (and new fork) that
         needs a token, within its grammar's mask. Returns the sampled sequences in row order and their
         pending sample."""
-        rows = []
+        seqs, rows = [], []
         row = 0
         for c in plan.chunks:
             k = c.num_logits
@@ -373,14 +354,14 @@ class LLMEngine(AsyncDriver):
                 first = c.start + c.num_tokens - k
                 self._job_of[seq].record_logprobs(seq, first, logits[row : row + k].log_softmax(-1))
             if c.samples:
-                rows += [row + k - 1] * (1 + len(seq.pending_forks))
+                for s in (seq, *seq.pending_forks):
+                    seqs.append(s)
+                    rows.append(row + k - 1)
             row += k
-        seqs = sampling_order(plan)
         if not seqs:
             return [], None
         allowed, failed = masks.result() if masks is not None else (None, [])
-        for i in failed:
-            self._fail_jobs({self._job_of[seqs[i]]}, f"the grammar failed: {seqs[i].constraint.error}")
+        self._fail_jobs({self._job_of[seqs[i]] for i in failed}, "the grammar failed")
         sample_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
         return seqs, self.sampler.launch(sample_logits, [s.sampling for s in seqs], allowed)
 
@@ -433,5 +414,6 @@ class LLMEngine(AsyncDriver):
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "preemptions": self.scheduler.num_preemptions,
             "cache_evictions": pool.cache_evictions,
+            "forced_tokens": self.constraints.forced_tokens,
             **self._counters,
         }
