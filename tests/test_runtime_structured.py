@@ -4,6 +4,7 @@ the runtime serving with no KV block held."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jsonschema
@@ -130,3 +131,31 @@ def test_cancel_mid_structure(sock):
     sock.send(encode({"type": "cancel", "id": "c"}))
     _, end = read_stream(sock)
     assert end["type"] == "done" and end["finish_reason"] == "cancelled" and end["structure_complete"] is False
+
+
+def test_python_clients(server):
+    """``Client`` and ``AsyncClient`` send the fields and read ``tool_calls`` and ``structure_complete``."""
+    from gllm.client import AsyncClient, Client, ToolCall
+
+    chat = [{"role": "user", "content": "Hi"}]
+    with Client(server.endpoint, timeout=120) as client:
+        reply = client.complete(messages=chat, json_schema=SCHEMA, temperature=1.0, seed=3, max_tokens=80)
+        assert reply.structure_complete is True and reply.tool_calls == []
+        jsonschema.validate(json.loads(reply.text), SCHEMA)
+        call = client.complete(messages=chat, tools=TOOLS, tool_choice="sell", seed=3, max_tokens=80)
+        assert call.tool_calls == [ToolCall("sell", call.tool_calls[0].arguments)]
+        assert call.tool_calls[0].arguments["item"] in ("sword", "rope")
+        plain = client.complete(messages=chat, max_tokens=2)
+        assert plain.structure_complete is None
+
+    async def run():
+        async with AsyncClient(server.endpoint, timeout=120) as client:
+            return await asyncio.gather(
+                client.complete(messages=chat, choices=["left", "right"], temperature=1.0, seed=1),
+                client.complete(messages=chat, regex="[0-9]{3}", temperature=1.0, seed=2),
+                client.complete(messages=chat, grammar='start: "a" | "b"', grammar_syntax="lark", seed=3))
+
+    left_right, digits, ab = asyncio.run(run())
+    assert left_right.text in ("left", "right") and left_right.structure_complete
+    assert len(digits.text) == 3 and digits.text.isdigit()
+    assert ab.text in ("a", "b")
