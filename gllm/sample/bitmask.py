@@ -33,8 +33,8 @@ class TokenBitmask:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of ``logits [B, V]`` with the tokens its masked rows do not allow set to ``-inf``."""
-        index = torch.tensor(self.rows, device=logits.device)
         allowed = self.allowed(logits.shape[1], logits.device)
-        masked = logits.clone()
-        masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
-        return masked
+        if self.rows == list(range(logits.shape[0])):  # every row masked: one pass, no copy first
+            return torch.where(allowed, logits, float("-inf"))
+        index = torch.tensor(self.rows, device=logits.device)
+        return logits.index_copy(0, index, torch.where(allowed, logits.index_select(0, index), float("-inf")))

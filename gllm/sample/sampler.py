@@ -104,8 +104,11 @@ class Sampler:
             token_ids = self._choose(logits, rows, argmax)
         else:
             masked = allowed.apply(logits)
-            index = torch.tensor(allowed.rows, device=logits.device)
-            best = argmax.clone().index_copy_(0, index, masked.index_select(0, index).argmax(dim=-1))
+            greedy = [i for i in allowed.rows if rows[i].greedy]  # only they need the argmax within the mask
+            best = argmax
+            if greedy:
+                index = torch.tensor(greedy, device=logits.device)
+                best = argmax.clone().index_copy_(0, index, masked.index_select(0, index).argmax(dim=-1))
             token_ids = self._choose(masked, rows, best)
         num_logprobs = [row.num_logprobs for row in rows]
         top_n = min(max(num_logprobs, default=0), logits.shape[1])
