@@ -209,7 +209,7 @@ namespace Gllm.Tests
             var parsed = MiniJson.Parse(text) as Dictionary<string, object>;
             string say = parsed == null ? null : parsed["say"] as string;
             // maxLength counts code points; a C# string counts UTF-16 units (two for a character past U+FFFF).
-            Check.That(parsed.Count == 2 && say != null && say.Length - say.Count(char.IsLowSurrogate) <= 10, "the reply follows the schema: " + text);
+            Check.That(parsed != null && parsed.Count == 2 && say != null && say.Length - say.Count(char.IsLowSurrogate) <= 10, "the reply follows the schema: " + text);
             Check.That((string)parsed["mood"] == "calm" || (string)parsed["mood"] == "angry", "mood from the enum: " + text);
 
             Generation pick = client.Generate("Open the gate?", new GenerateOptions { Choices = new[] { "yes", "no" }, Temperature = 1.0, Seed = 3 });
