@@ -141,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace,
                           shutdown_drain_s=args.shutdown_drain, slow_client_timeout_s=args.slow_client_timeout, max_outbox_bytes=args.max_outbox_size,
                           **{name: getattr(args, name) for name in COUNTED_LIMITS})
+    engine.constraints.warm_up()  # structured output's tokenizer, built while the server starts
     try:
         server = Server(engine, args.bind, limits, curve=curve)
     except zmq.ZMQError as exc:
