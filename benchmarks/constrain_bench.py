@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples" / "npc_dialogue"))
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import machine_info, markdown_table, report  # noqa: E402
 
 
 def twenty_tools() -> list[dict]:
@@ -69,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     compiler.lltokenizer  # noqa: B018 (built once per engine, on the first constrained request)
     tokenizer_ms = (time.perf_counter() - start) * 1000
 
+    text_args = (compiler.token_id, vocab)
     gbnf = (HERE.parent / "tests" / "grammars" / "json.gbnf").read_text()
     grammars = {
         "20 tools, tool_choice auto": lambda: DOCUMENTED.grammar(twenty_tools(), "auto"),
         "20 tools, tool_choice required": lambda: DOCUMENTED.grammar(twenty_tools(), "required"),
-        "village reply schema": lambda: OutputConstraint(json_schema=REPLY_SCHEMA).grammar_text(compiler.token_id, vocab),
-        "llama.cpp json.gbnf": lambda: OutputConstraint(grammar=gbnf).grammar_text(compiler.token_id, vocab),
+        "village reply schema": lambda: OutputConstraint(json_schema=REPLY_SCHEMA).grammar_text(*text_args),
+        "llama.cpp json.gbnf": lambda: OutputConstraint(grammar=gbnf).grammar_text(*text_args),
     }
     compile_rows = []
     for name, build in grammars.items():
@@ -110,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             assert c.matcher.consume_token(ids[step]), "the reply's own tokens must be allowed"
     mask_row = {"batch": 16, "steps": len(step_ms), "mask_ms_median": statistics.median(step_ms),
                 "mask_ms_max": max(step_ms), "sampler_extra_ms_median": statistics.median(apply_ms)}
-    print(f"masks at batch 16: median {mask_row['mask_ms_median']:.3f} ms per step (max {mask_row['mask_ms_max']:.2f}); "
-          f"sampler with the bitmask: +{mask_row['sampler_extra_ms_median']:.2f} ms", flush=True)
+    print(f"masks at batch 16: median {mask_row['mask_ms_median']:.3f} ms per step "
+          f"(max {mask_row['mask_ms_max']:.2f}); sampler with the bitmask: "
+          f"+{mask_row['sampler_extra_ms_median']:.2f} ms", flush=True)
 
     machine = machine_info(("torch", "llguidance"))
     markdown = "\n".join([
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         markdown_table(["grammar", "compile (ms)"], [[r["grammar"], f"{r['compile_ms']:.2f}"] for r in compile_rows]),
         "",
-        markdown_table(["batch", "steps", "mask per step, median (ms)", "max (ms)", "sampler's extra for the bitmask (ms)"],
+        markdown_table(["batch", "steps", "mask per step, median (ms)", "max (ms)",
+                        "sampler's extra for the bitmask (ms)"],
                        [[16, mask_row["steps"], f"{mask_row['mask_ms_median']:.3f}", f"{mask_row['mask_ms_max']:.2f}",
                          f"{mask_row['sampler_extra_ms_median']:.2f}"]]),
         "",
@@ -131,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     data = {"machine": machine, "settings": vars(args), "tokenizer_ms": tokenizer_ms, "compile": compile_rows,
             "masks": mask_row}
-    json_path, md_path = write_results(args.out, data, markdown)
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+    return report(args.out, data, markdown)
 
 
 if __name__ == "__main__":

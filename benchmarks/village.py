@@ -26,7 +26,8 @@ JSON that parses and has the schema's shape.
 
     python benchmarks/village.py                       # writes benchmarks/results/village.{json,md}
     python benchmarks/village.py --npcs 1,4 --rounds 2 --out benchmarks/results/village_quick
-    python benchmarks/village.py --npcs 16 --modes json,json-prompt --max-tokens 96 --out benchmarks/results/village_json
+    python benchmarks/village.py --npcs 16 --modes json,json-prompt --max-tokens 96 \\
+        --out benchmarks/results/village_json
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # `common` beside this file, run as a script
 sys.path.insert(0, str(HERE.parent / "examples" / "npc_dialogue"))
 
-from common import machine_info, markdown_table, resolved_dtype, write_results  # noqa: E402
+from common import machine_info, markdown_table, report, resolved_dtype  # noqa: E402
 
 QUESTIONS = [
     "Good evening. Which road should I take to reach Highmoor castle?",
@@ -122,7 +123,8 @@ async def measure_crowd(endpoint: str, n: int, rounds: int, max_tokens: int, fir
     rates = [s["tokens_per_s"] for s in streams if s["tokens_per_s"] is not None]
     return {
         "mode": mode, "npcs": n, "rounds": rounds, "samples": len(streams),
-        "valid_json": sum(s["valid_json"] for s in streams), "tokens_mean": statistics.fmean(s["tokens"] for s in streams),
+        "valid_json": sum(s["valid_json"] for s in streams),
+        "tokens_mean": statistics.fmean(s["tokens"] for s in streams),
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
         "tokens_per_s_per_npc_median": statistics.median(rates), "tokens_per_s_per_npc_min": min(rates),
         "crowd_tokens_per_s_median": statistics.median(round_rates),
@@ -141,8 +143,10 @@ def run(args: argparse.Namespace, endpoint: str) -> list[dict[str, Any]]:
         for i, n in enumerate(sizes):
             res = asyncio.run(measure_crowd(endpoint, n, args.rounds, args.max_tokens, 100 * i, mode))
             print(f"{mode:11s} {n:3d} NPCs: ttft p50 {res['ttft_ms_p50']:.0f} ms, p99 {res['ttft_ms_p99']:.0f} ms; "
-                  f"{res['tokens_per_s_per_npc_median']:.1f} tok/s per NPC (slowest {res['tokens_per_s_per_npc_min']:.1f}); "
-                  f"crowd {res['crowd_tokens_per_s_median']:.1f} tok/s; valid JSON {res['valid_json']}/{res['samples']}",
+                  f"{res['tokens_per_s_per_npc_median']:.1f} tok/s per NPC "
+                  f"(slowest {res['tokens_per_s_per_npc_min']:.1f}); "
+                  f"crowd {res['crowd_tokens_per_s_median']:.1f} tok/s; "
+                  f"valid JSON {res['valid_json']}/{res['samples']}",
                   flush=True)
             results.append(res)
     return results
@@ -193,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     data = {"machine": machine, "settings": vars(args), "load_before": load_before, "load_after": load_after,
             "reference": REFERENCE, "results": results}
-    json_path, md_path = write_results(args.out, data, markdown)
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+    return report(args.out, data, markdown)
 
 
 if __name__ == "__main__":

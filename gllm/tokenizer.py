@@ -51,7 +51,8 @@ class Tokenizer:
         """Token ids of ``text``, with the special tokens (e.g. BOS) the model's tokenizer adds unless told not to."""
         return cast("list[int]", self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a chat prompt that ends where the assistant's reply begins; ``tools`` (function
         descriptions) are handed to templates that list them."""
         if not getattr(self.hf, "chat_template", None):

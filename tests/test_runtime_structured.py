@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_CONFIGS
 from gllm.runtime.limits import LIMIT_FLAGS
 from gllm.runtime.protocol import encode
-from runtime_fixtures import dealer, idle, read_stream, recv, request, start_server, wait_until
+from runtime_fixtures import dealer_left_idle, read_stream, recv, request, start_server
 from tiny_chat import build_chat_model
 
 GRAMMAR_SIZE = 100
@@ -37,10 +37,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def sock(server):
-    s = dealer(server.endpoint)
-    yield s
-    wait_until(lambda: idle(s), timeout=60)  # nothing left running, no KV block held
-    s.close(linger=0)
+    with dealer_left_idle(server.endpoint, timeout=60) as s:
+        yield s
 
 
 def generate(rid, **fields) -> dict:

@@ -97,7 +97,8 @@ def test_every_finished_json_output_validates(engine, schema, seed):
 
 def test_any_json_object(engine):
     for schema in ({}, True):
-        (r,) = run(engine, [GenerationRequest(prompt="x", json_schema=schema, temperature=0.9, seed=2, max_new_tokens=200)])
+        req = GenerationRequest(prompt="x", json_schema=schema, temperature=0.9, seed=2, max_new_tokens=200)
+        (r,) = run(engine, [req])
         assert r.text.startswith("{")
         if r.finish_reason == "stop":
             assert isinstance(json.loads(r.text), dict)
@@ -190,8 +191,11 @@ def test_preemption_and_prefix_cache_keep_constrained_outputs(model_dir, engine)
                                                "n": {"type": "integer", "minimum": 0, "maximum": 999}},
               "required": ["say", "n"], "additionalProperties": False}
     prompt = [{"role": "system", "content": "You are a guard. " * 8}, {"role": "user", "content": "Who goes?"}]
-    reqs = lambda: [GenerationRequest(messages=prompt, json_schema=schema, temperature=0.0, max_new_tokens=60,
-                                      request_id=f"r{i}", stop_token_ids=[i + 3]) for i in range(4)]  # noqa: E731
+
+    def reqs():
+        return [GenerationRequest(messages=prompt, json_schema=schema, temperature=0.0, max_new_tokens=60,
+                                  request_id=f"r{i}") for i in range(4)]
+
     want = [r.text for r in run(engine, reqs())]
     small = LLMEngine(str(model_dir), GeneratorParams(max_batch_size=4, max_seq_len=512, num_kv_blocks=14),
                       dtype="float32")

@@ -62,7 +62,8 @@ def test_the_form_follows_the_chat_template(engine):
     assert '"name": "sell"' in prompt and "Sell an item" in prompt  # the tools reach the model either way
     if want is DOCUMENTED:
         assert prompt.index("You are a merchant.") < prompt.index("<tool_call>")  # one system message
-    plain = engine.tokenizer.decode(engine.prompt_ids(GenerationRequest(messages=CHAT, tools=TOOLS, tool_choice="none")))
+    none = GenerationRequest(messages=CHAT, tools=TOOLS, tool_choice="none")
+    plain = engine.tokenizer.decode(engine.prompt_ids(none))
     assert "sell" not in plain
 
 

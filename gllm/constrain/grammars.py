@@ -40,7 +40,8 @@ class OutputConstraint:
         if self.json_schema is not None and not (self.json_schema is True or isinstance(self.json_schema, dict)):
             raise ValueError("json_schema must be a JSON Schema object, or true for any JSON object")
         if self.grammar_syntax not in GRAMMAR_SYNTAXES:
-            raise ValueError(f"grammar_syntax must be one of {', '.join(GRAMMAR_SYNTAXES)} (got {self.grammar_syntax!r})")
+            raise ValueError(f"grammar_syntax must be one of {', '.join(GRAMMAR_SYNTAXES)} "
+                             f"(got {self.grammar_syntax!r})")
         for name in ("grammar", "regex"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -150,7 +150,8 @@ def tool_call_format(chat_template: str | None) -> ToolCallFormat:
     template = chat_template or ""
     if "tools" in template and "<tool_call>" in template:
         return HERMES
-    if "tools" in template and ('"parameters": dictionary of argument name' in template or "<|python_tag|>" in template):
+    llama3 = '"parameters": dictionary of argument name' in template or "<|python_tag|>" in template
+    if "tools" in template and llama3:
         return LLAMA3
     return DOCUMENTED
 

@@ -105,7 +105,8 @@ class Scheduler:
 
         Only when that is surely what ``schedule`` would plan next: plain decodes, nothing waiting that
         could join, no sequence ending on length with ``plan``'s token, no constrained sequence, and free
-        blocks for every next position. A sequence that stops on a sampled token instead computes one position for nothing.
+        blocks for every next position. A sequence that stops on a sampled token instead computes one
+        position for nothing.
         """
         if plan.preempted or (self.waiting and len(self.running) < self.max_batch_size):
             return None
