@@ -109,9 +109,6 @@ class Constraint:
         self.matcher = matcher
         self.tool_format = tool_format
 
-    def fork(self) -> Constraint:
-        return Constraint(self.matcher.deep_copy(), self.tool_format)
-
     def advance(self, token_id: int, room: int) -> list[int]:
         """Consume a sampled token, then the tokens the grammar forces after it, at most ``room`` of them;
         returns those forced tokens. A token the grammar refuses leaves ``error`` set."""
@@ -124,7 +121,9 @@ class Constraint:
 
     @property
     def error(self) -> str | None:
-        return self.matcher.get_error() or None if self.matcher.is_error() else None
+        if not self.matcher.is_error():
+            return None
+        return self.matcher.get_error() or "the matcher failed"
 
     @property
     def stopped(self) -> bool:

@@ -3,8 +3,8 @@ the tokens a grammar forces.
 
 Around ``LLMEngine.step``: ``compile`` when a request arrives (a schema or grammar that does not compile
 is refused there, and nothing else changes); ``start_masks`` before the model runs, so that the masks of
-the rows about to sample are computed while it runs; ``advance`` after a token is sampled. A grammar
-that forces what comes next (a JSON key, the rest of a tool's name) makes ``advance`` append those tokens
+the rows about to sample are computed while it runs; ``after_sample`` after a token is sampled. A grammar
+that forces what comes next (a JSON key, the rest of a tool's name) makes it append those tokens
 at once, without sampling; the next step computes them like a prompt chunk, together with the position
 that samples after them, and reports them with their raw logprobs (``GenerationJob.expect_forced``).
 """
@@ -44,7 +44,8 @@ class Constraints:
         """Build llguidance's tokenizer on a background thread now (about half a second for a 50,000-token
         vocabulary), instead of in the first constrained request; for a server that starts once."""
         if self.tokenizer is not None and self.compiler.eos_token_ids:
-            threading.Thread(target=lambda: self.compiler.lltokenizer, name="gllm-grammar-warm-up", daemon=True).start()
+            threading.Thread(target=lambda: self.compiler.lltokenizer, name="gllm-grammar-warm-up",
+                             daemon=True).start()
 
     def chat(self, req: Any) -> tuple[list[dict[str, str]], list[dict[str, Any]] | None]:
         """A request's chat messages and the tools to hand its chat template (None: the template is not
@@ -89,7 +90,7 @@ class Constraints:
         delta.finished, delta.finish_reason = final is not None, final
         return final
 
+
 def sampling_order(plan: SchedulePlan) -> list[Sequence]:
     """The sequences that sample in a step, in row order: each completing chunk's, then its new forks."""
     return [s for c in plan.chunks if c.samples for s in (c.seq, *c.seq.pending_forks)]
-

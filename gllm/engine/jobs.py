@@ -85,11 +85,10 @@ class GenerationJob:
         if not rows:
             return
         picked = logprobs[rows]
-        targets = torch.tensor(seq.token_ids[first_pos + rows[0] + 1 : first_pos + rows[-1] + 2], device=picked.device)
-        values = picked.gather(1, targets[:, None])
+        targets = seq.token_ids[first_pos + rows[0] + 1 : first_pos + rows[-1] + 2]
+        values = picked.gather(1, torch.tensor(targets, device=picked.device)[:, None])
         ranks = ((picked > values).sum(dim=-1) + 1).tolist()
-        n = seq.sampling.num_logprobs
-        best = top_ids(picked.float(), min(n, picked.shape[1]))
+        best = top_ids(picked, min(seq.sampling.num_logprobs, picked.shape[1]))
         tops = [list(zip(ids, lps)) for ids, lps in zip(best.tolist(), picked.gather(1, best).tolist())]
         for i, r in enumerate(rows):
             infos[first_pos + r + 1 - first] = (values[i, 0].item(), ranks[i], tops[i])
