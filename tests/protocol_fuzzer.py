@@ -32,7 +32,8 @@ NASTY = [None, True, False, 0, -1, 1, 2**31, -(2**31) - 1, 2**63, -(2**63), 2**6
          math.inf, -math.inf, 1e308, "", "x", "x" * 300, "é\u0000\U0001F409", b"", b"bin", [], {}, [1, 2], {"a": 1},
          [[[[[[[[[[1]]]]]]]]]], msgpack.ExtType(1, b"x"), msgpack.Timestamp(1, 0), ["a"] * 20, list(range(300))]
 FIELDS = ["type", "id", "prompt", "messages", "prompt_token_ids", "max_tokens", "temperature", "top_k", "top_p",
-          "seed", "stop", "logprobs", "priority", "ignore_eos", "thinking", "candidates", "max_token", "", "ID"]
+          "seed", "stop", "logprobs", "priority", "ignore_eos", "thinking", "candidates", "max_token", "", "ID", "json_schema",
+          "grammar", "grammar_syntax", "regex", "choices", "tools", "tool_choice"]
 
 
 class FuzzFailure(AssertionError):

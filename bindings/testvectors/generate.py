@@ -40,6 +40,25 @@ VECTORS: dict[str, dict[str, Any]] = {
                                  "candidates": [" Nf3", " Bc4", " d4"]},
     "to_runtime_score_token_ids": {"type": "score", "id": 9, "prompt_token_ids": [1, 2, 3],
                                    "candidates": [[4], [5, 6]], "priority": 2},
+    # Structured output: at most one of json_schema, grammar, regex, choices; or tools.
+    "to_runtime_generate_json_schema": {
+        "type": "generate", "id": "npc-7/line-4", "messages": [{"role": "user", "content": "Hello!"}],
+        "json_schema": {"type": "object", "required": ["say", "mood"], "properties": {
+            "say": {"type": "string", "maxLength": 120}, "mood": {"enum": ["happy", "angry"]},
+            "action": {"type": "object", "properties": {"type": {"enum": ["none", "give"]}}}}},
+    },
+    "to_runtime_generate_grammar": {"type": "generate", "id": 5, "prompt": "Move:",
+                                    "grammar": 'root ::= [a-h] [1-8] "\U0001F600"?', "grammar_syntax": "gbnf"},
+    "to_runtime_generate_choices": {"type": "generate", "id": 6, "prompt": "Open the gate?",
+                                    "choices": ["yes", "no", "not yet"], "temperature": 0},
+    "to_runtime_generate_tools": {
+        "type": "generate", "id": "shop-1", "messages": [{"role": "user", "content": "A rope, please."}],
+        "tools": [{"name": "sell", "description": "Sell an item for silver.",
+                   "parameters": {"type": "object", "properties": {"item": {"type": "string"},
+                                                                   "price": {"type": "integer"}}}},
+                  {"name": "refuse", "parameters": '{"type": "object"}'}],
+        "tool_choice": "auto",
+    },
     "to_runtime_cancel": {"type": "cancel", "id": "npc-7/line-3"},
     "to_runtime_info": {"type": "info", "id": 2},
     "to_runtime_ping": {"type": "ping"},
@@ -51,6 +70,11 @@ VECTORS: dict[str, dict[str, Any]] = {
     "to_client_done_cancelled": p.done_message("npc-7/line-3", "cancelled", "La forge est",
                                                {"prompt_tokens": 40, "completion_tokens": 3, "cached_tokens": 0},
                                                {"queued_ms": 0.1, "ttft_ms": None, "total_ms": 30.5}),
+    "to_client_done_tool_calls": p.done_message(
+        "shop-1", "stop", '<tool_call>\n{"name": "sell", "arguments": {"item": "rope", "price": 3}}\n</tool_call>',
+        USAGE, TIMING, [{"name": "sell", "arguments": {"item": "rope", "price": 3}}], True),
+    "to_client_done_structure_incomplete": p.done_message("npc-7/line-4", "length", '{"say": "Welcome to', USAGE,
+                                                          TIMING, structure_complete=False),
     "to_client_scores": p.scores_message(
         "move-42",
         [{"text": " Nf3", "token_ids": [465, 86, 35], "logprob": -3.25, "token_logprobs": [-2.0, -1.0, -0.25]},

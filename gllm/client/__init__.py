@@ -21,6 +21,7 @@ from gllm.client.messages import (
     ServerError,
     Timing,
     Token,
+    ToolCall,
     Usage,
 )
 from gllm.client.local import LocalRuntime
@@ -42,5 +43,6 @@ __all__ = [
     "Stream",
     "Timing",
     "Token",
+    "ToolCall",
     "Usage",
 ]

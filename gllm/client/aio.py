@@ -70,12 +70,18 @@ class AsyncClient:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
                  priority: int | None = None, ignore_eos: bool | None = None, thinking: bool | None = None,
+                 json_schema: dict[str, Any] | str | bool | None = None, grammar: str | None = None,
+                 grammar_syntax: str | None = None, regex: str | None = None, choices: list[str] | None = None,
+                 tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
                  timeout: float | None = None) -> AsyncStream:
-        """A stream of the generation's tokens; the request is sent when the stream is first awaited."""
+        """A stream of the generation's tokens; the request is sent when the stream is first awaited.
+        Structured output as for ``Client.generate``."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("generate", next(self._ids), **fields, max_tokens=max_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                                  logprobs=logprobs, priority=priority, ignore_eos=ignore_eos, thinking=thinking)
+                                  logprobs=logprobs, priority=priority, ignore_eos=ignore_eos, thinking=thinking,
+                                  json_schema=json_schema, grammar=grammar, grammar_syntax=grammar_syntax,
+                                  regex=regex, choices=choices, tools=tools, tool_choice=tool_choice)
         return AsyncStream(self, message, self.timeout if timeout is None else timeout)
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:

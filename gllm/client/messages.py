@@ -55,6 +55,12 @@ class Timing:
 
 
 @dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]  # already parsed, valid under the tool's parameters schema
+
+
+@dataclass
 class Completion:
     """The end of a generation: its whole text, why it ended, and every token the stream delivered."""
 
@@ -64,6 +70,8 @@ class Completion:
     usage: Usage
     timing: Timing
     tokens: list[Token] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    structure_complete: bool | None = None  # structured output only: False when the reply was cut short
 
     @property
     def token_ids(self) -> list[int]:
@@ -154,8 +162,9 @@ class StreamState:
             self.tokens.append(token)
             return token
         done = expect(msg, "done")
+        calls = [ToolCall(c["name"], c["arguments"]) for c in done.get("tool_calls") or []]
         self.result = Completion(self.id, done["text"], done["finish_reason"], _usage(done), _timing(done),
-                                 self.tokens)
+                                 self.tokens, calls, done.get("structure_complete"))
         return self.result
 
 

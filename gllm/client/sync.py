@@ -72,12 +72,22 @@ class Client:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
                  priority: int | None = None, ignore_eos: bool | None = None, thinking: bool | None = None,
+                 json_schema: dict[str, Any] | str | bool | None = None, grammar: str | None = None,
+                 grammar_syntax: str | None = None, regex: str | None = None, choices: list[str] | None = None,
+                 tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
                  timeout: float | None = None) -> Stream:
-        """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``."""
+        """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``.
+
+        Structured output (docs/protocol.md): at most one of ``json_schema``, ``grammar`` (GBNF, or Lark
+        with ``grammar_syntax="lark"``), ``regex``, ``choices``; or ``tools`` ({name, description,
+        parameters}) with ``tool_choice``. The ``Completion`` then has ``tool_calls`` and
+        ``structure_complete``."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
-                                ignore_eos=ignore_eos, thinking=thinking)
+                                ignore_eos=ignore_eos, thinking=thinking, json_schema=json_schema, grammar=grammar,
+                                grammar_syntax=grammar_syntax, regex=regex, choices=choices, tools=tools,
+                                tool_choice=tool_choice)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:

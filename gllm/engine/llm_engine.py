@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from gllm.constrain import GrammarLimits, PendingMasks
+from gllm.engine.constrained import Constraints
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
 from gllm.engine.scheduler import SchedulePlan, Scheduler
@@ -76,12 +78,14 @@ class LLMEngine(AsyncDriver):
         cuda_graphs: bool = True,
         quantize: str | None = None,
         overlap: bool | None = None,
+        grammar_limits: GrammarLimits = GrammarLimits(),
     ):
         """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
         ``torch.float32`` is exact against the reference. ``quantize="int8"`` (CPU, bfloat16) stores
         weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``). Without it, on a
         CPU with AMX in bfloat16, a GGUF model's Q4_0 / Q4_1 / Q8_0 matrices are kept in their blocks and
-        decode steps multiply from them (same results as the dequantized weights, a third of the bytes)."""
+        decode steps multiply from them (same results as the dequantized weights, a third of the bytes).
+        ``grammar_limits`` bound the work one request's structured-output grammar may ask for."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
@@ -119,6 +123,7 @@ class LLMEngine(AsyncDriver):
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.scheduler = Scheduler(self.block_manager, params.max_batch_size, params.token_budget)
         self.sampler = Sampler(params.seed)
+        self.constraints = Constraints(self.tokenizer, cfg.vocab_size, self.eos_token_ids, grammar_limits)
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
         self._jobs: dict[str, GenerationJob | ScoreJob] = {}  # by request id, until their result is out
@@ -152,7 +157,8 @@ class LLMEngine(AsyncDriver):
         elif req.messages is not None:
             if not req.messages:
                 raise ValueError("messages is empty")
-            ids = self.tokenizer.apply_chat_template(req.messages, thinking=req.thinking)
+            messages, tools = self.constraints.chat(req)
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, thinking=req.thinking)
         else:
             ids = self.tokenizer.encode(req.prompt) if req.prompt else []
         if not ids:
@@ -182,6 +188,7 @@ class LLMEngine(AsyncDriver):
         ids = self.prompt_ids(req)
         max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
         self._check_room(max_tokens)
+        grammar = self.constraints.compile(req)  # None without one; refused here when it does not compile
         request_id = self._new_request_id(req.request_id)
         eos = frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else self.eos_token_ids)
         seqs = []
@@ -198,6 +205,7 @@ class LLMEngine(AsyncDriver):
                 eos_token_ids=eos,
                 fork_index=i,
                 logits_from=0 if req.prompt_logprobs else None,
+                constraint=None if grammar is None else self.constraints.compiler.constraint(grammar),
             ))
         seqs[0].pending_forks = seqs[1:]
         self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs))
@@ -290,8 +298,9 @@ class LLMEngine(AsyncDriver):
         self._counters["computed_tokens"] += plan.num_tokens
         self._counters["block_copies"] += len(plan.copies)
         try:
+            masks = self.constraints.start_masks(plan)  # computed while the model runs
             logits = self.runner.execute(chunks, plan.copies, input_ids)
-            return Launched(plan, *self._sample(plan, logits))
+            return Launched(plan, *self._sample(plan, logits, masks))
         except Exception as exc:
             self._fail_batch(plan, exc)
             return None
@@ -305,11 +314,16 @@ class LLMEngine(AsyncDriver):
                 r = launched.sample.result()
                 sampled = dict(zip(launched.seqs, r.token_ids))
                 info = dict(zip(launched.seqs, zip(r.logprobs, r.ranks, r.top_logprobs)))
+            for seq in dict.fromkeys(c.seq for c in plan.chunks if c.seq.constraint is not None):
+                out.deltas += self._job_of[seq].forced_deltas(seq, self.scheduler.finish)  # before the samples
             events = self.scheduler.update(plan, sampled)
             for seq, token, reason in events:
-                delta, final = self._job_of[seq].on_token(seq, token, *info[seq], reason)
+                job = self._job_of[seq]
+                delta, final = job.on_token(seq, token, *info[seq], reason)
+                if final is None and seq.constraint is not None:
+                    final = self.constraints.after_sample(seq, token, job, delta)
                 if final is not None and reason is None:
-                    self.scheduler.finish(seq, final)  # a stop string
+                    self.scheduler.finish(seq, final)  # a stop string, a complete structure, a failed grammar
                 out.deltas.append(delta)
             self._counters["generated_tokens"] += len(events)
         except Exception as exc:
@@ -320,15 +334,20 @@ class LLMEngine(AsyncDriver):
         reason = f"{type(exc).__name__}: {exc}"[:200]
         jobs = {self._job_of[c.seq] for c in plan.chunks if c.seq in self._job_of}
         log.error("a batch of %d request(s) failed; ending them: %s", len(jobs), reason, exc_info=exc)
+        self._fail_jobs(jobs, reason)
+        self._counters["failed_batches"] += 1
+
+    def _fail_jobs(self, jobs: set[GenerationJob | ScoreJob], reason: str) -> None:
         for job in jobs:
             job.error = reason
             for seq in job.seqs:
                 self.scheduler.finish(seq, "error")
-        self._counters["failed_batches"] += 1
 
-    def _sample(self, plan: SchedulePlan, logits: torch.Tensor) -> tuple[list[Sequence], PendingSample | None]:
+    def _sample(self, plan: SchedulePlan, logits: torch.Tensor,
+                masks: PendingMasks | None) -> tuple[list[Sequence], PendingSample | None]:
         """Record logprobs of given tokens, then queue sampling for every sequence (and new fork) that
-        needs a token. Returns the sampled sequences in row order and their pending sample."""
+        needs a token, within its grammar's mask. Returns the sampled sequences in row order and their
+        pending sample."""
         seqs, rows = [], []
         row = 0
         for c in plan.chunks:
@@ -344,8 +363,10 @@ class LLMEngine(AsyncDriver):
             row += k
         if not seqs:
             return [], None
+        allowed, failed = masks.result() if masks is not None else (None, [])
+        self._fail_jobs({self._job_of[seqs[i]] for i in failed}, "the grammar failed")
         sample_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        return seqs, self.sampler.launch(sample_logits, [s.sampling for s in seqs])
+        return seqs, self.sampler.launch(sample_logits, [s.sampling for s in seqs], allowed)
 
     def _take_new_work(self) -> None:
         while self._inbox:
@@ -396,5 +417,6 @@ class LLMEngine(AsyncDriver):
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "preemptions": self.scheduler.num_preemptions,
             "cache_evictions": pool.cache_evictions,
+            "forced_tokens": self.constraints.forced_tokens,
             **self._counters,
         }

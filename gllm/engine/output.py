@@ -26,6 +26,7 @@ class RequestOutput:
         self.ranks: list[int] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.result: GenerationResult | None = None
+        self.cut = False  # the text ends before a stop string
 
     def add_token(
         self, token_id: int, logprob: float, rank: int, top: list[tuple[int, float]], reason: str | None
@@ -45,7 +46,7 @@ class RequestOutput:
         if self.stop:
             hit = self._find_stop()
             if hit is not None:
-                self.text, end, reason = self.text[:hit], hit, "stop"
+                self.text, end, reason, self.cut = self.text[:hit], hit, "stop", True
             elif reason is None:
                 end -= self._holdback()
         new_text = self.text[self.emitted : end]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gllm.constrain import OutputConstraint, ToolCall, check_tools
+
 
 @dataclass
 class GeneratorParams:
@@ -52,6 +54,22 @@ class GenerationRequest:
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
     thinking: bool = False  # with messages: let a thinking model (Qwen3, SmolLM3) reason before it answers
     request_id: str | None = None  # assigned by the engine when missing
+    # Structured output (gllm.constrain): at most one of json_schema, grammar, regex, choices; and tools.
+    json_schema: dict[str, Any] | bool | None = None  # a JSON Schema; {} or True: any JSON object
+    grammar: str | None = None  # GBNF, or Lark with grammar_syntax="lark"
+    grammar_syntax: str = "gbnf"
+    regex: str | None = None
+    choices: list[str] | None = None  # the output is exactly one of these
+    tools: list[dict[str, Any]] | None = None  # {name, description, parameters (JSON Schema of the arguments)}
+    tool_choice: str | None = None  # "auto" (the default with tools), "required", "none" or a tool's name
+
+    @property
+    def output_constraint(self) -> OutputConstraint:
+        return OutputConstraint(self.json_schema, self.grammar, self.grammar_syntax, self.regex, self.choices)
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.tools is not None and self.tool_choice != "none"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is wrong."""
@@ -78,6 +96,11 @@ class GenerationRequest:
             not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)
         ):
             raise ValueError("stop must be a list of non-empty strings")
+        self.output_constraint.check()
+        check_tools(self.tools, self.tool_choice)
+        if self.calls_tools and self.output_constraint.given:
+            raise ValueError("tools cannot be combined with json_schema, grammar, regex or choices "
+                             "(a tool's parameters constrain its arguments)")
 
 
 @dataclass
@@ -111,3 +134,5 @@ class GenerationResult:
     prompt_logprobs: list[float | None] | None = None  # when asked: None for the first prompt token
     forks: list["GenerationResult"] = field(default_factory=list)  # all n continuations when n > 1, this one first
     error: str | None = None  # with finish_reason "error": what failed
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the calls in the text, arguments parsed
+    structure_complete: bool | None = None  # constrained output only: False when cut short (e.g. by length)

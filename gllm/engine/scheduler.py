@@ -104,8 +104,9 @@ class Scheduler:
         one position further (``LLMEngine`` queues it while the host reads ``plan``'s tokens).
 
         Only when that is surely what ``schedule`` would plan next: plain decodes, nothing waiting that
-        could join, no sequence ending on length with ``plan``'s token, and free blocks for every next
-        position. A sequence that stops on a sampled token instead computes one position for nothing.
+        could join, no sequence ending on length with ``plan``'s token, no constrained sequence, and free
+        blocks for every next position. A sequence that stops on a sampled token instead computes one
+        position for nothing.
         """
         if plan.preempted or (self.waiting and len(self.running) < self.max_batch_size):
             return None
@@ -115,6 +116,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING or not c.samples or c.num_tokens != 1 or c.num_logits != 1:
                 return None
             if seq.pending_forks or seq.logits_from is not None or seq.num_tokens + 1 >= seq.max_tokens:
+                return None
+            if seq.constraint is not None:  # its next mask needs the token this step samples
                 return None
             needed += self.blocks.growth(seq.block_table, c.start + 2, c.start + 1)
         if needed > self.blocks.pool.num_free:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gllm.kv import BlockKey
 from gllm.sample import SamplingRow
+
+if TYPE_CHECKING:
+    from gllm.constrain import Constraint
 
 
 class Status(enum.Enum):
@@ -47,6 +51,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    constraint: Constraint | None = None  # structured output: follows every token, forced ones included
 
     @property
     def num_tokens(self) -> int:

@@ -26,6 +26,8 @@ COUNTED_LIMITS = {
     "max_stop_chars": "characters per stop string",
     "max_candidates": "candidates per score request",
     "max_candidate_tokens": "tokens per score candidate",
+    "max_grammar_size": "symbols in a structured-output grammar (JSON Schema, grammar, regex, choices, tools)",
+    "grammar_fuel": "work allowed to compile one such grammar (about 50 units per microsecond)",
 }
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -114,6 +116,7 @@ def serve(args: argparse.Namespace) -> int:
     import zmq
 
     from gllm.cli import engine_options
+    from gllm.constrain import GrammarLimits
     from gllm.engine import GeneratorParams, LLMEngine
     from gllm.runtime.limits import ServerLimits
     from gllm.runtime.server import Server
@@ -127,7 +130,8 @@ def serve(args: argparse.Namespace) -> int:
     params = GeneratorParams(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                              num_kv_blocks=args.kv_blocks, kv_memory=args.kv_memory)
     try:
-        engine = LLMEngine(args.model, params, **engine_options(args))
+        engine = LLMEngine(args.model, params, **engine_options(args),
+                           grammar_limits=GrammarLimits(args.max_grammar_size, args.grammar_fuel))
     except (ValueError, OSError):
         raise  # they name the file and what is wrong with it; gllm.cli.main prints them as one line
     except Exception as exc:  # anything else while loading (torch, memory): one line too, not a traceback
@@ -137,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace,
                           shutdown_drain_s=args.shutdown_drain, slow_client_timeout_s=args.slow_client_timeout, max_outbox_bytes=args.max_outbox_size,
                           **{name: getattr(args, name) for name in COUNTED_LIMITS})
+    engine.constraints.warm_up()  # structured output's tokenizer, built while the server starts
     try:
         server = Server(engine, args.bind, limits, curve=curve)
     except zmq.ZMQError as exc:

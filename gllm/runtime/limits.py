@@ -24,6 +24,8 @@ class ServerLimits:
     max_candidate_tokens: int = 256  # per candidate, after tokenization; beyond it: too_long
     slow_client_timeout_s: float = 30.0  # a client whose outbox takes nothing this long: slow_client
     max_outbox_bytes: int = 16 << 20  # replies waiting for one client beyond this: slow_client
+    max_grammar_size: int = 500_000  # symbols in a structured-output grammar's productions; beyond it: too_long
+    grammar_fuel: int = 1_000_000  # work allowed to compile a grammar's lexer (about 50 per us); beyond: too_long
 
     @property
     def hard_message_bytes(self) -> int:
@@ -43,4 +45,6 @@ LIMIT_FLAGS = {
     "max_stop_chars": "--max-stop-chars",
     "max_candidates": "--max-candidates",
     "max_candidate_tokens": "--max-candidate-tokens",
+    "max_grammar_size": "--max-grammar-size",
+    "grammar_fuel": "--grammar-fuel",
 }

@@ -12,6 +12,7 @@ which suits bindings whose serializers write null for unset options. Sizes a ser
 
 from __future__ import annotations
 
+import json
 import math
 import reprlib
 from collections.abc import Callable
@@ -134,6 +135,48 @@ def array_of(item: Check, *, max_items: int | None = None, nonempty: bool = Fals
 token_ids = array_of(integer(0, INT32_MAX), nonempty=True)
 
 
+# Structured output ------------------------------------------------------------------------------------
+GRAMMAR_SYNTAXES = ("gbnf", "lark")
+
+
+def json_schema(v: Any) -> dict[str, Any] | bool:
+    """A JSON Schema as a map, as JSON text (deep schemas need not count against max_nesting_depth), or
+    true (any JSON object)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError as exc:
+            raise _Invalid(f"is not valid JSON text ({exc})") from None
+    if v is True or isinstance(v, dict):
+        return v
+    raise _Invalid(f"must be a JSON Schema (a map, or JSON text of one) or true, got {describe(v)}")
+
+
+def one_of(*values: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in values:
+            raise _Invalid(f"must be one of {', '.join(values)}, got {describe(v)}")
+        return v
+    return check
+
+
+def tool(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _Invalid(f"must be a map with name, description, parameters, got {describe(v)}")
+    extra = [k for k in v if k not in ("name", "description", "parameters")]
+    if extra:
+        raise _Invalid(f"has unknown field {describe(extra[0])} (a tool has name, description, parameters)")
+    out = {"name": string(nonempty=True)(v.get("name"))}
+    if v.get("description") is not None:
+        out["description"] = string()(v["description"])
+    if v.get("parameters") is not None:
+        params = json_schema(v["parameters"])
+        if params is True:
+            raise _Invalid("parameters must be a JSON Schema object")
+        out["parameters"] = params
+    return out
+
+
 def client_id(v: Any) -> ClientId:
     if isinstance(v, str):
         return string(MAX_ID_CHARS)(v)
@@ -179,6 +222,13 @@ class Generate:
     priority: int = 0
     ignore_eos: bool = False
     thinking: bool = False
+    json_schema: dict[str, Any] | bool | None = None
+    grammar: str | None = None
+    grammar_syntax: str = "gbnf"
+    regex: str | None = None
+    choices: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
 
 
 @dataclass
@@ -231,6 +281,13 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "priority": _PRIORITY,
         "ignore_eos": boolean,
         "thinking": boolean,
+        "json_schema": json_schema,
+        "grammar": string(nonempty=True),
+        "grammar_syntax": one_of(*GRAMMAR_SYNTAXES),
+        "regex": string(nonempty=True),
+        "choices": array_of(string(nonempty=True), nonempty=True),
+        "tools": array_of(tool, nonempty=True),
+        "tool_choice": string(nonempty=True),
     }, ("id",)),
     "score": (Score, {
         "id": client_id,
@@ -343,9 +400,17 @@ def token_message(request_id: ClientId, index: int, token_id: int, text: str, lo
 
 
 def done_message(request_id: ClientId, finish_reason: str, text: str, usage: dict[str, int],
-                 timing: dict[str, float | None]) -> dict[str, Any]:
-    return {"type": "done", "id": request_id, "finish_reason": finish_reason, "text": text, "usage": usage,
-            "timing": timing}
+                 timing: dict[str, float | None], tool_calls: list[dict[str, Any]] | None = None,
+                 structure_complete: bool | None = None) -> dict[str, Any]:
+    """``tool_calls`` ([{name, arguments}]) go in when there are any, ``structure_complete`` when the
+    request constrained its output."""
+    msg = {"type": "done", "id": request_id, "finish_reason": finish_reason, "text": text, "usage": usage,
+           "timing": timing}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    if structure_complete is not None:
+        msg["structure_complete"] = structure_complete
+    return msg
 
 
 def scores_message(request_id: ClientId, candidates: list[dict[str, Any]], usage: dict[str, int],

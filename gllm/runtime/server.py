@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import zmq
 
+from gllm.constrain import GrammarLimitError
 from gllm.engine import GenerationRequest, GenerationResult, LLMEngine, ScoreRequest, ScoreResult, TokenDelta
 from gllm.runtime import admission, protocol
 from gllm.runtime.access import CurveServer
@@ -51,6 +52,7 @@ SEND_BUFFER_BYTES = 32 << 10
 FLUSH_RETRY_MS = 10  # how long an idle loop blocks while replies wait in outboxes
 CLOSE_LINGER_MS = 1000  # time given to the last replies to leave when the loop ends other than by a shutdown
 MAX_STEP_FAILURES = 3  # consecutive failed engine steps before the server gives up
+STRUCTURE_FIELDS = ("json_schema", "grammar", "grammar_syntax", "regex", "choices", "tools", "tool_choice")
 
 
 class Server:
@@ -268,13 +270,16 @@ class Server:
                 self.engine.add_request(self._tokenized(GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
-                    ignore_eos=req.ignore_eos, thinking=req.thinking, request_id=open_req.engine_id), req.id))
+                    ignore_eos=req.ignore_eos, thinking=req.thinking, request_id=open_req.engine_id,
+                    **{name: getattr(req, name) for name in STRUCTURE_FIELDS}), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
                 self._check_candidates(req)
                 self.engine.add_score(self._tokenized(ScoreRequest(
                     **prompt, candidates=req.candidates, priority=req.priority, thinking=req.thinking,
                     request_id=open_req.engine_id), req.id))
+        except GrammarLimitError as exc:
+            raise admission.over_limit("too_long", exc.limit, self.limits, str(exc), req.id) from None
         except ValueError as exc:
             raise ProtocolError(engine_error_code(exc), str(exc), req.id) from None
         self.requests.add(open_req)
@@ -343,7 +348,8 @@ class Server:
                            "token_logprobs": c.token_logprobs} for c in result.candidates]
             msg = protocol.scores_message(req.client_id, candidates, usage, timing)
         else:
-            msg = protocol.done_message(req.client_id, reason, "" if scored else result.text, usage, timing)
+            msg = protocol.done_message(req.client_id, reason, "" if scored else result.text, usage, timing,
+                                        *([] if scored else structure(result)))
         self._send(req.peer, msg)
 
     def _token_text(self, token_id: int) -> str:
@@ -389,6 +395,11 @@ class Server:
             self.engine.abort(req.engine_id)
         if reqs:
             log.info("client %s is gone; cancelling its %d open request(s)", peer.hex(), len(reqs))
+
+
+def structure(result: GenerationResult) -> tuple[list[dict[str, Any]], bool | None]:
+    """What a ``done`` says of a structured reply: its tool calls, and whether the structure is complete."""
+    return [{"name": c.name, "arguments": c.arguments} for c in result.tool_calls], result.structure_complete
 
 
 def engine_error_code(exc: ValueError) -> str:

@@ -2,6 +2,7 @@
 // Options left null are not sent, so the runtime's defaults (docs/protocol.md) apply.
 using System;
 using System.Collections.Generic;
+using System.Linq;
 
 namespace Gllm
 {
@@ -93,6 +94,22 @@ namespace Gllm
         /// <summary>Chat prompts: let a thinking model (Qwen3, SmolLM3) reason before it answers (default false).</summary>
         public bool? Thinking;
 
+        // Structured output (docs/protocol.md): at most one of JsonSchema, Grammar, Regex, Choices; or Tools.
+        /// <summary>The reply is JSON valid under this schema: a Dictionary&lt;string, object&gt;, the schema as
+        /// JSON text, or true for any JSON object.</summary>
+        public object JsonSchema;
+        /// <summary>A GBNF grammar (llama.cpp's format), or Lark with GrammarSyntax = "lark".</summary>
+        public string Grammar;
+        public string GrammarSyntax;
+        /// <summary>A regular expression the whole reply matches.</summary>
+        public string Regex;
+        /// <summary>The reply is exactly one of these.</summary>
+        public string[] Choices;
+        /// <summary>Tools the model may call; Completion.ToolCalls has the call.</summary>
+        public ToolSpec[] Tools;
+        /// <summary>"auto" (default), "required", "none" or a tool's name.</summary>
+        public string ToolChoice;
+
         internal void AddTo(Dictionary<string, object> m)
         {
             Put(m, "max_tokens", MaxTokens);
@@ -105,11 +122,42 @@ namespace Gllm
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
             Put(m, "thinking", Thinking);
+            if (JsonSchema != null) m["json_schema"] = JsonSchema;
+            if (Grammar != null) m["grammar"] = Grammar;
+            if (GrammarSyntax != null) m["grammar_syntax"] = GrammarSyntax;
+            if (Regex != null) m["regex"] = Regex;
+            if (Choices != null) m["choices"] = new List<object>(Choices);
+            if (Tools != null) m["tools"] = Tools.Select(t => (object)t.ToMap()).ToList();
+            if (ToolChoice != null) m["tool_choice"] = ToolChoice;
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct
         {
             if (value.HasValue) m[key] = value.Value;
+        }
+    }
+
+    /// <summary>A tool the model may call: its name (letters, digits, _ . -), what it does, and the JSON
+    /// Schema of its arguments (a Dictionary&lt;string, object&gt; or JSON text; null: any object).</summary>
+    public sealed class ToolSpec
+    {
+        public string Name;
+        public string Description;
+        public object Parameters;
+
+        public ToolSpec(string name, string description = null, object parameters = null)
+        {
+            Name = name;
+            Description = description;
+            Parameters = parameters;
+        }
+
+        internal Dictionary<string, object> ToMap()
+        {
+            var m = new Dictionary<string, object> { { "name", Name } };
+            if (Description != null) m["description"] = Description;
+            if (Parameters != null) m["parameters"] = Parameters;
+            return m;
         }
     }
 }

@@ -105,17 +105,41 @@ namespace Gllm
         public string Text;
         public Usage Usage;
         public Timing Timing;
+        /// <summary>The tool the reply calls (GenerateOptions.Tools), else empty.</summary>
+        public ToolCall[] ToolCalls;
+        /// <summary>Structured output only: false when the reply was cut short (FinishReason "length", a stop
+        /// string, a cancel) before its structure was whole; null for a request without one.</summary>
+        public bool? StructureComplete;
 
         internal static Completion From(Dictionary<string, object> m)
         {
+            var calls = new List<ToolCall>();
+            foreach (object entry in Fields.List(m, "tool_calls"))
+            {
+                var c = entry as Dictionary<string, object>;
+                if (c != null) calls.Add(new ToolCall { Name = Fields.String(c, "name"), Arguments = Fields.Map(c, "arguments") });
+            }
             return new Completion
             {
                 FinishReason = Fields.String(m, "finish_reason"),
                 Text = Fields.String(m, "text"),
                 Usage = Usage.From(Fields.Map(m, "usage")),
                 Timing = Timing.From(Fields.Map(m, "timing")),
+                ToolCalls = calls.ToArray(),
+                StructureComplete = Fields.Get(m, "structure_complete") as bool?,
             };
         }
+    }
+
+    /// <summary>A call the model made: the tool's name and its arguments, valid under the tool's schema.</summary>
+    public sealed class ToolCall
+    {
+        public string Name;
+        /// <summary>Decoded msgpack values: string, long, double, bool, null, List&lt;object&gt;, Dictionary.</summary>
+        public Dictionary<string, object> Arguments;
+
+        /// <summary>The arguments as JSON text (for engines whose signals carry strings).</summary>
+        public string ArgumentsJson { get { return JsonText.Write(Arguments); } }
     }
 
     public sealed class CandidateScore

@@ -40,6 +40,7 @@ namespace Gllm.Tests
             steps.Add(Step("score matches the greedy tokens' logprobs", Score));
             steps.Add(Step("cancel mid-stream", CancelMidStream));
             steps.Add(Step("error replies for bad requests", Errors));
+            steps.Add(Step("structured output: a JSON schema, choices, a tool call, a refused schema", Structured));
             steps.Add(Step("an idle connection outlives the runtime's heartbeat timeout (PING answered)", IdleConnection));
             steps.Add(Step("a frozen runtime is detected by heartbeats, and the client reconnects", FrozenRuntime));
             steps.Add(Step("reconnect after the runtime restarts", Restart));
@@ -188,6 +189,53 @@ namespace Gllm.Tests
             Check.Close(r.Candidates[1].TokenLogprobs.Sum(), r.Candidates[1].Logprob, 1e-6, "logprob is the sum of token logprobs");
             Check.That(r.Candidates[2].Logprob <= r.Candidates[0].Logprob, "a greedy token scores at least as well as another");
             Check.Equal(0, r.Best, "Best");
+        }
+
+        void Structured()
+        {
+            var schema = new Dictionary<string, object>
+            {
+                { "type", "object" }, { "additionalProperties", false }, { "required", new List<object> { "say", "mood" } },
+                { "properties", new Dictionary<string, object>
+                    {
+                        { "say", new Dictionary<string, object> { { "type", "string" }, { "maxLength", 10 } } },
+                        { "mood", new Dictionary<string, object> { { "enum", new List<object> { "calm", "angry" } } } },
+                    } },
+            };
+            Generation json = client.Generate(Prompt.Chat(ChatMessage.User("Hi")), new GenerateOptions { MaxTokens = 60, Temperature = 1.0, Seed = 7, JsonSchema = schema });
+            string text = Result(json.Text, "the JSON reply");
+            Check.Equal("stop", json.Result.FinishReason, "JSON reply finish reason");
+            Check.Equal(true, json.Result.StructureComplete, "the structure is complete");
+            var parsed = MiniJson.Parse(text) as Dictionary<string, object>;
+            string say = parsed == null ? null : parsed["say"] as string;
+            // maxLength counts code points; a C# string counts UTF-16 units (two for a character past U+FFFF).
+            Check.That(parsed != null && parsed.Count == 2 && say != null && say.Length - say.Count(char.IsLowSurrogate) <= 10, "the reply follows the schema: " + text);
+            Check.That((string)parsed["mood"] == "calm" || (string)parsed["mood"] == "angry", "mood from the enum: " + text);
+
+            Generation pick = client.Generate("Open the gate?", new GenerateOptions { Choices = new[] { "yes", "no" }, Temperature = 1.0, Seed = 3 });
+            string choice = Result(pick.Text, "the choice");
+            Check.That(choice == "yes" || choice == "no", "one of the choices: " + choice);
+            Check.That(pick.Result.ToolCalls.Length == 0, "no tool call without tools");
+
+            var tools = new[]
+            {
+                new ToolSpec("sell", "Sell an item.", "{\"type\": \"object\", \"required\": [\"item\"], \"additionalProperties\": false, \"properties\": {\"item\": {\"enum\": [\"sword\", \"rope\"]}}}"),
+                new ToolSpec("wave"),
+            };
+            Generation call = client.Generate(Prompt.Chat(ChatMessage.User("A rope, please.")), new GenerateOptions { MaxTokens = 80, Temperature = 1.0, Seed = 5, Tools = tools, ToolChoice = "sell" });
+            Result(call.Text, "the tool call");
+            Check.Equal(1, call.Result.ToolCalls.Length, "one tool call");
+            ToolCall sell = call.Result.ToolCalls[0];
+            Check.Equal("sell", sell.Name, "the named tool");
+            string item = sell.Arguments["item"] as string;
+            Check.That(item == "sword" || item == "rope", "arguments follow the schema: " + sell.ArgumentsJson);
+            var again = MiniJson.Parse(sell.ArgumentsJson) as Dictionary<string, object>;
+            Check.That(again != null && (string)again["item"] == item, "ArgumentsJson is the arguments as JSON: " + sell.ArgumentsJson);
+
+            Generation bad = client.Generate("x", new GenerateOptions { JsonSchema = "{\"type\": \"nope\"}" });
+            Wait(bad.Text.ContinueWith(_ => 0), "the refused schema");
+            LlmError error = Check.Failure(bad.Text, "a schema that does not compile");
+            Check.Equal("bad_request", error.Code, "error code");
         }
 
         void CancelMidStream()

@@ -6,6 +6,8 @@
 // Setup: put the Gllm folder and this file under Assets/, start `gllm serve` (see bindings/README.md),
 // add LlmCharacter to a GameObject, write its persona, wire onToken to your speech bubble, and call
 // Say("Hello") from your dialogue code. Not for WebGL builds: browsers have no raw TCP sockets.
+// Structured replies: put a JSON Schema in jsonSchema (the lines are then JSON your code can parse), or
+// give Tools from code and handle ToolCalled (a shopkeeper's sell(item, price)).
 using System.Collections.Generic;
 using Gllm;
 using UnityEngine;
@@ -24,6 +26,16 @@ public class LlmCharacter : MonoBehaviour
     public float topP = 0.9f;
     [Tooltip("Exchanges remembered; older ones are dropped to keep the prompt short")]
     public int memoryTurns = 4;
+    [Tooltip("A JSON Schema (JSON text) every line follows, e.g. {say, mood, action}; empty: free text")]
+    [TextArea(3, 10)]
+    public string jsonSchema = "";
+    [Tooltip("With Tools: auto, required, none or a tool's name")]
+    public string toolChoice = "auto";
+
+    /// <summary>Tools the character may call (set from code); each call raises ToolCalled.</summary>
+    public ToolSpec[] Tools;
+    /// <summary>The line called a tool: its name and parsed arguments (main thread).</summary>
+    public event System.Action<ToolCall> ToolCalled;
 
     [Header("Events (raised on the main thread)")]
     public UnityEvent<string> onToken = new UnityEvent<string>();
@@ -64,6 +76,12 @@ public class LlmCharacter : MonoBehaviour
         messages.AddRange(memory);
         messages.Add(ChatMessage.User(playerLine));
         var options = new GenerateOptions { MaxTokens = maxTokens, Temperature = temperature, TopP = topP };
+        if (!string.IsNullOrEmpty(jsonSchema)) options.JsonSchema = jsonSchema;
+        if (Tools != null && Tools.Length > 0)
+        {
+            options.Tools = Tools;
+            options.ToolChoice = toolChoice;
+        }
         Generation line = client.Generate(messages, options);
         current = line;
         line.Token += token => { if (line == current) onToken.Invoke(token.Text); };
@@ -72,6 +90,8 @@ public class LlmCharacter : MonoBehaviour
             if (line != current) return;  // cut off by a newer line
             Remember(playerLine, done.Text);
             onLine.Invoke(done.Text);
+            foreach (ToolCall call in done.ToolCalls)
+                if (ToolCalled != null) ToolCalled(call);
         };
         line.Failed += error => { if (line == current) onError.Invoke(error.ToString()); };
         return line;

@@ -12,7 +12,9 @@ extends Node
 ## for the connection (up to request_timeout_sec). A lost connection fails the open requests with
 ## "disconnected" (the runtime cancels them) and the client reconnects with back-off by itself.
 ## Options are the protocol's own field names (docs/protocol.md): max_tokens, temperature, top_k,
-## top_p, seed, stop, logprobs, priority, ignore_eos, thinking.
+## top_p, seed, stop, logprobs, priority, ignore_eos, thinking; and for structured output json_schema (a
+## Dictionary, or JSON text), grammar with grammar_syntax ("gbnf" or "lark"), regex, choices, tools
+## (an Array of {name, description, parameters}) with tool_choice. See LlmRequest.tool_calls().
 ##
 ## Loopback only: this client speaks only to a runtime on this machine. ZMTP's NULL mechanism has
 ## no encryption or authentication (no CurveZMQ), so other hosts are refused unless

@@ -10,8 +10,9 @@ extends RefCounted
 ## A generated token: {index, token_id, text, logprob, rank, top?} as the runtime sent it.
 signal token(token: Dictionary)
 ## The end: for generate the "done" message ({finish_reason, text, usage, timing}; finish_reason is
-## "stop", "length" or "cancelled"), for score the "scores" message, for info the "info" message,
-## for ping the "pong" message with "rtt_ms" added.
+## "stop", "length" or "cancelled"; with structured output also structure_complete, and tool_calls
+## when the reply calls a tool), for score the "scores" message, for info the "info" message, for
+## ping the "pong" message with "rtt_ms" added.
 signal finished(result: Dictionary)
 ## A runtime error (bad_request, too_long, ...) or the client's own: timeout, disconnected, closed.
 signal failed(code: String, message: String)
@@ -47,6 +48,12 @@ func _init(client: LlmClient, request_id: int, request_kind: String) -> void:
 func cancel() -> void:
 	if not is_done and is_instance_valid(_client):
 		_client.cancel_request(id)
+
+
+## The tools a finished generation called: [{name, arguments}], arguments a Dictionary that follows
+## the tool's parameters schema. Empty without tools or before the end.
+func tool_calls() -> Array:
+	return result.get("tool_calls", [])
 
 
 ## Called by LlmClient with each reply to this request; returns true when it was the last.
