@@ -27,6 +27,7 @@ class GenerationJob:
         self.seqs = seqs
         self.outputs = {s: RequestOutput(s, tokenizer, stop) for s in seqs}
         self.error: str | None = None  # why a failed batch ended the request
+        self.dropped_turns = 0  # chat turns left out to fit (context_overflow "drop_oldest")
         self.prompt_logprobs: list[float | None] | None = None
         if prompt_logprobs:
             self.prompt_logprobs = [None] * seqs[0].num_prompt_tokens
@@ -57,6 +58,7 @@ class GenerationJob:
             r.prompt_logprobs = self.prompt_logprobs
             r.forks = results if len(results) > 1 else []
             r.error = self.error
+            r.num_dropped_turns = self.dropped_turns
         return results[0]
 
 

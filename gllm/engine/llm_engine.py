@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from gllm.engine.game_state import GameState
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
+from gllm.engine.saved_states import SnapshotJob
 from gllm.engine.scheduler import SchedulePlan, Scheduler
 from gllm.engine.scoring import ScoreRequest, ScoreResult
 from gllm.engine.sequence import Sequence, Status
@@ -59,7 +61,7 @@ class StepOutput:
     finished: list[GenerationResult] = field(default_factory=list)
 
 
-class LLMEngine(AsyncDriver):
+class LLMEngine(AsyncDriver, GameState):
     """A Llama model, its paged KV cache, a scheduler and a sampler.
 
     ``add_request`` / ``abort`` may be called from any thread: they queue work that the next ``step``
@@ -125,6 +127,7 @@ class LLMEngine(AsyncDriver):
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._counters = collections.Counter()
+        self._init_game_state(loaded.weights, quantize)
 
     def _num_kv_blocks(self, dtype: torch.dtype) -> int:
         p = self.params
@@ -177,7 +180,8 @@ class LLMEngine(AsyncDriver):
     def add_request(self, req: GenerationRequest) -> str:
         """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
         req.validate()
-        ids = self.prompt_ids(req)
+        ids, dropped_turns = self.fitted_prompt(req)
+        timing = self._sequence_timing(req)
         max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
         self._check_room(max_tokens)
         request_id = self._new_request_id(req.request_id)
@@ -196,9 +200,12 @@ class LLMEngine(AsyncDriver):
                 eos_token_ids=eos,
                 fork_index=i,
                 logits_from=0 if req.prompt_logprobs else None,
+                **timing,
             ))
         seqs[0].pending_forks = seqs[1:]
-        self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs))
+        job = GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs)
+        job.dropped_turns = dropped_turns
+        self._submit(job)
         return request_id
 
     def add_score(self, req: ScoreRequest) -> str:
@@ -234,7 +241,7 @@ class LLMEngine(AsyncDriver):
         self._submit(ScoreJob(parent, cands, targets, texts))
         return request_id
 
-    def _submit(self, job: GenerationJob | ScoreJob) -> None:
+    def _submit(self, job: GenerationJob | ScoreJob | SnapshotJob) -> None:
         self._jobs[job.request_id] = job
         for seq in job.seqs:
             self._job_of[seq] = job
@@ -245,7 +252,7 @@ class LLMEngine(AsyncDriver):
         self._aborts.append(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._inbox or self._aborts or self._pending or self.scheduler.has_work())
+        return bool(self._inbox or self._aborts or self._pending or self.scheduler.has_work() or self._game_state_work())
 
     # --------------------------------------------------------------------- step
     def step(self) -> StepOutput:
@@ -261,15 +268,17 @@ class LLMEngine(AsyncDriver):
         """
         out = StepOutput()
         self._take_new_work()
+        self._apply_state_work(out)  # restores and releases of saved states
         launched, self._pending = self._pending, None
         if launched is None:
             launched = self._launch(self.scheduler.schedule())
         if launched is not None:
-            ahead = self.scheduler.plan_ahead(launched.plan) if self.overlap else None
+            ahead = self.scheduler.plan_ahead(launched.plan) if self.overlap and not self._injections else None
             if ahead is not None:
                 self._pending = self._launch(ahead, launched.sample.token_ids)
                 self._counters["steps_ahead"] += 1
             self._apply(launched, out)
+        self._apply_injections()  # events mid-line join the context before the next step
         self._collect_finished(out)
         return out
 
@@ -377,10 +386,12 @@ class LLMEngine(AsyncDriver):
         return self._run([self.add_score(req)])[0]
 
     def _run(self, ids: list[str]) -> list:
-        results: dict[str, GenerationResult | ScoreResult] = {}
+        results: dict[str, Any] = {}
         while any(i not in results for i in ids):
             for r in self.step().finished:
                 results[r.request_id] = r
+            if (wait := self.wait_time()) > 0:  # paced requests not due yet: no busy loop
+                time.sleep(min(wait, 0.01))
         return [results[i] for i in ids]
 
     def stats(self) -> dict[str, Any]:
@@ -394,5 +405,6 @@ class LLMEngine(AsyncDriver):
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "preemptions": self.scheduler.num_preemptions,
             "cache_evictions": pool.cache_evictions,
+            **self.game_state_stats(),
             **self._counters,
         }

@@ -18,6 +18,7 @@ class GeneratorParams:
     kv_memory: int | None = None  # ... or in bytes
     enable_prefix_caching: bool = True
     seed: int | None = None  # seed of the generator shared by requests without their own seed
+    max_pinned_blocks: int | None = None  # KV blocks restored states may pin (default: half the cache)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len"):
@@ -29,6 +30,9 @@ class GeneratorParams:
     @property
     def token_budget(self) -> int:
         return self.max_num_batched_tokens or max(512, self.max_seq_len)
+
+
+CONTEXT_OVERFLOW = ("error", "drop_oldest")
 
 
 @dataclass
@@ -51,6 +55,11 @@ class GenerationRequest:
     n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
     request_id: str | None = None  # assigned by the engine when missing
+    # Game state: long chats, pacing, exact replay (see gllm.engine.game_state)
+    context_overflow: str = "error"  # "drop_oldest": drop the oldest turns after the system messages to fit
+    max_tokens_per_second: float | None = None  # pacing: the next token is not computed before it is due
+    deadline_ms: float | None = None  # wanted time to first token; earlier deadlines first within a priority
+    deterministic: bool = False  # same tokens alone or in any batch (batch-invariant kernels; CPU only)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is wrong."""
@@ -75,6 +84,14 @@ class GenerationRequest:
             not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)
         ):
             raise ValueError("stop must be a list of non-empty strings")
+        if self.context_overflow not in CONTEXT_OVERFLOW:
+            raise ValueError(f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOW)} (got {self.context_overflow!r})")
+        if self.context_overflow == "drop_oldest" and self.messages is None:
+            raise ValueError("context_overflow 'drop_oldest' drops chat turns: it needs messages")
+        if self.max_tokens_per_second is not None and not self.max_tokens_per_second > 0:
+            raise ValueError(f"max_tokens_per_second must be > 0 (got {self.max_tokens_per_second})")
+        if self.deadline_ms is not None and not self.deadline_ms >= 0:
+            raise ValueError(f"deadline_ms must be >= 0 (got {self.deadline_ms})")
 
 
 @dataclass
@@ -91,6 +108,7 @@ class TokenDelta:
     finished: bool = False
     finish_reason: str | None = None
     fork: int = 0  # which of the request's n continuations
+    injected: int = 0  # tokens injected into the context just before this one (``LLMEngine.inject``)
 
 
 @dataclass
@@ -108,3 +126,5 @@ class GenerationResult:
     prompt_logprobs: list[float | None] | None = None  # when asked: None for the first prompt token
     forks: list["GenerationResult"] = field(default_factory=list)  # all n continuations when n > 1, this one first
     error: str | None = None  # with finish_reason "error": what failed
+    num_dropped_turns: int = 0  # chat messages left out to fit (context_overflow "drop_oldest")
+    num_injected_tokens: int = 0  # tokens injected while it ran
