@@ -138,3 +138,125 @@ def test_fit_chat_drops_the_oldest_turns_after_the_system_messages():
     assert fit_chat(encode, chat[:5], 100) == (encode(chat[:5]), 0)
     with pytest.raises(ValueError, match="does not fit"):
         fit_chat(encode, chat, 15)
+
+
+def test_default_model_chat_of_50_turns_drops_the_oldest_to_fit():
+    eng = LLMEngine("smollm2-135m-instruct", GeneratorParams(max_seq_len=512, max_batch_size=1), dtype=torch.float32)
+    system = {"role": "system", "content": "You are Mira, the blacksmith of Oakvale."}
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"Turn {i}: the weather over the hills is changing."}
+             for i in range(50)]
+    chat = [system, *turns]
+    assert len(eng.tokenizer.apply_chat_template(chat)) > 512
+    with pytest.raises(ValueError, match="max_seq_len"):
+        eng.add_request(GenerationRequest(messages=chat, max_new_tokens=16))
+    req = GenerationRequest(messages=chat, max_new_tokens=16, temperature=0, context_overflow="drop_oldest")
+    result = eng.generate([req])[0]
+    kept = eng.tokenizer.decode(result.prompt_token_ids)
+    assert 0 < result.num_dropped_turns < 50
+    assert len(result.prompt_token_ids) + 16 <= 512
+    assert kept.startswith("system\n" + system["content"]) or system["content"] in kept.split("Turn")[0]
+    assert "Turn 49:" in kept and f"Turn {result.num_dropped_turns - 1}:" not in kept
+    assert f"Turn {result.num_dropped_turns}:" in kept
+    # one more turn dropped would not have been needed: the fewest are dropped
+    fewer = [system, *turns[result.num_dropped_turns - 1 :]]
+    assert len(eng.tokenizer.apply_chat_template(fewer)) + 16 > 512
+
+
+# --------------------------------------------------------------------------------------- events mid-line
+def test_injected_tokens_continue_like_a_fresh_prompt(gqa_model):
+    folder, _ = gqa_model
+    eng = engine(folder)
+    prompt, event = tokens(21, seed=9), tokens(6, seed=10)
+    request_id = eng.add_request(greedy(prompt, 20))
+    deltas = []
+    while len(deltas) < 5:
+        deltas += eng.step().deltas
+    eng.inject(request_id, token_ids=event)
+    eng.inject("no-such-request", token_ids=event)  # unknown ids are ignored
+    result = None
+    while result is None:
+        out = eng.step()
+        deltas += out.deltas
+        result = next(iter(out.finished), None)
+    marked = [d.index for d in deltas if d.injected]
+    assert marked == [5] and deltas[5].injected == len(event)
+    assert len(result.token_ids) == 20 and result.num_injected_tokens == len(event)
+    before, after = result.token_ids[:5], result.token_ids[5:]
+    fresh = engine(folder).generate([greedy(prompt + before + event, 15)])[0]
+    assert fresh.token_ids == after
+    eng.inject(request_id, token_ids=event)  # finished: ignored
+    assert not eng.step().deltas and eng.stats()["kv_blocks_in_use"] == 0
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.inject(request_id, token_ids=[256])
+
+
+def test_injection_that_fills_the_context_ends_the_request_with_length(gqa_model):
+    folder, _ = gqa_model
+    eng = engine(folder, max_seq_len=40)
+    request_id = eng.add_request(greedy(tokens(20, seed=11), 15))
+    while not eng.step().deltas:
+        pass
+    eng.inject(request_id, token_ids=tokens(25, seed=12))
+    result = eng._run([request_id])[0]
+    assert result.finish_reason == "length" and len(result.token_ids) == 1
+    assert eng.stats()["kv_blocks_in_use"] == 0
+
+
+# -------------------------------------------------------------------------------------- pacing, deadlines
+class FakeClock:
+    """The scheduler's clock, advanced by the test: pacing is checked without depending on real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_paced_request_waits_for_its_tokens_and_leaves_steps_to_the_others(gqa_model):
+    folder, _ = gqa_model
+    eng = engine(folder, max_batch_size=16)
+    eng.scheduler.clock = clock = FakeClock()
+    paced = eng.add_request(GenerationRequest(prompt_token_ids=tokens(9, seed=13), max_new_tokens=5,
+                                              temperature=0, ignore_eos=True, max_tokens_per_second=5))
+    others = [eng.add_request(greedy(tokens(9, seed=20 + i), 40)) for i in range(15)]
+    times: dict[str, list[float]] = {}
+    rows = []
+    while eng.has_work():
+        computed = eng.stats().get("computed_tokens", 0)
+        for d in eng.step().deltas:
+            times.setdefault(d.request_id, []).append(clock.now)
+        rows.append(eng.stats()["computed_tokens"] - computed)
+        clock.now += 0.01  # a step takes 10 ms of the fake clock
+    gaps = [b - a for a, b in zip(times[paced], times[paced][1:])]
+    assert len(times[paced]) == 5 and min(gaps) >= 0.2 - 1e-9  # at most 5 tokens a second
+    assert all(len(times[r]) == 40 for r in others)
+    assert rows.count(15) >= 30  # the paced request sat out most decode steps
+    assert eng.stats()["kv_blocks_in_use"] == 0
+
+
+def test_wait_time_tells_how_long_a_paced_request_sleeps(gqa_model):
+    folder, _ = gqa_model
+    eng = engine(folder)
+    eng.scheduler.clock = clock = FakeClock()
+    eng.add_request(GenerationRequest(prompt_token_ids=tokens(9, seed=14), max_new_tokens=3, temperature=0,
+                                      ignore_eos=True, max_tokens_per_second=2))
+    assert eng.wait_time() == 0
+    assert len(eng.step().deltas) == 1  # the first token is not paced
+    assert eng.wait_time() == pytest.approx(0.5)
+    assert eng.step().deltas == [] and eng.has_work()
+    clock.now = 0.5
+    assert eng.wait_time() == 0 and len(eng.step().deltas) == 1
+
+
+def test_earlier_deadline_first_within_a_priority(gqa_model):
+    folder, _ = gqa_model
+    eng = engine(folder, max_batch_size=1)
+    ids = {name: eng.add_request(GenerationRequest(prompt_token_ids=tokens(9, seed=15), max_new_tokens=2,
+                                                   temperature=0, **kw))
+           for name, kw in [("none", {}), ("late", {"deadline_ms": 5000}), ("soon", {"deadline_ms": 100}),
+                            ("urgent", {"priority": 1})]}
+    order = []
+    while eng.has_work():
+        order += [r.request_id for r in eng.step().finished]
+    assert order == [ids[n] for n in ("urgent", "soon", "late", "none")]

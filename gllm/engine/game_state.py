@@ -125,7 +125,8 @@ class GameState:
         self._releases.append(pin)
 
     def _apply_state_work(self, out: Any) -> None:
-        """Restores and releases, between two model steps."""
+        """Restores, releases and injections, between two model steps."""
+        self._apply_injections()
         while self._releases:
             self.states.pins.release(self._releases.popleft())
         while self._restores:
@@ -168,7 +169,8 @@ class GameState:
             self._injections.append((request_id, ids))
 
     def _apply_injections(self) -> None:
-        """Queued injections, once no step is queued ahead (its input would be the old context)."""
+        """Queued injections, once no step is queued ahead (its input is the old context): before the
+        step's plan, else right after the step queued ahead is applied."""
         while self._injections and self._pending is None:
             request_id, ids = self._injections.popleft()
             job = self._jobs.get(request_id)

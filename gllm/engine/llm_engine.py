@@ -268,7 +268,7 @@ class LLMEngine(AsyncDriver, GameState):
         """
         out = StepOutput()
         self._take_new_work()
-        self._apply_state_work(out)  # restores and releases of saved states
+        self._apply_state_work(out)  # restores and releases of saved states, injections
         launched, self._pending = self._pending, None
         if launched is None:
             launched = self._launch(self.scheduler.schedule())
@@ -278,7 +278,7 @@ class LLMEngine(AsyncDriver, GameState):
                 self._pending = self._launch(ahead, launched.sample.token_ids)
                 self._counters["steps_ahead"] += 1
             self._apply(launched, out)
-        self._apply_injections()  # events mid-line join the context before the next step
+        self._apply_injections()  # those that waited for a step queued ahead
         self._collect_finished(out)
         return out
 

@@ -48,7 +48,8 @@ def model_fingerprint(config: ModelConfig, weights: dict[str, torch.Tensor], dty
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for name in sorted(weights):
         flat = weights[name].detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR)).long()
+        count = min(flat.numel(), SAMPLES_PER_TENSOR)
+        index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)  # evenly spaced, both ends
         digest.update(f"{name}{tuple(weights[name].shape)}".encode())
         digest.update(flat[index].float().cpu().numpy().tobytes())
     return digest.hexdigest()
