@@ -29,6 +29,7 @@ from gllm.engine.saved_states import RestoreResult, SavedStates, SnapshotJob, Sn
 from gllm.engine.sequence import Sequence, Status
 from gllm.engine.snapshot import SavedState, StateFormat, model_fingerprint
 from gllm.kv import PinLimitError
+from gllm.ops.invariant import probe_plan
 from gllm.sample import SamplingRow
 
 
@@ -149,11 +150,22 @@ class GameState:
 
     def _sequence_timing(self, req: GenerationRequest) -> dict[str, Any]:
         """Pacing, deadline and exactness of a request's sequences."""
-        if req.deterministic and self.device.type != "cpu":
-            raise ValueError("deterministic requests run on the CPU only (their batch-invariant kernels are CPU kernels)")
+        if req.deterministic:
+            self._prepare_exact()
         deadline = time.perf_counter() + req.deadline_ms / 1000 if req.deadline_ms is not None else float("inf")
         interval = 1.0 / req.max_tokens_per_second if req.max_tokens_per_second else 0.0
         return dict(token_interval=interval, deadline=deadline, exact=req.deterministic)
+
+    def _prepare_exact(self) -> None:
+        """Choose, once, how this CPU's products stay batch-invariant (``gllm.ops.invariant.probe_plan``)."""
+        if self.device.type != "cpu":
+            raise ValueError("deterministic requests run on the CPU only (their batch-invariant kernels are CPU kernels)")
+        if self.runner.exact_plan is None:
+            plan = probe_plan(self.model.products())
+            if plan is None:
+                raise ValueError("this CPU's matrix products give a row different bits in different batches "
+                                 "whatever the call shape: deterministic requests are not available here")
+            self.runner.exact_plan = plan
 
     def inject(self, request_id: str, text: str | None = None, token_ids: list[int] | None = None) -> None:
         """Append text (tokenized without special tokens) or token ids to a running generation's context;

@@ -290,7 +290,8 @@ class LLMEngine(AsyncDriver, GameState):
         for c in plan.chunks:
             c.seq.scheduled_time = c.seq.scheduled_time or now
         chunks = [
-            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits)
+            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits,
+                       c.seq.exact)
             for c in plan.chunks
         ]
         self._counters["steps"] += 1

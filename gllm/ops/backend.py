@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from gllm.ops import cpu_kernels
-from gllm.ops.attention import paged_attention
+from gllm.ops.attention import decode_rows_one_by_one, paged_attention
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.reference import reference_attention
 from gllm.ops.triton_attention import triton_available
@@ -38,13 +38,26 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, float], torc
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """Same contracts on every backend: see the ``torch_*`` functions of ``gllm.ops.triton_fused``."""
+    """Same contracts on every backend: see the ``torch_*`` functions of ``gllm.ops.triton_fused``.
+
+    ``decode_rows`` has ``decode_attention``'s contract with one more promise: each row's output depends
+    on that row alone (its query, blocks and length), never on the other rows of the call.
+    """
 
     name: str
     attend: AttendFn
     rope_write_kv: Callable[..., torch.Tensor] = torch_rope_write_kv
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch_add_rms_norm
     silu_mul: Callable[[torch.Tensor], torch.Tensor] = torch_silu_mul
+    decode_rows: Callable[..., torch.Tensor] = decode_rows_one_by_one
+
+    def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """``attend``, then the rows of ``meta.exact`` computed again one query each (batch-invariant)."""
+        out = self.attend(q, kv_cache, meta, scale)
+        if (exact := meta.exact) is not None:
+            out[exact.rows] = self.decode_rows(q[exact.rows], kv_cache, exact.block_tables, exact.seq_lens,
+                                               max(exact.seq_lens_list), scale)
+        return out
 
 
 BACKENDS = {
@@ -56,6 +69,7 @@ BACKENDS = {
         cpu_kernels.cpu_rope_write_kv,
         cpu_kernels.cpu_add_rms_norm,
         cpu_kernels.cpu_silu_mul,
+        cpu_kernels.cpu_decode_rows,
     ),
     "triton": AttentionBackend(
         "triton",
