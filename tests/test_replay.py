@@ -19,8 +19,8 @@ from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 TARGET_PROMPT = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
-def target(prompt: list[int] = TARGET_PROMPT, **kw) -> GenerationRequest:
-    return GenerationRequest(prompt_token_ids=prompt, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=1234,
+def target(prompt: list[int] = TARGET_PROMPT, n: int = 24, **kw) -> GenerationRequest:
+    return GenerationRequest(prompt_token_ids=prompt, max_new_tokens=n, temperature=0.8, top_p=0.9, seed=1234,
                              logprobs=2, ignore_eos=True, deterministic=True, **kw)
 
 
@@ -61,8 +61,27 @@ def replay_engine(gqa_model):
                                                         max_size=15), at=st.integers(0, 4), position=st.integers(0, 15))
 def test_seeded_deterministic_request_replays_in_any_batch(replay_engine, size, others, at, position):
     engine, alone = replay_engine
+    engine.block_manager.pool.clear_cache()  # others may then compute the shared prefix before the target
     arrivals = [(step, req) for step, req in others[: size - 1]]
     arrivals.insert(min(position, len(arrivals)), (at, target(request_id="target")))
     results = run(engine, arrivals)
     assert results["target"] == alone
     assert engine.stats()["kv_blocks_in_use"] == 0
+
+
+def test_default_model_replays_in_batches_of_2_7_and_16():
+    """The same on the default model, in its default dtype, with a chat prompt and sampled crowds."""
+    engine = LLMEngine("smollm2-135m-instruct", GeneratorParams(max_batch_size=16, max_seq_len=512,
+                                                                max_num_batched_tokens=256))
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Which road leads to the old mill?"}])
+    alone = run(engine, [(0, target(chat, 12, request_id="alone"))])["alone"]
+    gen = torch.Generator().manual_seed(3)
+    for size in (2, 7, 16):
+        engine.block_manager.pool.clear_cache()
+        crowd = [(int(torch.randint(0, 3, (1,), generator=gen)), GenerationRequest(
+            prompt_token_ids=chat[: int(torch.randint(0, len(chat), (1,), generator=gen))]
+            + torch.randint(0, 49152, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).tolist(),
+            max_new_tokens=int(torch.randint(1, 16, (1,), generator=gen)), temperature=0.7, ignore_eos=True))
+            for _ in range(size - 1)]
+        crowd.insert(size // 2, (1, target(chat, 12, request_id="target")))
+        assert run(engine, crowd)["target"] == alone, size
