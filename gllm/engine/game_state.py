@@ -70,8 +70,10 @@ class GameState:
         fmt = StateFormat(self.model_name, model_fingerprint(cfg, weights, self.dtype, params.block_size, quantize),
                           self.dtype, params.block_size, (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
                           cfg.vocab_size)
-        num_blocks = self.block_manager.pool.num_blocks
-        pinned = num_blocks // 2 if params.max_pinned_blocks is None else params.max_pinned_blocks
+        pinned = params.max_pinned_blocks
+        if pinned is None:
+            pinned = (self.block_manager.pool.num_blocks // 2 if params.max_pinned_memory is None
+                      else params.max_pinned_memory // fmt.bytes_for(1))
         self.states = SavedStates(self.block_manager, self.runner.kv_caches, fmt, pinned)
         self._restores: collections.deque[tuple[str, SavedState | None, str | None]] = collections.deque()
         self._releases: collections.deque[str] = collections.deque()
@@ -110,6 +112,8 @@ class GameState:
         """Check a state (``ValueError`` if it is damaged or from another model) and queue putting it into
         the prefix cache, pinned under the name ``pin`` when given; the next step returns a ``RestoreResult``."""
         saved = self.states.parse(state, max_bytes)
+        if pin is not None:
+            self.states.check_pin(saved, pin)
         request_id = self._new_request_id(request_id)
         self._restores.append((request_id, saved, pin))
         return request_id
@@ -135,8 +139,9 @@ class GameState:
             try:
                 tokens = self.states.restore(saved, pin)
                 out.finished.append(RestoreResult(request_id, tokens, "restored", pin is not None))
-            except (PinLimitError, ValueError) as exc:
-                out.finished.append(RestoreResult(request_id, 0, "error", error=str(exc)))
+            except ValueError as exc:  # the limit or the name, taken since the checks of ``add_restore``
+                out.finished.append(RestoreResult(request_id, 0, "error", error=str(exc),
+                                                  pin_limit=isinstance(exc, PinLimitError)))
 
     # ------------------------------------------------------------------------------- requests
     def fitted_prompt(self, req: GenerationRequest, max_prompt_tokens: int | None = None) -> tuple[list[int], int]:

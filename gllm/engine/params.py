@@ -18,7 +18,8 @@ class GeneratorParams:
     kv_memory: int | None = None  # ... or in bytes
     enable_prefix_caching: bool = True
     seed: int | None = None  # seed of the generator shared by requests without their own seed
-    max_pinned_blocks: int | None = None  # KV blocks restored states may pin (default: half the cache)
+    max_pinned_blocks: int | None = None  # KV blocks restored states may pin (default: half the cache) ...
+    max_pinned_memory: int | None = None  # ... or in bytes
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len"):
@@ -26,6 +27,8 @@ class GeneratorParams:
                 raise ValueError(f"GeneratorParams.{name} must be at least 1 (got {getattr(self, name)})")
         if self.num_kv_blocks is not None and self.kv_memory is not None:
             raise ValueError("give the KV cache size as num_kv_blocks or as kv_memory, not both")
+        if self.max_pinned_blocks is not None and self.max_pinned_memory is not None:
+            raise ValueError("give the pinned limit as max_pinned_blocks or as max_pinned_memory, not both")
 
     @property
     def token_budget(self) -> int:

@@ -56,6 +56,7 @@ class RestoreResult:
     finish_reason: str  # "restored", "aborted" or "error"
     pinned: bool = False
     error: str | None = None
+    pin_limit: bool = False  # refused: the pin would go over the engine's limit
 
 
 class SnapshotJob:
@@ -123,15 +124,20 @@ class SavedStates:
             raise ValueError(f"the state is {len(state)} bytes; the limit is {max_bytes} bytes")
         return self.format.decode(state)
 
+    def check_pin(self, saved: SavedState, pin: str) -> None:
+        """Raise ``PinLimitError`` (a ``ValueError``) if pinning ``saved`` would go over the limit, and
+        ``ValueError`` if the name already pins a state."""
+        if pin in self.pins:
+            raise ValueError(f"{pin!r} already pins a state; release it first")
+        cached = self.blocks.cached_prefix(saved.token_ids)
+        self.pins.check(cached, extra=len(saved.token_ids) // self.blocks.block_size - len(cached))
+
     def restore(self, saved: SavedState, pin: str | None = None) -> int:
         """Put a parsed state's blocks into the prefix cache (pinned under ``pin`` when given); returns the
         tokens restored: all of them, or the blocks that found room when the cache is full of running
         requests. A pin over the limit raises ``PinLimitError`` and changes nothing."""
         if pin is not None:
-            if pin in self.pins:
-                raise ValueError(f"{pin!r} already pins a state; release it first")
-            cached = self.blocks.cached_prefix(saved.token_ids)
-            self.pins.check(cached, extra=len(saved.token_ids) // self.blocks.block_size - len(cached))
+            self.check_pin(saved, pin)
 
         def fill(indexes: list[int], blocks: list[int]) -> None:
             write_blocks(self.kv_caches, blocks, saved.kv[:, :, indexes])

@@ -102,7 +102,7 @@ class StateFormat:
         try:
             tensors = safetensors.torch.load(state)
         except Exception as exc:  # SafetensorError: truncated or inconsistent
-            raise StateError(f"the state is damaged: {exc}") from None
+            raise StateError(f"the state is damaged or truncated: {exc}") from None
         tokens, kv = tensors.get("token_ids"), tensors.get("kv")
         if tokens is None or kv is None or set(tensors) != {"token_ids", "kv"}:
             raise StateError("the state is damaged: it needs exactly the tensors 'token_ids' and 'kv'")

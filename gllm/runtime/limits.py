@@ -23,11 +23,15 @@ class ServerLimits:
     max_candidate_tokens: int = 256  # per candidate, after tokenization; beyond it: too_long
     slow_client_timeout_s: float = 30.0  # a client whose outbox takes nothing this long: slow_client
     max_outbox_bytes: int = 16 << 20  # replies waiting for one client beyond this: slow_client
+    max_state_bytes: int = 256 << 20  # a saved state (snapshot reply, restore message); beyond it: too_long
 
     @property
     def hard_message_bytes(self) -> int:
         """... and beyond this (libzmq's MAXMSGSIZE) libzmq drops the connection, as no reply can be read first."""
-        return 4 * self.max_message_bytes
+        return max(4 * self.max_message_bytes, self.max_state_bytes + STATE_ENVELOPE_BYTES)
+
+
+STATE_ENVELOPE_BYTES = 4096  # a restore message's fields around its state
 
 
 # Each limit a client can run into, with the ``gllm serve`` option that sets it (error messages name both).
@@ -42,4 +46,5 @@ LIMIT_FLAGS = {
     "max_stop_chars": "--max-stop-chars",
     "max_candidates": "--max-candidates",
     "max_candidate_tokens": "--max-candidate-tokens",
+    "max_state_bytes": "--max-state-size",
 }

@@ -4,7 +4,8 @@ One ZeroMQ frame per message, holding a msgpack map with a ``type`` field. This 
 that says which fields each message has, their types, defaults and limits; ``docs/protocol.md`` says the
 same in words. It imports neither torch nor zmq, so the Python client can use it without the engine.
 
-Validation is strict on purpose: a field the message type does not know is an error that names it, so a
+``restore`` is the one message that carries bytes (msgpack bin): a saved state, as a ``snapshot`` reply
+gave it (``gllm.engine.snapshot`` describes the format). Validation is strict on purpose: a field the message type does not know is an error that names it, so a
 typo such as ``max_token`` never silently falls back to a default. A field sent as nil counts as absent,
 which suits bindings whose serializers write null for unset options. Sizes a server operator may choose
 (stop strings, candidates, token counts, nesting depth) are checked by the runtime against its limits.
@@ -28,7 +29,7 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 # Counters an ``info`` reply's ``stats`` always carries (0 until they first count); more may come with them.
 INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "running", "waiting", "open_requests",
               "clients", "disconnects", "finished_requests", "prompt_tokens", "cached_prompt_tokens",
-              "generated_tokens", "steps", "preemptions")
+              "generated_tokens", "steps", "preemptions", "kv_blocks_pinned", "pinned_states", "max_pinned_blocks")
 
 MAX_ID_CHARS = 256
 MAX_LOGPROBS = 20  # top alternatives per token
@@ -178,6 +179,11 @@ class Generate:
     logprobs: int = 0
     priority: int = 0
     ignore_eos: bool = False
+    # game state: long chats, pacing, exact replay
+    context_overflow: str = "error"
+    max_tokens_per_second: float | None = None
+    deadline_ms: float | None = None
+    deterministic: bool = False
 
 
 @dataclass
@@ -195,6 +201,35 @@ class Cancel:
     id: ClientId
 
 
+# Game state: saved conversations and events mid-line
+@dataclass
+class Snapshot:
+    id: ClientId
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt_token_ids: list[int] | None = None
+    priority: int = 0
+
+
+@dataclass
+class Restore:
+    id: ClientId
+    state: bytes = b""
+    pin: bool = False
+
+
+@dataclass
+class Release:
+    id: ClientId
+
+
+@dataclass
+class Inject:
+    id: ClientId
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
 @dataclass
 class Info:
     id: ClientId | None = None
@@ -205,7 +240,7 @@ class Ping:
     id: ClientId | None = None
 
 
-Request = Union[Generate, Score, Cancel, Info, Ping]
+Request = Union[Generate, Score, Cancel, Info, Ping, Snapshot, Restore, Release, Inject]
 
 _PROMPT_CHECKS: dict[str, Check] = {
     "prompt": string(),
@@ -213,6 +248,24 @@ _PROMPT_CHECKS: dict[str, Check] = {
     "prompt_token_ids": token_ids,
 }
 _PRIORITY = integer(-INT32_MAX - 1, INT32_MAX)
+CONTEXT_OVERFLOW = ("error", "drop_oldest")
+# Messages that name another message's request: an error answering them carries a nil id, since that
+# request goes on (and ids of bad messages are echoed only for the requests they open or end).
+_NAMES_OTHER_REQUEST = ("inject", "release")
+
+
+def one_of(*choices: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise _Invalid(f"must be one of {', '.join(map(repr, choices))}, got {describe(v)}")
+        return v
+    return check
+
+
+def binary(v: Any) -> bytes:
+    if not isinstance(v, bytes):
+        raise _Invalid(f"must be msgpack bin (bytes), got {describe(v)}")
+    return v
 
 # type -> (dataclass, {field: check}, required fields). Every field a type knows is listed here.
 SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
@@ -228,6 +281,10 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "logprobs": integer(0, MAX_LOGPROBS),
         "priority": _PRIORITY,
         "ignore_eos": boolean,
+        "context_overflow": one_of(*CONTEXT_OVERFLOW),
+        "max_tokens_per_second": number(0.0, 1e6, lo_open=True),
+        "deadline_ms": number(0.0, 1e9),
+        "deterministic": boolean,
     }, ("id",)),
     "score": (Score, {
         "id": client_id,
@@ -236,6 +293,10 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "priority": _PRIORITY,
     }, ("id", "candidates")),
     "cancel": (Cancel, {"id": client_id}, ("id",)),
+    "snapshot": (Snapshot, {"id": client_id, **_PROMPT_CHECKS, "priority": _PRIORITY}, ("id",)),
+    "restore": (Restore, {"id": client_id, "state": binary, "pin": boolean}, ("id", "state")),
+    "release": (Release, {"id": client_id}, ("id",)),
+    "inject": (Inject, {"id": client_id, "text": string(), "token_ids": token_ids}, ("id",)),
     "info": (Info, {"id": client_id}, ()),
     "ping": (Ping, {"id": client_id}, ()),
 }
@@ -286,8 +347,8 @@ def validate(msg: Any) -> Request:
     """Check one decoded client message against its schema; raises ``ProtocolError`` naming the first problem."""
     if not isinstance(msg, dict):
         raise ProtocolError("bad_request", f"a message must be a msgpack map with a 'type' field, got {describe(msg)}")
-    request_id = echo_id(msg.get("id"))
     kind = msg.get(_ENVELOPE)
+    request_id = None if kind in _NAMES_OTHER_REQUEST else echo_id(msg.get("id"))
     if kind is None:
         raise ProtocolError("bad_request", "the message has no 'type' field", request_id)
     if not isinstance(kind, str):
@@ -317,6 +378,12 @@ def validate(msg: Any) -> Request:
         if len(given) != 1:
             raise ProtocolError("bad_request", "give exactly one of 'prompt', 'messages' or 'prompt_token_ids' "
                                                f"(got {', '.join(given) or 'none'})", request_id)
+    if kind == "inject" and ("text" in values) == ("token_ids" in values):
+        raise ProtocolError("bad_request", f"an 'inject' for id {values['id']!r} needs exactly one of 'text' or "
+                                           "'token_ids'", request_id)
+    if values.get("context_overflow") == "drop_oldest" and "messages" not in values:
+        raise ProtocolError("bad_request", "context_overflow 'drop_oldest' drops chat turns: it needs 'messages'",
+                            request_id)
     return cls(**values)
 
 
@@ -330,11 +397,13 @@ def echo_id(value: Any) -> ClientId | None:
 
 # ------------------------------------------------------------------------------------- runtime replies
 def token_message(request_id: ClientId, index: int, token_id: int, text: str, logprob: float, rank: int,
-                  top: list[list[Any]] | None = None) -> dict[str, Any]:
+                  top: list[list[Any]] | None = None, injected: int = 0) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "token", "id": request_id, "index": index, "token_id": token_id, "text": text,
                            "logprob": logprob, "rank": rank}
     if top is not None:
         msg["top"] = top  # [[token_id, text, logprob], ...], best first
+    if injected:
+        msg["injected"] = injected  # tokens injected into the context right before this one
     return msg
 
 
@@ -347,6 +416,14 @@ def done_message(request_id: ClientId, finish_reason: str, text: str, usage: dic
 def scores_message(request_id: ClientId, candidates: list[dict[str, Any]], usage: dict[str, int],
                    timing: dict[str, float | None]) -> dict[str, Any]:
     return {"type": "scores", "id": request_id, "candidates": candidates, "usage": usage, "timing": timing}
+
+
+def snapshot_message(request_id: ClientId, state: bytes, tokens: int) -> dict[str, Any]:
+    return {"type": "snapshot", "id": request_id, "state": state, "tokens": tokens}
+
+
+def restored_message(request_id: ClientId, tokens: int, pinned: bool) -> dict[str, Any]:
+    return {"type": "restored", "id": request_id, "tokens": tokens, "pinned": pinned}
 
 
 def error_message(code: str, message: str, request_id: ClientId | None = None) -> dict[str, Any]:

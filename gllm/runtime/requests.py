@@ -19,9 +19,11 @@ class OpenRequest:
     peer: bytes  # ZeroMQ routing id of the client's connection
     client_id: ClientId
     engine_id: str
-    kind: str  # "generate" or "score"
+    kind: str  # "generate", "score", "snapshot" or "restore"
     top_n: int = 0  # alternatives per token the client asked for
     orphaned: bool = False  # the client is gone (or was dropped): the engine's output is discarded
+    dropped_turns: int | None = None  # chat turns left out (a generate with context_overflow "drop_oldest")
+    pin: str | None = None  # the engine's name for the pin a restore asked for
 
 
 class OpenRequests:
@@ -88,3 +90,33 @@ class OpenRequests:
 def _key(client_id: ClientId) -> tuple[type, ClientId]:
     """Keeps the integer 1 and the string "1" apart as ids."""
     return (type(client_id), client_id)
+
+
+class ClientPins:
+    """Each client's pinned states: its ids for them (those of the restores that pinned) to the engine's
+    pin names, which are unique across clients."""
+
+    def __init__(self) -> None:
+        self._by_peer: dict[bytes, dict[tuple[type, ClientId], str]] = {}
+        self._serial = itertools.count()
+
+    def name(self, peer: bytes) -> str:
+        """A fresh engine pin name for ``peer``."""
+        return f"{peer.hex()}/pin-{next(self._serial)}"
+
+    def has(self, peer: bytes, client_id: ClientId) -> bool:
+        return _key(client_id) in self._by_peer.get(peer, {})
+
+    def add(self, peer: bytes, client_id: ClientId, name: str) -> None:
+        self._by_peer.setdefault(peer, {})[_key(client_id)] = name
+
+    def pop(self, peer: bytes, client_id: ClientId) -> str | None:
+        mine = self._by_peer.get(peer, {})
+        name = mine.pop(_key(client_id), None)
+        if not mine:
+            self._by_peer.pop(peer, None)
+        return name
+
+    def pop_peer(self, peer: bytes) -> list[str]:
+        """Every pin of a client that is gone."""
+        return list(self._by_peer.pop(peer, {}).values())
