@@ -27,17 +27,14 @@ def over_limit(code: str, limit: str, limits: ServerLimits, what: str,
 def read_request(frame: bytes, limits: ServerLimits) -> protocol.Request:
     """Decode, validate and size-check one client message; raises ``ProtocolError``. Only a ``restore``
     may be larger than ``max_message_bytes``: its saved state is bounded by ``max_state_bytes``."""
-    large = len(frame) > limits.max_message_bytes
-    if large and len(frame) > limits.max_state_bytes + STATE_ENVELOPE_BYTES:
+    if len(frame) > limits.max_message_bytes and (len(frame) > limits.max_state_bytes + STATE_ENVELOPE_BYTES
+                                                  or protocol.peek_type(frame) != "restore"):
         raise over_limit("too_long", "max_message_bytes", limits, f"the message is {len(frame)} bytes")
     try:
         msg = protocol.decode(frame)
     except protocol.NestingError:
         raise over_limit("bad_request", "max_nesting_depth", limits,
                          "the message nests maps and arrays too deeply to decode") from None
-    if large and not (isinstance(msg, dict) and msg.get("type") == "restore"):
-        request_id = protocol.echo_id(msg.get("id")) if isinstance(msg, dict) else None
-        raise over_limit("too_long", "max_message_bytes", limits, f"the message is {len(frame)} bytes", request_id)
     depth = protocol.nesting_depth(msg, limits.max_nesting_depth)
     if depth > limits.max_nesting_depth:
         request_id = protocol.echo_id(msg.get("id")) if isinstance(msg, dict) else None

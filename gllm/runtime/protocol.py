@@ -13,6 +13,7 @@ which suits bindings whose serializers write null for unset options. Sizes a ser
 
 from __future__ import annotations
 
+import io
 import math
 import reprlib
 from collections.abc import Callable
@@ -318,6 +319,20 @@ def decode(frame: bytes) -> Any:
     except Exception as exc:  # ExtraData, StackError (deep nesting), UnicodeDecodeError, unhashable keys...
         raise ProtocolError("bad_request", f"the message is not valid msgpack ({type(exc).__name__}: "
                                            f"{_short.repr(str(exc))})") from None
+
+
+def peek_type(frame: bytes) -> Any:
+    """The ``type`` of a message map, read without decoding its other values (a large ``restore``'s state
+    is skipped over, not copied); None when the frame is not a map with one."""
+    unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, read_size=4096)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == _ENVELOPE:
+                return unpacker.unpack()
+            unpacker.skip()
+    except Exception:  # not a map, not msgpack, or nested beyond msgpack's own stack
+        return None
+    return None
 
 
 def nesting_depth(value: Any, limit: int) -> int:
