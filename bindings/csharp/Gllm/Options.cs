@@ -19,8 +19,9 @@ namespace Gllm
         public TimeSpan HeartbeatInterval = TimeSpan.FromSeconds(1);
         /// <summary>... and after this long it takes the runtime for dead, drops the connection and reconnects.</summary>
         public TimeSpan HeartbeatTimeout = TimeSpan.FromSeconds(5);
-        /// <summary>Largest frame accepted from the runtime.</summary>
-        public long MaxMessageBytes = 16 << 20;
+        /// <summary>Largest frame accepted from the runtime: a snapshot reply holds a whole saved state (the
+        /// runtime's --max-state-size, 256 MiB by default, plus its fields).</summary>
+        public long MaxMessageBytes = (256 << 20) + 4096;
         /// <summary>The protocol is neither encrypted nor authenticated (ZMTP NULL mechanism, no CurveZMQ), so
         /// by default only loopback addresses are accepted. Set this only on a network you fully trust.</summary>
         public bool AllowNonLoopback = false;
@@ -90,6 +91,15 @@ namespace Gllm
         public int? Logprobs;
         public int? Priority;
         public bool? IgnoreEos;
+        /// <summary>"drop_oldest": a chat too long for the context loses its oldest turns after the system
+        /// messages (Usage.DroppedTurns says how many) instead of failing with too_long.</summary>
+        public string ContextOverflow;
+        /// <summary>Pacing: the runtime computes the next token only when it is due (a line read aloud).</summary>
+        public double? MaxTokensPerSecond;
+        /// <summary>Wanted time to the first token; among requests of one priority, earlier deadlines go first.</summary>
+        public double? DeadlineMs;
+        /// <summary>With a Seed: the same tokens alone or beside any other requests (exact replay; costs speed).</summary>
+        public bool? Deterministic;
 
         internal void AddTo(Dictionary<string, object> m)
         {
@@ -102,6 +112,10 @@ namespace Gllm
             Put(m, "logprobs", Logprobs);
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
+            if (ContextOverflow != null) m["context_overflow"] = ContextOverflow;
+            Put(m, "max_tokens_per_second", MaxTokensPerSecond);
+            Put(m, "deadline_ms", DeadlineMs);
+            Put(m, "deterministic", Deterministic);
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct
