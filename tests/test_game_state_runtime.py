@@ -117,9 +117,11 @@ def test_state_size_limit(tiny_dir, tmp_path):
             with pytest.raises(ServerError, match="max_state_bytes") as err:
                 client.restore(small.state + bytes(3 * bytes_per_block() - len(small.state) + 100))
             assert err.value.code == "too_long"
-            with pytest.raises(ServerError, match="max_message_bytes"):
-                client.complete(prompt_token_ids=[255] * 1500, max_tokens=1)  # 3,000 bytes
             assert client.info().limits["max_state_bytes"] == 3 * bytes_per_block()
+        sock = dealer(srv.endpoint)  # other messages keep the message limit (and are not read beyond it)
+        big = request(sock, {"type": "generate", "id": 1, "prompt_token_ids": [255] * 1500})  # 3,000 bytes
+        assert big["code"] == "too_long" and "max_message_bytes" in big["message"] and big["id"] is None
+        sock.close(linger=0)
     finally:
         assert srv.stop() == 0
 

@@ -48,7 +48,7 @@ class OpenRequests:
         return len(self._by_peer.get(peer, ()))
 
     def find(self, peer: bytes, client_id: ClientId) -> OpenRequest | None:
-        return self._by_peer.get(peer, {}).get(_key(client_id))
+        return self._by_peer.get(peer, {}).get(id_key(client_id))
 
     def get(self, engine_id: str) -> OpenRequest | None:
         return self._by_engine.get(engine_id)
@@ -59,7 +59,7 @@ class OpenRequests:
 
     def add(self, req: OpenRequest) -> None:
         self._by_engine[req.engine_id] = req
-        self._by_peer.setdefault(req.peer, {})[_key(req.client_id)] = req
+        self._by_peer.setdefault(req.peer, {})[id_key(req.client_id)] = req
 
     def close(self, engine_id: str) -> OpenRequest | None:
         """Forget a request whose result is out (or will never be sent); returns it."""
@@ -82,41 +82,11 @@ class OpenRequests:
     def _detach(self, req: OpenRequest) -> None:
         mine = self._by_peer.get(req.peer)
         if mine is not None:
-            mine.pop(_key(req.client_id), None)
+            mine.pop(id_key(req.client_id), None)
             if not mine:
                 del self._by_peer[req.peer]
 
 
-def _key(client_id: ClientId) -> tuple[type, ClientId]:
+def id_key(client_id: ClientId) -> tuple[type, ClientId]:
     """Keeps the integer 1 and the string "1" apart as ids."""
     return (type(client_id), client_id)
-
-
-class ClientPins:
-    """Each client's pinned states: its ids for them (those of the restores that pinned) to the engine's
-    pin names, which are unique across clients."""
-
-    def __init__(self) -> None:
-        self._by_peer: dict[bytes, dict[tuple[type, ClientId], str]] = {}
-        self._serial = itertools.count()
-
-    def name(self, peer: bytes) -> str:
-        """A fresh engine pin name for ``peer``."""
-        return f"{peer.hex()}/pin-{next(self._serial)}"
-
-    def has(self, peer: bytes, client_id: ClientId) -> bool:
-        return _key(client_id) in self._by_peer.get(peer, {})
-
-    def add(self, peer: bytes, client_id: ClientId, name: str) -> None:
-        self._by_peer.setdefault(peer, {})[_key(client_id)] = name
-
-    def pop(self, peer: bytes, client_id: ClientId) -> str | None:
-        mine = self._by_peer.get(peer, {})
-        name = mine.pop(_key(client_id), None)
-        if not mine:
-            self._by_peer.pop(peer, None)
-        return name
-
-    def pop_peer(self, peer: bytes) -> list[str]:
-        """Every pin of a client that is gone."""
-        return list(self._by_peer.pop(peer, {}).values())

@@ -36,7 +36,8 @@ from gllm.runtime.connections import ConnectionTracker
 from gllm.runtime.limits import ServerLimits
 from gllm.runtime.outbox import Outboxes
 from gllm.runtime.protocol import ProtocolError
-from gllm.runtime.requests import ClientPins, OpenRequests
+from gllm.runtime.game_state import GameStateRequests
+from gllm.runtime.requests import OpenRequests
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Server:
         self.engine = engine
         self.limits = limits
         self.requests = OpenRequests()
-        self.pins = ClientPins()
+        self.game = GameStateRequests(engine, self.requests, limits)
         # A context of its own unless one is given: ending it at shutdown is what makes libzmq deliver the
         # replies still queued in it (within the linger time) before the process leaves.
         self._own_context = context is None
@@ -252,15 +253,9 @@ class Server:
             if open_req is not None:  # unknown or finished ids are fine: cancel is idempotent
                 self.engine.abort(open_req.engine_id)
         elif isinstance(req, protocol.Inject):
-            open_req = self.requests.find(peer, req.id)
-            if open_req is not None and open_req.kind == "generate":  # like cancel: unknown ids are fine
-                try:
-                    self.engine.inject(open_req.engine_id, req.text, req.token_ids)
-                except ValueError as exc:  # nil id: the generation goes on
-                    raise ProtocolError("bad_request", f"inject for id {req.id!r}: {exc}") from None
+            self.game.inject(peer, req)
         elif isinstance(req, protocol.Release):
-            if (name := self.pins.pop(peer, req.id)) is not None:
-                self.engine.release(name)
+            self.game.release(peer, req)
         else:
             self._submit(peer, req)
 
@@ -273,11 +268,12 @@ class Server:
             raise admission.over_limit("overloaded", "max_open_requests", self.limits,
                                        f"this connection already has {self.requests.count(peer)} requests open "
                                        "(wait for one to end, or cancel one)", req.id)
-        if isinstance(req, protocol.Restore):
-            return self._restore(peer, req)
-        prompt = dict(prompt=req.prompt, messages=req.messages, prompt_token_ids=req.prompt_token_ids)
+        prompt = {name: getattr(req, name, None) for name in ("prompt", "messages", "prompt_token_ids")}
         try:
-            if isinstance(req, protocol.Generate):
+            if isinstance(req, protocol.Restore):
+                open_req = self.requests.new(peer, req.id, "restore")
+                self.game.restore(open_req, req)
+            elif isinstance(req, protocol.Generate):
                 open_req = self.requests.new(peer, req.id, "generate", req.logprobs)
                 gen = GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
@@ -291,28 +287,13 @@ class Server:
                 self.engine.add_request(self._tokenized(gen, req.id))
             elif isinstance(req, protocol.Snapshot):
                 open_req = self.requests.new(peer, req.id, "snapshot")
-                snap = self._tokenized(SnapshotRequest(**prompt, priority=req.priority, request_id=open_req.engine_id),
-                                       req.id)
-                whole_blocks = len(snap.prompt_token_ids) // self.engine.block_manager.block_size
-                admission.check_state(self.engine.states.format.bytes_for(whole_blocks), self.limits, req.id)
-                self.engine.add_snapshot(snap)
+                self.game.snapshot(open_req, self._tokenized(SnapshotRequest(
+                    **prompt, priority=req.priority, request_id=open_req.engine_id), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
                 self._check_candidates(req)
                 self.engine.add_score(self._tokenized(ScoreRequest(
                     **prompt, candidates=req.candidates, priority=req.priority, request_id=open_req.engine_id), req.id))
-        except ValueError as exc:
-            raise ProtocolError(engine_error_code(exc), str(exc), req.id) from None
-        self.requests.add(open_req)
-
-    def _restore(self, peer: bytes, req: protocol.Restore) -> None:
-        """Check a saved state and queue it; pinned, it is kept under the client's id until ``release``."""
-        if req.pin and self.pins.has(peer, req.id):
-            raise ProtocolError("bad_request", f"id {req.id!r} already pins a state: release it first", req.id)
-        open_req = self.requests.new(peer, req.id, "restore")
-        open_req.pin = self.pins.name(peer) if req.pin else None
-        try:
-            self.engine.add_restore(req.state, open_req.pin, open_req.engine_id)
         except ValueError as exc:
             raise ProtocolError(engine_error_code(exc), str(exc), req.id) from None
         self.requests.add(open_req)
@@ -360,10 +341,8 @@ class Server:
         req = self.requests.close(result.request_id)
         if req is None:
             return
-        if isinstance(result, RestoreResult) and result.pinned and req.orphaned:
-            self.engine.release(req.pin)  # a client that is gone keeps no pin
-        elif isinstance(result, RestoreResult) and result.pinned:
-            self.pins.add(req.peer, req.client_id, req.pin)
+        if isinstance(result, RestoreResult):
+            self.game.restored(req, result)
         msg, summary = replies.final_reply(req, result)
         log.info("%s client=%s id=%r %s%s", req.kind, req.peer.hex(), req.client_id, summary,
                  " (client gone)" if req.orphaned else "")
@@ -411,8 +390,7 @@ class Server:
         reqs = self.requests.orphan_peer(peer)
         for req in reqs:
             self.engine.abort(req.engine_id)
-        for name in self.pins.pop_peer(peer):  # a client that is gone keeps nothing pinned
-            self.engine.release(name)
+        self.game.forget(peer)
         if reqs:
             log.info("client %s is gone; cancelling its %d open request(s)", peer.hex(), len(reqs))
 
