@@ -203,9 +203,7 @@ class LLMEngine(AsyncDriver, GameState):
                 **timing,
             ))
         seqs[0].pending_forks = seqs[1:]
-        job = GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs)
-        job.dropped_turns = dropped_turns
-        self._submit(job)
+        self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs, dropped_turns))
         return request_id
 
     def add_score(self, req: ScoreRequest) -> str:

@@ -4,23 +4,43 @@ One ZeroMQ frame per message, holding a msgpack map with a ``type`` field. This 
 that says which fields each message has, their types, defaults and limits; ``docs/protocol.md`` says the
 same in words. It imports neither torch nor zmq, so the Python client can use it without the engine.
 
-``restore`` is the one message that carries bytes (msgpack bin): a saved state, as a ``snapshot`` reply
-gave it (``gllm.engine.snapshot`` describes the format). Validation is strict on purpose: a field the message type does not know is an error that names it, so a
+Validation is strict on purpose: a field the message type does not know is an error that names it, so a
 typo such as ``max_token`` never silently falls back to a default. A field sent as nil counts as absent,
 which suits bindings whose serializers write null for unset options. Sizes a server operator may choose
 (stop strings, candidates, token counts, nesting depth) are checked by the runtime against its limits.
+The checks of single fields live in ``gllm.runtime.fields``. ``restore`` is the one message that carries
+bytes (msgpack bin): a saved state, as a ``snapshot`` reply gave it (``gllm.engine.snapshot``).
 """
 
 from __future__ import annotations
 
 import io
-import math
-import reprlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import msgpack
+
+from gllm.runtime.fields import (  # noqa: F401  (ClientId and the limits are part of this module's API)
+    INT32_MAX,
+    MAX_ID_CHARS,
+    UINT64_MAX,
+    Check,
+    ClientId,
+    Invalid,
+    brief,
+    array_of,
+    binary,
+    boolean,
+    candidate,
+    chat_message,
+    client_id,
+    describe,
+    integer,
+    number,
+    one_of,
+    string,
+    token_ids,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback only, unless the user binds elsewhere
@@ -32,12 +52,7 @@ INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "runnin
               "clients", "disconnects", "finished_requests", "prompt_tokens", "cached_prompt_tokens",
               "generated_tokens", "steps", "preemptions", "kv_blocks_pinned", "pinned_states", "max_pinned_blocks")
 
-MAX_ID_CHARS = 256
 MAX_LOGPROBS = 20  # top alternatives per token
-INT32_MAX = 2**31 - 1
-UINT64_MAX = 2**64 - 1
-
-ClientId = Union[str, int]
 
 
 class ProtocolError(Exception):
@@ -52,116 +67,6 @@ class ProtocolError(Exception):
 
 class NestingError(ProtocolError):
     """A message nested too deeply for the decoder (or for the runtime's limit)."""
-
-
-class _Invalid(Exception):
-    """Raised by a field check; the caller adds the field name and turns it into a ``ProtocolError``."""
-
-
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 40
-_short.maxlevel = 2
-
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", bytes: "binary", list: "array",
-               dict: "map", type(None): "nil"}
-
-
-def describe(value: Any) -> str:
-    """A short, safe description of a decoded value for error messages (bounded for huge or deep values)."""
-    kind = _TYPE_NAMES.get(type(value), type(value).__name__)
-    return kind if isinstance(value, (list, dict)) else f"{kind} {_short.repr(value)}"
-
-
-# ------------------------------------------------------------------------------------------ field checks
-Check = Callable[[Any], Any]  # returns the value to use, raises _Invalid saying what is wrong
-
-
-def integer(lo: int, hi: int) -> Check:
-    def check(v: Any) -> int:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise _Invalid(f"must be an integer, got {describe(v)}")
-        if not lo <= v <= hi:
-            raise _Invalid(f"must be between {lo} and {hi}, got {v}")
-        return v
-    return check
-
-
-def number(lo: float, hi: float, *, lo_open: bool = False) -> Check:
-    def check(v: Any) -> float:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise _Invalid(f"must be a number, got {describe(v)}")
-        v = float(v)
-        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-            raise _Invalid(f"must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}")
-        return v
-    return check
-
-
-def string(max_chars: int | None = None, nonempty: bool = False) -> Check:
-    def check(v: Any) -> str:
-        if not isinstance(v, str):
-            raise _Invalid(f"must be a string, got {describe(v)}")
-        if nonempty and not v:
-            raise _Invalid("must not be empty")
-        if max_chars is not None and len(v) > max_chars:
-            raise _Invalid(f"must be at most {max_chars} characters, got {len(v)}")
-        return v
-    return check
-
-
-def boolean(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Invalid(f"must be true or false, got {describe(v)}")
-    return v
-
-
-def array_of(item: Check, *, max_items: int | None = None, nonempty: bool = False) -> Check:
-    def check(v: Any) -> list:
-        if not isinstance(v, list):
-            raise _Invalid(f"must be an array, got {describe(v)}")
-        if nonempty and not v:
-            raise _Invalid("must not be empty")
-        if max_items is not None and len(v) > max_items:
-            raise _Invalid(f"must have at most {max_items} entries, got {len(v)}")
-        out = []
-        for i, x in enumerate(v):
-            try:
-                out.append(item(x))
-            except _Invalid as exc:
-                raise _Invalid(f"entry {i} {exc}") from None
-        return out
-    return check
-
-
-token_ids = array_of(integer(0, INT32_MAX), nonempty=True)
-
-
-def client_id(v: Any) -> ClientId:
-    if isinstance(v, str):
-        return string(MAX_ID_CHARS)(v)
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    raise _Invalid(f"must be a string or an integer, got {describe(v)}")
-
-
-def chat_message(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict):
-        raise _Invalid(f"must be a map with 'role' and 'content', got {describe(v)}")
-    extra = [k for k in v if k not in ("role", "content")]
-    if extra:
-        raise _Invalid(f"has unknown field {describe(extra[0])} (a chat message has only 'role' and 'content')")
-    for key in ("role", "content"):
-        if not isinstance(v.get(key), str):
-            raise _Invalid(f"needs a string {key!r}, got {describe(v.get(key))}")
-    return {"role": v["role"], "content": v["content"]}
-
-
-def candidate(v: Any) -> str | list[int]:
-    if isinstance(v, str):
-        return string(nonempty=True)(v)
-    if isinstance(v, list):
-        return token_ids(v)
-    raise _Invalid(f"must be a non-empty string or an array of token ids, got {describe(v)}")
 
 
 # ------------------------------------------------------------------------------------ client messages
@@ -255,19 +160,6 @@ CONTEXT_OVERFLOW = ("error", "drop_oldest")
 _NAMES_OTHER_REQUEST = ("inject", "release")
 
 
-def one_of(*choices: str) -> Check:
-    def check(v: Any) -> str:
-        if v not in choices:
-            raise _Invalid(f"must be one of {', '.join(map(repr, choices))}, got {describe(v)}")
-        return v
-    return check
-
-
-def binary(v: Any) -> bytes:
-    if not isinstance(v, bytes):
-        raise _Invalid(f"must be msgpack bin (bytes), got {describe(v)}")
-    return v
-
 # type -> (dataclass, {field: check}, required fields). Every field a type knows is listed here.
 SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
     "generate": (Generate, {
@@ -318,7 +210,7 @@ def decode(frame: bytes) -> Any:
         raise NestingError("bad_request", "the message is nested too deeply to decode") from None
     except Exception as exc:  # ExtraData, StackError (deep nesting), UnicodeDecodeError, unhashable keys...
         raise ProtocolError("bad_request", f"the message is not valid msgpack ({type(exc).__name__}: "
-                                           f"{_short.repr(str(exc))})") from None
+                                           f"{brief.repr(str(exc))})") from None
 
 
 def peek_type(frame: bytes) -> Any:
@@ -369,12 +261,12 @@ def validate(msg: Any) -> Request:
     if not isinstance(kind, str):
         raise ProtocolError("bad_request", f"'type' must be a string, got {describe(kind)}", request_id)
     if kind not in SCHEMAS:
-        raise ProtocolError("unknown_type", f"unknown message type {_short.repr(kind)}; "
+        raise ProtocolError("unknown_type", f"unknown message type {brief.repr(kind)}; "
                                             f"known types: {', '.join(SCHEMAS)}", request_id)
     cls, checks, required = SCHEMAS[kind]
     unknown = [k for k in msg if k != _ENVELOPE and k not in checks]
     if unknown:
-        names = ", ".join(_short.repr(k) if isinstance(k, str) else describe(k) for k in unknown[:5])
+        names = ", ".join(brief.repr(k) if isinstance(k, str) else describe(k) for k in unknown[:5])
         raise ProtocolError("bad_request", f"unknown field(s) for a {kind!r} message: {names}; "
                                            f"known fields: {', '.join(checks)}", request_id)
     values: dict[str, Any] = {}
@@ -386,7 +278,7 @@ def validate(msg: Any) -> Request:
             continue
         try:
             values[name] = check(value)
-        except _Invalid as exc:
+        except Invalid as exc:
             raise ProtocolError("bad_request", f"field {name!r} {exc}", request_id) from None
     if "prompt_token_ids" in checks:
         given = [n for n in _PROMPT_CHECKS if n in values]
@@ -406,7 +298,7 @@ def echo_id(value: Any) -> ClientId | None:
     """The id to echo in an error reply: the message's own id when it is a valid one, else nil."""
     try:
         return client_id(value)
-    except _Invalid:
+    except Invalid:
         return None
 
 
