@@ -8,10 +8,11 @@ computed once and saved with ``LLMEngine.snapshot``. Then, with the prefix cache
   to the first token of the same request (only its tail computed).
 
 The goal is a restore at least 10x faster than the recompute. The state's size per token is reported
-with it. Models: the default (SmolLM2-135M-Instruct) and, with ``--model PATH``, others (e.g. the
-1.7B-shaped GGUF of ``/work/tools/models``); all take the default model's token ids (same vocabulary).
+with it. Models: the default (SmolLM2-135M-Instruct), or those given with ``--model NAME_OR_PATH`` (e.g.
+a 1.7B-shaped GGUF); all take the default model's token ids (same vocabulary).
 
-    python benchmarks/restore.py [--model PATH ...] [--repeats 3] [--threads 2]
+    python benchmarks/restore.py [--model NAME_OR_PATH ...] [--dtype auto|float32|bfloat16] [--repeats 3]
+                                 [--threads 2] [--out PATH]
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def first_token_ms(engine: LLMEngine, ids: list[int]) -> tuple[float, int]:
     return r.metrics["ttft_ms"], r.num_cached_tokens
 
 
-def measure(model: str, chat: list[int], repeats: int) -> dict:
+def measure(model: str, chat: list[int], repeats: int, dtype: str) -> dict:
     engine = LLMEngine(model, GeneratorParams(max_batch_size=1, max_seq_len=CHAT_TOKENS + 256,
-                                              max_num_batched_tokens=CHAT_TOKENS + 256))
+                                              max_num_batched_tokens=CHAT_TOKENS + 256), dtype=dtype)
     follow_up = chat + chat[100 : 100 + LINE]
     first_token_ms(engine, chat[:64])  # warm-up: kernels, allocator
     pool = engine.block_manager.pool
@@ -85,7 +86,8 @@ def measure(model: str, chat: list[int], repeats: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=[], help="another model (path), after the default")
+    parser.add_argument("--model", action="append", default=[], help="a model to measure (default: the default model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "restore"))
@@ -94,7 +96,7 @@ def main() -> int:
     tokenizer_engine = LLMEngine(DEFAULT_MODEL, GeneratorParams(max_batch_size=1, max_seq_len=CHAT_TOKENS + 256))
     chat = chat_tokens(tokenizer_engine)
     del tokenizer_engine
-    rows = [measure(model, chat, args.repeats) for model in [DEFAULT_MODEL, *args.model]]
+    rows = [measure(model, chat, args.repeats, args.dtype) for model in args.model or [DEFAULT_MODEL]]
     table = markdown_table(
         ["model", "dtype", "recompute: first token (ms)", "restore (ms)", "then first token (ms)", "speedup",
          "state (MB)", "bytes / token"],
