@@ -172,5 +172,5 @@ def test_defaults_match_the_options():
     args = build_parser().parse_args(["serve"])
     defaults = ServerLimits()
     for name in LIMIT_FLAGS:
-        dest = "max_message_size" if name == "max_message_bytes" else name
+        dest = {"max_message_bytes": "max_message_size", "max_state_bytes": "max_state_size"}.get(name, name)
         assert getattr(args, dest) == getattr(defaults, name), name

@@ -38,6 +38,7 @@ class Token:
     logprob: float  # raw log-softmax of the model's logits (before temperature, top-k, top-p)
     rank: int  # 1 = the model's most likely token
     top: list[tuple[int, str, float]] | None = None  # (token_id, text, logprob), best first, when asked
+    injected: int = 0  # tokens injected into the context just before this one (``Client.inject``)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served by the prefix cache
+    dropped_turns: int | None = None  # chat turns left out to fit (context_overflow "drop_oldest")
+    injected_tokens: int = 0  # tokens injected while it ran
 
 
 @dataclass
@@ -99,6 +102,23 @@ class Scores:
 
 
 @dataclass
+class Snapshot:
+    """A saved conversation: the KV of the prompt's whole blocks; give ``state`` to ``restore`` later,
+    in this runtime or another one running the same model."""
+
+    id: ClientId
+    state: bytes
+    tokens: int  # tokens the state holds
+
+
+@dataclass
+class Restored:
+    id: ClientId  # a pinned state is released with this id
+    tokens: int  # tokens now in the prefix cache
+    pinned: bool
+
+
+@dataclass
 class Info:
     model: str
     vocab_size: int
@@ -137,7 +157,8 @@ def expect(msg: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def _usage(msg: dict[str, Any]) -> Usage:
     u = msg.get("usage") or {}
-    return Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0), u.get("cached_tokens", 0))
+    return Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0), u.get("cached_tokens", 0),
+                 u.get("dropped_turns"), u.get("injected_tokens", 0))
 
 
 def _timing(msg: dict[str, Any]) -> Timing:
@@ -158,7 +179,7 @@ class StreamState:
         if msg.get("type") == "token":
             top = msg.get("top")
             token = Token(msg["index"], msg["token_id"], msg["text"], msg["logprob"], msg["rank"],
-                          [tuple(t) for t in top] if top is not None else None)
+                          [tuple(t) for t in top] if top is not None else None, msg.get("injected", 0))
             self.tokens.append(token)
             return token
         done = expect(msg, "done")
@@ -176,6 +197,20 @@ def parse_scores(msg: dict[str, Any]) -> Scores:
     msg = expect(msg, "scores")
     cands = [Candidate(c["text"], c["token_ids"], c["logprob"], c["token_logprobs"]) for c in msg["candidates"]]
     return Scores(msg["id"], cands, _usage(msg), _timing(msg))
+
+
+def parse_snapshot(msg: dict[str, Any]) -> Snapshot:
+    """A ``snapshot`` reply; a cancelled snapshot (``done``) raises ``ServerError``."""
+    check_error(msg)
+    if msg.get("type") == "done":
+        raise ServerError("cancelled", "the snapshot was cancelled", msg.get("id"))
+    msg = expect(msg, "snapshot")
+    return Snapshot(msg["id"], msg["state"], msg["tokens"])
+
+
+def parse_restored(msg: dict[str, Any]) -> Restored:
+    msg = expect(msg, "restored")
+    return Restored(msg["id"], msg["tokens"], msg.get("pinned", False))
 
 
 def parse_info(msg: dict[str, Any]) -> Info:

@@ -24,11 +24,13 @@ def _ms(start: float, t: float | None) -> float | None:
 
 
 class GenerationJob:
-    def __init__(self, seqs: list[Sequence], tokenizer: Tokenizer | None, stop: list[str] | None, prompt_logprobs: bool):
+    def __init__(self, seqs: list[Sequence], tokenizer: Tokenizer | None, stop: list[str] | None, prompt_logprobs: bool,
+                 dropped_turns: int = 0):
         self.request_id = seqs[0].request_id
         self.seqs = seqs
         self.outputs = {s: RequestOutput(s, tokenizer, stop) for s in seqs}
         self.error: str | None = None  # why a failed batch ended the request
+        self.dropped_turns = dropped_turns  # chat turns left out to fit (context_overflow "drop_oldest")
         self.prompt_logprobs: list[float | None] | None = None
         if prompt_logprobs:
             self.prompt_logprobs = [None] * seqs[0].num_prompt_tokens
@@ -109,6 +111,7 @@ class GenerationJob:
             r.prompt_logprobs = self.prompt_logprobs
             r.forks = results if len(results) > 1 else []
             r.error = self.error
+            r.num_dropped_turns = self.dropped_turns
             if seq.constraint is not None:
                 r.tool_calls = seq.constraint.tool_calls(r.text)
                 # Complete: every token is reported, the text was not cut at a stop string, the grammar accepts.

@@ -6,7 +6,7 @@ import collections
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,10 @@ import torch
 
 from gllm.constrain import GrammarLimits, PendingMasks
 from gllm.engine.constrained import Constraints
+from gllm.engine.game_state import GameState
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
+from gllm.engine.saved_states import SnapshotJob
 from gllm.engine.scheduler import SchedulePlan, Scheduler
 from gllm.engine.scoring import ScoreRequest, ScoreResult
 from gllm.engine.sequence import Sequence, Status
@@ -61,7 +63,7 @@ class StepOutput:
     finished: list[GenerationResult] = field(default_factory=list)
 
 
-class LLMEngine(AsyncDriver):
+class LLMEngine(AsyncDriver, GameState):
     """A Llama model, its paged KV cache, a scheduler and a sampler.
 
     ``add_request`` / ``abort`` may be called from any thread: they queue work that the next ``step``
@@ -132,6 +134,7 @@ class LLMEngine(AsyncDriver):
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._counters = collections.Counter()
+        self._init_game_state(loaded.weights, quantize)
 
     def _num_kv_blocks(self, dtype: torch.dtype) -> int:
         p = self.params
@@ -157,8 +160,7 @@ class LLMEngine(AsyncDriver):
         elif req.messages is not None:
             if not req.messages:
                 raise ValueError("messages is empty")
-            messages, tools = self.constraints.chat(req)
-            ids = self.tokenizer.apply_chat_template(messages, tools=tools, thinking=req.thinking)
+            ids = self.chat_ids(req)
         else:
             ids = self.tokenizer.encode(req.prompt) if req.prompt else []
         if not ids:
@@ -168,6 +170,14 @@ class LLMEngine(AsyncDriver):
                 f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, which leaves no room for new tokens"
             )
         return ids
+
+    def chat_ids(self, req: GenerationRequest | ScoreRequest, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """Token ids of ``req``'s chat prompt, or of ``messages`` in its place (a chat with turns left out),
+        with the request's tools and thinking switch."""
+        if messages is not None:
+            req = replace(req, messages=messages)
+        messages, tools = self.constraints.chat(req)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, thinking=req.thinking)
 
     def _check_room(self, max_tokens: int) -> None:
         if self.block_manager.peak_blocks(max_tokens, self.params.token_budget) > self.block_manager.pool.num_blocks:
@@ -185,7 +195,8 @@ class LLMEngine(AsyncDriver):
     def add_request(self, req: GenerationRequest) -> str:
         """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
         req.validate()
-        ids = self.prompt_ids(req)
+        ids, dropped_turns = self.fitted_prompt(req)
+        timing = self._sequence_timing(req)
         max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
         self._check_room(max_tokens)
         grammar = self.constraints.compile(req)  # None without one; refused here when it does not compile
@@ -206,9 +217,10 @@ class LLMEngine(AsyncDriver):
                 fork_index=i,
                 logits_from=0 if req.prompt_logprobs else None,
                 constraint=None if grammar is None else self.constraints.compiler.constraint(grammar),
+                **timing,
             ))
         seqs[0].pending_forks = seqs[1:]
-        self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs))
+        self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs, dropped_turns))
         return request_id
 
     def add_score(self, req: ScoreRequest) -> str:
@@ -244,7 +256,7 @@ class LLMEngine(AsyncDriver):
         self._submit(ScoreJob(parent, cands, targets, texts))
         return request_id
 
-    def _submit(self, job: GenerationJob | ScoreJob) -> None:
+    def _submit(self, job: GenerationJob | ScoreJob | SnapshotJob) -> None:
         self._jobs[job.request_id] = job
         for seq in job.seqs:
             self._job_of[seq] = job
@@ -255,7 +267,7 @@ class LLMEngine(AsyncDriver):
         self._aborts.append(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._inbox or self._aborts or self._pending or self.scheduler.has_work())
+        return bool(self._inbox or self._aborts or self._pending or self.scheduler.has_work() or self._game_state_work())
 
     # --------------------------------------------------------------------- step
     def step(self) -> StepOutput:
@@ -271,15 +283,17 @@ class LLMEngine(AsyncDriver):
         """
         out = StepOutput()
         self._take_new_work()
+        self._apply_state_work(out)  # restores and releases of saved states, injections
         launched, self._pending = self._pending, None
         if launched is None:
             launched = self._launch(self.scheduler.schedule())
         if launched is not None:
-            ahead = self.scheduler.plan_ahead(launched.plan) if self.overlap else None
+            ahead = self.scheduler.plan_ahead(launched.plan) if self.overlap and not self._injections else None
             if ahead is not None:
                 self._pending = self._launch(ahead, launched.sample.token_ids)
                 self._counters["steps_ahead"] += 1
             self._apply(launched, out)
+        self._apply_injections()  # those that waited for a step queued ahead
         self._collect_finished(out)
         return out
 
@@ -291,7 +305,8 @@ class LLMEngine(AsyncDriver):
         for c in plan.chunks:
             c.seq.scheduled_time = c.seq.scheduled_time or now
         chunks = [
-            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits)
+            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits,
+                       c.seq.exact)
             for c in plan.chunks
         ]
         self._counters["steps"] += 1
@@ -400,10 +415,12 @@ class LLMEngine(AsyncDriver):
         return self._run([self.add_score(req)])[0]
 
     def _run(self, ids: list[str]) -> list:
-        results: dict[str, GenerationResult | ScoreResult] = {}
+        results: dict[str, Any] = {}
         while any(i not in results for i in ids):
             for r in self.step().finished:
                 results[r.request_id] = r
+            if (wait := self.wait_time()) > 0:  # paced requests not due yet: no busy loop
+                time.sleep(min(wait, 0.01))
         return [results[i] for i in ids]
 
     def stats(self) -> dict[str, Any]:
@@ -418,5 +435,6 @@ class LLMEngine(AsyncDriver):
             "preemptions": self.scheduler.num_preemptions,
             "cache_evictions": pool.cache_evictions,
             "forced_tokens": self.constraints.forced_tokens,
+            **self.game_state_stats(),
             **self._counters,
         }

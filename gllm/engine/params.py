@@ -20,6 +20,8 @@ class GeneratorParams:
     kv_memory: int | None = None  # ... or in bytes
     enable_prefix_caching: bool = True
     seed: int | None = None  # seed of the generator shared by requests without their own seed
+    max_pinned_blocks: int | None = None  # KV blocks restored states may pin (default: half the cache) ...
+    max_pinned_memory: int | None = None  # ... or in bytes
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len"):
@@ -27,10 +29,15 @@ class GeneratorParams:
                 raise ValueError(f"GeneratorParams.{name} must be at least 1 (got {getattr(self, name)})")
         if self.num_kv_blocks is not None and self.kv_memory is not None:
             raise ValueError("give the KV cache size as num_kv_blocks or as kv_memory, not both")
+        if self.max_pinned_blocks is not None and self.max_pinned_memory is not None:
+            raise ValueError("give the pinned limit as max_pinned_blocks or as max_pinned_memory, not both")
 
     @property
     def token_budget(self) -> int:
         return self.max_num_batched_tokens or max(512, self.max_seq_len)
+
+
+CONTEXT_OVERFLOW = ("error", "drop_oldest")
 
 
 @dataclass
@@ -70,6 +77,11 @@ class GenerationRequest:
     @property
     def calls_tools(self) -> bool:
         return self.tools is not None and self.tool_choice != "none"
+    # Game state: long chats, pacing, exact replay (see gllm.engine.game_state)
+    context_overflow: str = "error"  # "drop_oldest": drop the oldest turns after the system messages to fit
+    max_tokens_per_second: float | None = None  # pacing: the next token is not computed before it is due
+    deadline_ms: float | None = None  # wanted time to first token; earlier deadlines first within a priority
+    deterministic: bool = False  # same tokens alone or in any batch (batch-invariant kernels; CPU only)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is wrong."""
@@ -101,6 +113,14 @@ class GenerationRequest:
         if self.calls_tools and self.output_constraint.given:
             raise ValueError("tools cannot be combined with json_schema, grammar, regex or choices "
                              "(a tool's parameters constrain its arguments)")
+        if self.context_overflow not in CONTEXT_OVERFLOW:
+            raise ValueError(f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOW)} (got {self.context_overflow!r})")
+        if self.context_overflow == "drop_oldest" and self.messages is None:
+            raise ValueError("context_overflow 'drop_oldest' drops chat turns: it needs messages")
+        if self.max_tokens_per_second is not None and not self.max_tokens_per_second > 0:
+            raise ValueError(f"max_tokens_per_second must be > 0 (got {self.max_tokens_per_second})")
+        if self.deadline_ms is not None and not self.deadline_ms >= 0:
+            raise ValueError(f"deadline_ms must be >= 0 (got {self.deadline_ms})")
 
 
 @dataclass
@@ -117,6 +137,7 @@ class TokenDelta:
     finished: bool = False
     finish_reason: str | None = None
     fork: int = 0  # which of the request's n continuations
+    injected: int = 0  # tokens injected into the context just before this one (``LLMEngine.inject``)
 
 
 @dataclass
@@ -136,3 +157,5 @@ class GenerationResult:
     error: str | None = None  # with finish_reason "error": what failed
     tool_calls: list[ToolCall] = field(default_factory=list)  # the calls in the text, arguments parsed
     structure_complete: bool | None = None  # constrained output only: False when cut short (e.g. by length)
+    num_dropped_turns: int = 0  # chat messages left out to fit (context_overflow "drop_oldest")
+    num_injected_tokens: int = 0  # tokens injected while it ran

@@ -78,6 +78,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-outbox-size", type=parse_size, default=limits.max_outbox_bytes, metavar="SIZE",
                    help="replies waiting for one slow client beyond this: 'slow_client', as above (default "
                         f"{limits.max_outbox_bytes >> 20}M)")
+    p.add_argument("--max-state-size", type=parse_size, default=limits.max_state_bytes, metavar="SIZE",
+                   help=f"largest saved state a snapshot returns or a restore sends (default {limits.max_state_bytes >> 20}M)")
+    p.add_argument("--max-pinned-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="KV memory that restored states may keep pinned (default: half the KV cache)")
     for name, what in COUNTED_LIMITS.items():
         p.add_argument(LIMIT_FLAGS[name], type=positive_int, default=getattr(limits, name), metavar="N",
                        help=f"{what} (default {getattr(limits, name)})")
@@ -128,7 +132,8 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("serving %s without CurveZMQ (--insecure): unencrypted, and open to anyone who reaches it",
                     args.bind)
     params = GeneratorParams(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                             num_kv_blocks=args.kv_blocks, kv_memory=args.kv_memory)
+                             num_kv_blocks=args.kv_blocks, kv_memory=args.kv_memory,
+                             max_pinned_memory=args.max_pinned_memory)
     try:
         engine = LLMEngine(args.model, params, **engine_options(args),
                            grammar_limits=GrammarLimits(args.max_grammar_size, args.grammar_fuel))
@@ -140,7 +145,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace,
                           shutdown_drain_s=args.shutdown_drain, slow_client_timeout_s=args.slow_client_timeout, max_outbox_bytes=args.max_outbox_size,
-                          **{name: getattr(args, name) for name in COUNTED_LIMITS})
+                          max_state_bytes=args.max_state_size, **{name: getattr(args, name) for name in COUNTED_LIMITS})
     engine.constraints.warm_up()  # structured output's tokenizer, built while the server starts
     try:
         server = Server(engine, args.bind, limits, curve=curve)

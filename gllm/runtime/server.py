@@ -29,18 +29,20 @@ from typing import Any, TypeVar
 import zmq
 
 from gllm.constrain import GrammarLimitError
-from gllm.engine import GenerationRequest, GenerationResult, LLMEngine, ScoreRequest, ScoreResult, TokenDelta
-from gllm.runtime import admission, protocol
+from gllm.engine import GenerationRequest, LLMEngine, RestoreResult, ScoreRequest, SnapshotRequest, TokenDelta
+from gllm.kv import PinLimitError
+from gllm.runtime import admission, protocol, replies
 from gllm.runtime.access import CurveServer
 from gllm.runtime.connections import ConnectionTracker
 from gllm.runtime.limits import ServerLimits
 from gllm.runtime.outbox import Outboxes
 from gllm.runtime.protocol import ProtocolError
+from gllm.runtime.game_state import GameStateRequests
 from gllm.runtime.requests import OpenRequests
 
 log = logging.getLogger(__name__)
 
-Prompted = TypeVar("Prompted", GenerationRequest, ScoreRequest)
+Prompted = TypeVar("Prompted", GenerationRequest, ScoreRequest, SnapshotRequest)
 IDLE_POLL_MS = 100  # how long an idle loop blocks before it looks at the shutdown flag again
 MAX_DRAIN = 1024  # messages taken per turn, so a flood cannot starve the engine
 HEARTBEAT_IVL_MS = 1000
@@ -71,6 +73,7 @@ class Server:
         self.engine = engine
         self.limits = limits
         self.requests = OpenRequests()
+        self.game = GameStateRequests(engine, self.requests, limits)
         # A context of its own unless one is given: ending it at shutdown is what makes libzmq deliver the
         # replies still queued in it (within the linger time) before the process leaves.
         self._own_context = context is None
@@ -251,10 +254,14 @@ class Server:
             open_req = self.requests.find(peer, req.id)
             if open_req is not None:  # unknown or finished ids are fine: cancel is idempotent
                 self.engine.abort(open_req.engine_id)
+        elif isinstance(req, protocol.Inject):
+            self.game.inject(peer, req)
+        elif isinstance(req, protocol.Release):
+            self.game.release(peer, req)
         else:
             self._submit(peer, req)
 
-    def _submit(self, peer: bytes, req: protocol.Generate | protocol.Score) -> None:
+    def _submit(self, peer: bytes, req: protocol.Generate | protocol.Score | protocol.Snapshot | protocol.Restore) -> None:
         if self._stop_requests:
             raise ProtocolError("shutting_down", "the runtime is shutting down and takes no new requests", req.id)
         if self.requests.find(peer, req.id) is not None:
@@ -263,15 +270,28 @@ class Server:
             raise admission.over_limit("overloaded", "max_open_requests", self.limits,
                                        f"this connection already has {self.requests.count(peer)} requests open "
                                        "(wait for one to end, or cancel one)", req.id)
-        prompt = dict(prompt=req.prompt, messages=req.messages, prompt_token_ids=req.prompt_token_ids)
+        prompt = {name: getattr(req, name, None) for name in ("prompt", "messages", "prompt_token_ids")}
         try:
-            if isinstance(req, protocol.Generate):
+            if isinstance(req, protocol.Restore):
+                open_req = self.requests.new(peer, req.id, "restore")
+                self.game.restore(open_req, req)
+            elif isinstance(req, protocol.Generate):
                 open_req = self.requests.new(peer, req.id, "generate", req.logprobs)
-                self.engine.add_request(self._tokenized(GenerationRequest(
+                gen = GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
                     ignore_eos=req.ignore_eos, thinking=req.thinking, request_id=open_req.engine_id,
-                    **{name: getattr(req, name) for name in STRUCTURE_FIELDS}), req.id))
+                    context_overflow=req.context_overflow, max_tokens_per_second=req.max_tokens_per_second,
+                    deadline_ms=req.deadline_ms, deterministic=req.deterministic,
+                    **{name: getattr(req, name) for name in STRUCTURE_FIELDS})
+                if req.context_overflow == "drop_oldest":  # the turns left out are counted here, tokenizing
+                    ids, open_req.dropped_turns = self.engine.fitted_prompt(gen, self.limits.max_prompt_tokens)
+                    gen = dataclasses.replace(gen, messages=None, prompt_token_ids=ids, context_overflow="error")
+                self.engine.add_request(self._tokenized(gen, req.id))
+            elif isinstance(req, protocol.Snapshot):
+                open_req = self.requests.new(peer, req.id, "snapshot")
+                self.game.snapshot(open_req, self._tokenized(SnapshotRequest(
+                    **prompt, priority=req.priority, request_id=open_req.engine_id), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
                 self._check_candidates(req)
@@ -321,36 +341,19 @@ class Server:
             return
         top = [[t, self._token_text(t), lp] for t, lp in delta.top_logprobs] if req.top_n else None
         self._send(req.peer, protocol.token_message(req.client_id, delta.index, delta.token_id, delta.text,
-                                                    delta.logprob, delta.rank, top))
+                                                    delta.logprob, delta.rank, top, delta.injected))
 
-    def _on_finished(self, result: GenerationResult | ScoreResult) -> None:
+    def _on_finished(self, result: replies.Result) -> None:
         req = self.requests.close(result.request_id)
         if req is None:
             return
-        cancelled = result.finish_reason == "aborted"
-        reason = "cancelled" if cancelled else result.finish_reason
-        scored = isinstance(result, ScoreResult)
-        usage = {"prompt_tokens": len(result.prompt_token_ids),
-                 "completion_tokens": 0 if scored else len(result.token_ids),
-                 "cached_tokens": result.num_cached_tokens}
-        timing = {k: result.metrics.get(k) for k in ("queued_ms", "ttft_ms", "total_ms")}
-        log.info("%s client=%s id=%r %s%s prompt=%d cached=%d completion=%d queued=%sms ttft=%sms total=%sms",
-                 req.kind, req.peer.hex(), req.client_id, reason, " (client gone)" if req.orphaned else "",
-                 usage["prompt_tokens"], usage["cached_tokens"], usage["completion_tokens"],
-                 timing["queued_ms"], timing["ttft_ms"], timing["total_ms"])
-        if req.orphaned:
-            return
-        if result.finish_reason == "error":
-            msg = protocol.error_message("internal", f"the engine failed while running this request ({result.error}); "
-                                                     "the runtime goes on", req.client_id)
-        elif scored and not cancelled:
-            candidates = [{"text": c.text, "token_ids": c.token_ids, "logprob": c.logprob,
-                           "token_logprobs": c.token_logprobs} for c in result.candidates]
-            msg = protocol.scores_message(req.client_id, candidates, usage, timing)
-        else:
-            msg = protocol.done_message(req.client_id, reason, "" if scored else result.text, usage, timing,
-                                        *([] if scored else structure(result)))
-        self._send(req.peer, msg)
+        if isinstance(result, RestoreResult):
+            self.game.restored(req, result)
+        msg, summary = replies.final_reply(req, result)
+        log.info("%s client=%s id=%r %s%s", req.kind, req.peer.hex(), req.client_id, summary,
+                 " (client gone)" if req.orphaned else "")
+        if not req.orphaned:
+            self._send(req.peer, msg)
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -393,17 +396,15 @@ class Server:
         reqs = self.requests.orphan_peer(peer)
         for req in reqs:
             self.engine.abort(req.engine_id)
+        self.game.forget(peer)
         if reqs:
             log.info("client %s is gone; cancelling its %d open request(s)", peer.hex(), len(reqs))
-
-
-def structure(result: GenerationResult) -> tuple[list[dict[str, Any]], bool | None]:
-    """What a ``done`` says of a structured reply: its tool calls, and whether the structure is complete."""
-    return [{"name": c.name, "arguments": c.arguments} for c in result.tool_calls], result.structure_complete
 
 
 def engine_error_code(exc: ValueError) -> str:
     """Wire code for an engine refusal. The engine raises plain ``ValueError``; its length refusals are the
     ones that name ``max_seq_len`` or say the KV cache cannot hold the request."""
     text = str(exc)
+    if isinstance(exc, PinLimitError):
+        return "overloaded"
     return "too_long" if "max_seq_len" in text or "cannot hold" in text else "bad_request"

@@ -20,8 +20,9 @@ namespace Gllm
         public TimeSpan HeartbeatInterval = TimeSpan.FromSeconds(1);
         /// <summary>... and after this long it takes the runtime for dead, drops the connection and reconnects.</summary>
         public TimeSpan HeartbeatTimeout = TimeSpan.FromSeconds(5);
-        /// <summary>Largest frame accepted from the runtime.</summary>
-        public long MaxMessageBytes = 16 << 20;
+        /// <summary>Largest frame accepted from the runtime: a snapshot reply holds a whole saved state (the
+        /// runtime's --max-state-size, 256 MiB by default, plus its fields).</summary>
+        public long MaxMessageBytes = (256 << 20) + 4096;
         /// <summary>The protocol is neither encrypted nor authenticated (ZMTP NULL mechanism, no CurveZMQ), so
         /// by default only loopback addresses are accepted. Set this only on a network you fully trust.</summary>
         public bool AllowNonLoopback = false;
@@ -110,6 +111,16 @@ namespace Gllm
         /// <summary>"auto" (default), "required", "none" or a tool's name.</summary>
         public string ToolChoice;
 
+        /// <summary>"drop_oldest": a chat too long for the context loses its oldest turns after the system
+        /// messages (Usage.DroppedTurns says how many) instead of failing with too_long.</summary>
+        public string ContextOverflow;
+        /// <summary>Pacing: the runtime computes the next token only when it is due (a line read aloud).</summary>
+        public double? MaxTokensPerSecond;
+        /// <summary>Wanted time to the first token; among requests of one priority, earlier deadlines go first.</summary>
+        public double? DeadlineMs;
+        /// <summary>With a Seed: the same tokens alone or beside any other requests (exact replay; costs speed).</summary>
+        public bool? Deterministic;
+
         internal void AddTo(Dictionary<string, object> m)
         {
             Put(m, "max_tokens", MaxTokens);
@@ -129,6 +140,10 @@ namespace Gllm
             if (Choices != null) m["choices"] = new List<object>(Choices);
             if (Tools != null) m["tools"] = Tools.Select(t => (object)t.ToMap()).ToList();
             if (ToolChoice != null) m["tool_choice"] = ToolChoice;
+            if (ContextOverflow != null) m["context_overflow"] = ContextOverflow;
+            Put(m, "max_tokens_per_second", MaxTokensPerSecond);
+            Put(m, "deadline_ms", DeadlineMs);
+            Put(m, "deterministic", Deterministic);
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct

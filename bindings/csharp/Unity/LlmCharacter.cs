@@ -8,7 +8,10 @@
 // Say("Hello") from your dialogue code. Not for WebGL builds: browsers have no raw TCP sockets.
 // Structured replies: put a JSON Schema in jsonSchema (the lines are then JSON your code can parse), or
 // give Tools from code and handle ToolCalled (a shopkeeper's sell(item, price)).
+// Saving the game: SaveState() gives bytes to write with the save (the remembered conversation and the
+// runtime's KV of it, a few MB); LoadState(bytes) brings both back, so the next line starts at once.
 using System.Collections.Generic;
+using System.Threading.Tasks;
 using Gllm;
 using UnityEngine;
 using UnityEngine.Events;
@@ -46,6 +49,7 @@ public class LlmCharacter : MonoBehaviour
     LlmClient client;
     bool ownsClient;
     Generation current;
+    long? pinnedState;  // the runtime keeps this character's loaded conversation until it is released
 
     /// <summary>Share one connection between many characters: set this before Start (the character
     /// then leaves the client's lifetime to whoever made it).</summary>
@@ -97,6 +101,50 @@ public class LlmCharacter : MonoBehaviour
         return line;
     }
 
+    /// <summary>The conversation so far (persona and remembered turns) with the runtime's KV of it, as bytes
+    /// for the game's save file, e.g. File.WriteAllBytes(Path.Combine(Application.persistentDataPath,
+    /// name + ".npc"), await SaveState()).</summary>
+    public async Task<byte[]> SaveState()
+    {
+        var turns = new List<ChatMessage> { ChatMessage.System(persona) };
+        turns.AddRange(memory);
+        ConversationState state = await ConversationState.Save(client, turns);
+        return state.ToBytes();
+    }
+
+    /// <summary>Brings back what SaveState wrote: the persona and remembered turns, and their KV in the
+    /// runtime (pinned while this character lives when pin is set: for main characters). Returns the
+    /// tokens restored; a save from another model restores none (the turns still come back).</summary>
+    public async Task<int> LoadState(byte[] saved, bool pin = false)
+    {
+        ConversationState state = ConversationState.FromBytes(saved);
+        Stop();
+        memory.Clear();
+        foreach (ChatMessage m in state.Messages)
+        {
+            if (m.Role == "system") persona = m.Content;
+            else memory.Add(m);
+        }
+        ReleasePin();
+        try
+        {
+            RestoreResult restored = await state.Load(client, pin);
+            if (restored.Pinned) pinnedState = restored.Id;
+            return restored.Tokens;
+        }
+        catch (LlmException e) when (e.Error.Code == "bad_request")
+        {
+            onError.Invoke(e.Error.ToString());
+            return 0;
+        }
+    }
+
+    void ReleasePin()
+    {
+        if (pinnedState.HasValue && client != null) client.Release(pinnedState.Value);
+        pinnedState = null;
+    }
+
     /// <summary>Stops the line being spoken, if any.</summary>
     public void Stop()
     {
@@ -114,6 +162,7 @@ public class LlmCharacter : MonoBehaviour
     void OnDestroy()
     {
         Stop();
+        ReleasePin();
         if (ownsClient && client != null) client.Dispose();  // never blocks
     }
 }
