@@ -152,14 +152,14 @@ def test_clients_at_once(model, tmp_path):
             return request(s, {"type": "ping", "id": rid})["type"] == "pong"
 
         # The probe socket of start_server may still count until the runtime sees it close.
-        wait_until(lambda: pong(socks[0], "a"), timeout=30)
-        wait_until(lambda: pong(socks[1], "b"), timeout=30)
+        wait_until(lambda: pong(socks[0], "a"), timeout=120)
+        wait_until(lambda: pong(socks[1], "b"), timeout=120)
         reply = request(socks[2], {"type": "generate", "id": "c", "prompt_token_ids": [1]})
         assert reply["type"] == "error" and reply["code"] == "overloaded" and reply["id"] == "c", reply
         assert "max_clients" in reply["message"] and "--max-clients" in reply["message"], reply
         assert pong(socks[0], "a again")  # the clients already in are still served
         socks[0].close(linger=0)
-        wait_until(lambda: pong(socks[2], "c"), timeout=30)  # a place is free again
+        wait_until(lambda: pong(socks[2], "c"), timeout=120)  # a place is free again
     finally:
         for s in socks:
             s.close(linger=0)
