@@ -50,6 +50,10 @@ class GenerationRequest:
     ignore_eos: bool = False  # for benchmarks: run to max_new_tokens
     n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
+    # (token id, logprob, rank) of tokens this request already produced and handed out elsewhere (a replica
+    # that died mid-stream): it goes on after them as if it had sampled them itself, its next token being
+    # number len(resume). Greedy and seeded requests continue exactly: a seeded one skips their draws.
+    resume: list[tuple[int, float, int]] | None = None
     request_id: str | None = None  # assigned by the engine when missing
 
     def validate(self) -> None:
@@ -69,6 +73,8 @@ class GenerationRequest:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1 (got {self.n})")
+        if self.resume is not None and self.n != 1:
+            raise ValueError(f"a resumed request continues one stream: n must be 1 (got {self.n})")
         if self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 (got {self.logprobs})")
         if self.stop is not None and (
