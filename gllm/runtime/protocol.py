@@ -239,8 +239,11 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
     "info": (Info, {"id": client_id}, ()),
     "ping": (Ping, {"id": client_id}, ()),
 }
-# The envelope field every message carries besides its schema's fields.
+# Fields any client message may carry besides its schema's: its type, and the key that a cluster's front end
+# routes by (``affinity``: messages with the same key go to the same replica while it is healthy). One
+# process has nothing to route, so it checks the key and ignores it.
 _ENVELOPE = "type"
+_AFFINITY = "affinity"
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -296,11 +299,16 @@ def validate(msg: Any) -> Request:
         raise ProtocolError("unknown_type", f"unknown message type {_short.repr(kind)}; "
                                             f"known types: {', '.join(SCHEMAS)}", request_id)
     cls, checks, required = SCHEMAS[kind]
-    unknown = [k for k in msg if k != _ENVELOPE and k not in checks]
+    unknown = [k for k in msg if k not in (_ENVELOPE, _AFFINITY) and k not in checks]
     if unknown:
         names = ", ".join(_short.repr(k) if isinstance(k, str) else describe(k) for k in unknown[:5])
         raise ProtocolError("bad_request", f"unknown field(s) for a {kind!r} message: {names}; "
                                            f"known fields: {', '.join(checks)}", request_id)
+    if msg.get(_AFFINITY) is not None:
+        try:
+            client_id(msg[_AFFINITY])
+        except _Invalid as exc:
+            raise ProtocolError("bad_request", f"field {_AFFINITY!r} {exc}", request_id) from None
     values: dict[str, Any] = {}
     for name, check in checks.items():
         value = msg.get(name)
@@ -318,6 +326,11 @@ def validate(msg: Any) -> Request:
             raise ProtocolError("bad_request", "give exactly one of 'prompt', 'messages' or 'prompt_token_ids' "
                                                f"(got {', '.join(given) or 'none'})", request_id)
     return cls(**values)
+
+
+def affinity_of(msg: dict[str, Any]) -> ClientId | None:
+    """The ``affinity`` key of a validated message, if it has one."""
+    return msg.get(_AFFINITY)
 
 
 def echo_id(value: Any) -> ClientId | None:
