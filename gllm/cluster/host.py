@@ -1,0 +1,206 @@
+"""One engine behind the runtime's ``EngineService``, for callers on an asyncio loop (a replica's methods).
+
+The engine steps on a thread of its own, as ``gllm serve``'s loop would: each turn it takes the commands
+queued by the async side (open a request, handle a message, drop a request whose caller went away), runs
+one step, and hands the turn's replies to the loop in one call. So the replica's event loop stays free to
+take calls while the model runs, and the engine's state is touched by one thread only.
+
+Replies are matched to callers by (peer, request id), the way the service addresses them: ``stream``
+yields the replies of one request, in order, in batches (all that are ready), until its ``done``,
+``scores`` or ``error``. Leaving a stream early (the front end cancelled the call because the client is
+gone) drops that request: its KV blocks are freed and nothing more is sent for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gllm.engine import LLMEngine
+from gllm.runtime import admission, protocol
+from gllm.runtime.limits import ServerLimits
+from gllm.runtime.protocol import ClientId, ProtocolError
+from gllm.runtime.service import EngineService
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset(("done", "scores", "error"))  # the reply that ends a request
+IDLE_WAIT_S = 0.1  # how long an idle engine thread blocks on its commands before it looks at the stop flag
+Reply = dict[str, Any]
+StreamKey = tuple[bytes, tuple[type, ClientId | None]]
+
+
+class ReplicaHost:
+    def __init__(self, engine: LLMEngine, limits: ServerLimits):
+        self.engine = engine
+        self.limits = limits
+        self.service = EngineService(engine, limits, self._collect)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._turn_replies: list[tuple[bytes, Reply]] = []
+        self._captured: list[Reply] | None = None  # replies of the message ``call`` is handling
+        self._streams: dict[StreamKey, asyncio.Queue[Reply]] = {}  # touched on the loop's thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._stats = self.service.stats()
+        self.failure: BaseException | None = None  # what ended the engine thread, if anything did
+        self._thread = threading.Thread(target=self._run, name="gllm-replica-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join(30)
+
+    # -------------------------------------------------------------------------------------- async side
+    async def stream(self, peer: bytes, frame: bytes,
+                     resume: list[tuple[int, float, int]] | None = None) -> AsyncIterator[list[Reply]]:
+        """Open the ``generate`` or ``score`` in ``frame`` for ``peer`` and yield its replies in batches.
+        ``resume``: tokens of this generation already streamed by another replica (it goes on after them)."""
+        self._loop = asyncio.get_running_loop()
+        request_id = protocol.echo_id(_peek(frame).get("id"))
+        key = (peer, _key(request_id))
+        if key in self._streams:
+            yield [protocol.error_message("bad_request", f"id {request_id!r} is already streaming here", request_id)]
+            return
+        replies: asyncio.Queue[Reply] = asyncio.Queue()
+        self._streams[key] = replies
+        self._commands.put(("open", peer, frame, resume))
+        ended = False
+        try:
+            while not ended:
+                batch = [await replies.get()]
+                while not replies.empty():
+                    batch.append(replies.get_nowait())
+                ended = batch[-1]["type"] in TERMINAL
+                yield batch
+        finally:
+            del self._streams[key]
+            if not ended:
+                self._commands.put(("drop", peer, request_id))
+
+    async def call(self, peer: bytes, frame: bytes) -> list[Reply]:
+        """Handle any other message (a ``cancel``, a type added later) and return the replies it made."""
+        self._loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Reply]] = self._loop.create_future()
+        self._commands.put(("call", peer, frame, done))
+        return await done
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters as of the engine thread's last turn (it publishes a fresh copy each turn)."""
+        return self._stats
+
+    # ------------------------------------------------------------------------------------ engine side
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._take_commands(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    self.service.step()
+                self._hand_over()
+                self._stats = self.service.stats()
+        except BaseException as exc:  # the replica is broken: its health check reports it
+            self.failure = exc
+            log.exception("the engine thread stopped")
+            raise
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._do(*command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _do(self, what: str, peer: bytes, *args: Any) -> None:
+        if what == "open":
+            self._open(peer, *args)
+        elif what == "drop":
+            req = self.service.requests.orphan(peer, args[0])
+            if req is not None:
+                self.service.cancel(req)
+        else:
+            frame, done = args
+            self._captured = []
+            try:
+                self._handle(peer, frame)
+            finally:
+                replies, self._captured = self._captured, None
+                self._loop.call_soon_threadsafe(_resolve, done, replies)
+
+    def _open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None) -> None:
+        request_id = None
+        try:
+            msg, req = admission.read_message(frame, self.limits)
+            request_id = getattr(req, "id", None)
+            if not isinstance(req, (protocol.Generate, protocol.Score)):
+                raise ProtocolError("bad_request", f"a {msg['type']!r} message opens no stream", request_id)
+            admission.check_open(self.service.requests, peer, req.id, self.limits)
+            self.service.submit(peer, req, resume if isinstance(req, protocol.Generate) else None)
+        except ProtocolError as exc:
+            self._collect(peer, protocol.error_message(exc.code, exc.message, exc.request_id or request_id))
+        except Exception as exc:  # a bug of ours: this request fails, the replica goes on
+            log.exception("internal error while opening a request")
+            self._collect(peer, protocol.error_message("internal", f"the replica failed on this request ({exc})",
+                                                       request_id))
+
+    def _handle(self, peer: bytes, frame: bytes) -> None:
+        try:
+            msg, req = admission.read_message(frame, self.limits)
+            if isinstance(req, protocol.Cancel):
+                open_req = self.service.requests.find(peer, req.id)
+                if open_req is not None:
+                    self.service.cancel(open_req)
+            elif isinstance(req, protocol.Ping):
+                self._collect(peer, protocol.pong_message(req.id))
+            elif isinstance(req, (protocol.Generate, protocol.Score, protocol.Info)):
+                raise ProtocolError("bad_request", f"a {msg['type']!r} message is not relayed this way",
+                                    getattr(req, "id", None))
+            else:
+                self.service.forward(peer, req)
+        except ProtocolError as exc:
+            self._collect(peer, protocol.error_message(exc.code, exc.message, exc.request_id))
+
+    def _collect(self, peer: bytes, message: Reply) -> None:
+        """The service's ``send``: replies wait for the end of the turn (or of the message being handled)."""
+        if self._captured is not None:
+            self._captured.append(message)
+        else:
+            self._turn_replies.append((peer, message))
+
+    def _hand_over(self) -> None:
+        if self._turn_replies and self._loop is not None:
+            replies, self._turn_replies = self._turn_replies, []
+            self._loop.call_soon_threadsafe(self._deliver, replies)
+
+    def _deliver(self, replies: list[tuple[bytes, Reply]]) -> None:
+        """On the loop: each reply to the stream waiting for it (one whose caller left is dropped)."""
+        for peer, message in replies:
+            stream = self._streams.get((peer, _key(message.get("id"))))
+            if stream is not None:
+                stream.put_nowait(message)
+
+
+def _resolve(done: asyncio.Future, replies: list[Reply]) -> None:
+    if not done.done():
+        done.set_result(replies)
+
+
+def _peek(frame: bytes) -> dict[str, Any]:
+    msg = protocol.decode(frame)
+    return msg if isinstance(msg, dict) else {}
+
+
+def _key(request_id: ClientId | None) -> tuple[type, ClientId | None]:
+    """Keeps the integer 1 and the string "1" apart."""
+    return (type(request_id), request_id)
