@@ -34,13 +34,20 @@ def tiny_dir(tmp_path_factory):
 
 
 def start_backed_up_stream(srv) -> zmq.Socket:
-    """A slow reader with a long stream open, once the runtime holds replies that wait for it."""
+    """A slow reader with a long stream open, once the runtime holds replies that wait for it (if that fails,
+    the runtime is killed: no test leaves one behind)."""
     reader = slow_reader(srv.endpoint)
     reader.send(encode({"type": "generate", "id": "long", "prompt_token_ids": [1, 2], "max_tokens": STREAM,
                         "ignore_eos": True, "logprobs": 5}))
     watcher = dealer(srv.endpoint)
     try:
-        wait_until(lambda: stats(watcher)["queued_replies"] > 0, timeout=REPLY_TIMEOUT_S)
+        # How soon depends on the machine's speed: the stream fills the sockets between runtime and client
+        # within its first thousand tokens or so; a busy machine may take minutes for that.
+        wait_until(lambda: stats(watcher)["queued_replies"] > 0, timeout=10 * REPLY_TIMEOUT_S)
+    except BaseException:
+        reader.close(linger=0)
+        srv.proc.kill()
+        raise
     finally:
         watcher.close(linger=0)
     return reader
@@ -72,7 +79,7 @@ def test_slow_reader_gets_its_whole_stream_and_its_end_after_sigterm(tiny_dir, t
 
 def test_a_client_that_reads_nothing_cannot_hold_the_runtime(tiny_dir, tmp_path):
     srv = start_server(tiny_dir, tmp_path, "--shutdown-grace", "0.5", "--shutdown-drain", "1",
-                       "--max-seq-len", "4096")
+                       "--max-seq-len", "4096", endpoint=f"ipc://{tmp_path}/gllm.sock")
     reader = start_backed_up_stream(srv)
     try:
         assert srv.stop() == 0, srv.log()[-3000:]  # stop() fails the test if the process does not exit
