@@ -72,12 +72,14 @@ class Client:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
                  priority: int | None = None, ignore_eos: bool | None = None,
+                 affinity: ClientId | None = None,
                  timeout: float | None = None) -> Stream:
-        """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``."""
+        """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``.
+        ``affinity``: a key (an NPC's id) that keeps its requests on one replica of a cluster."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
-                                ignore_eos=ignore_eos)
+                                ignore_eos=ignore_eos, affinity=affinity)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -86,10 +88,12 @@ class Client:
 
     def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
               messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-              priority: int | None = None, timeout: float | None = None) -> Scores:
+              priority: int | None = None, affinity: ClientId | None = None,
+              timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority)
+        request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority,
+                                affinity=affinity)
         return parse_scores(self._reply(request_id, timeout))
 
     def cancel(self, request_id: ClientId) -> None:

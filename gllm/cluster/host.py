@@ -181,7 +181,8 @@ class ReplicaHost:
     def _hand_over(self) -> None:
         if self._turn_replies and self._loop is not None:
             replies, self._turn_replies = self._turn_replies, []
-            self._loop.call_soon_threadsafe(self._deliver, replies)
+            if not self._loop.is_closed():  # a closed loop has no caller left to read them
+                self._loop.call_soon_threadsafe(self._deliver, replies)
 
     def _deliver(self, replies: list[tuple[bytes, Reply]]) -> None:
         """On the loop: each reply to the stream waiting for it (one whose caller left is dropped)."""
