@@ -1,5 +1,5 @@
-"""What runs inside each replica, without Ray: the engine on its thread behind ``EngineService``, streams
-matched to their callers, cancels, callers that leave, and message types handled by the service."""
+"""What runs inside each replica, without Ray: the engine on its thread behind ``EngineService``, one reply
+channel for every request, cancels, drops, a subscriber that leaves, and message types the service handles."""
 
 from __future__ import annotations
 
@@ -41,60 +41,84 @@ def generate(request_id, **fields) -> bytes:
                    "ignore_eos": True, **fields})
 
 
-async def collect(host: ReplicaHost, frame: bytes, resume=None) -> list[dict]:
-    return [msg async for batch in host.stream(PEER, frame, resume) for msg in batch]
+async def serve(host: ReplicaHost, requests: dict[bytes, tuple], cancel_after: dict[bytes, int] | None = None,
+                leave_after: int | None = None) -> dict[bytes, list[dict]]:
+    """Subscribe, open ``requests`` (peer -> (frame, resume)), and collect each peer's replies until every
+    request has ended; ``cancel_after``: send a cancel once a peer has that many replies; ``leave_after``:
+    leave the subscription after that many batches."""
+    got: dict[bytes, list[dict]] = {peer: [] for peer in requests}
+    channel = host.subscribe()
+    pending = asyncio.ensure_future(channel.__anext__())
+    for peer, (frame, resume) in requests.items():
+        host.open(peer, frame, resume)
+    batches = 0
+    while any(not r or r[-1]["type"] not in ("done", "scores", "error") for r in got.values()):
+        batch = await pending
+        batches += 1
+        for peer, msg in batch:
+            got[peer].append(msg)
+            if cancel_after and len(got[peer]) == cancel_after.get(peer):
+                assert await host.call(peer, encode({"type": "cancel", "id": msg["id"]})) == []
+        if leave_after is not None and batches >= leave_after:
+            break
+        pending = asyncio.ensure_future(channel.__anext__())
+    await channel.aclose()
+    return got
 
 
-def test_a_stream_carries_one_request_s_replies_in_order(host, tiny):
-    async def both():
-        return await asyncio.gather(collect(host, generate(1, max_tokens=30)),
-                                    collect(host, generate("1", max_tokens=12)))  # 1 and "1" are two ids
-
-    first, second = asyncio.run(both())
+def test_the_channel_carries_each_request_s_replies_in_order(host, tiny):
+    got = asyncio.run(serve(host, {b"a": (generate(1, max_tokens=30), None),
+                                   b"b": (generate(1, max_tokens=12), None)}))  # same id, other request
     expected = engine(tiny).generate([GenerationRequest(prompt_token_ids=[3, 1, 4, 1, 5], max_new_tokens=30,
-                                                       temperature=0, ignore_eos=True)])[0]
+                                                        temperature=0, ignore_eos=True)])[0]
+    first, second = got[b"a"], got[b"b"]
     assert [m["token_id"] for m in first[:-1]] == expected.token_ids
     assert [m["index"] for m in first[:-1]] == list(range(30)) and first[-1]["type"] == "done"
-    assert all(m["id"] == "1" for m in second) and len(second) == 13
+    assert len(second) == 13 and second[-1]["usage"]["completion_tokens"] == 12
 
 
-def test_a_resumed_stream_starts_after_the_tokens_given(host):
-    whole = asyncio.run(collect(host, generate("w", max_tokens=20)))[:-1]
+def test_a_resumed_request_starts_after_the_tokens_given(host):
+    whole = asyncio.run(serve(host, {b"w": (generate("w", max_tokens=20), None)}))[b"w"][:-1]
     given = [(m["token_id"], m["logprob"], m["rank"]) for m in whole[:8]]
-    rest = asyncio.run(collect(host, generate("r", max_tokens=20), resume=given))
+    rest = asyncio.run(serve(host, {b"r": (generate("r", max_tokens=20), given)}))[b"r"]
     assert [m["index"] for m in rest[:-1]] == list(range(8, 20))
     assert [m["token_id"] for m in rest[:-1]] == [m["token_id"] for m in whole[8:]]
     assert rest[-1]["usage"]["completion_tokens"] == 20
 
 
-def test_cancel_ends_the_stream_with_done_cancelled(host):
-    async def run():
-        stream = host.stream(PEER, generate("c", max_tokens=400))
-        first = await stream.__anext__()
-        assert await host.call(PEER, encode({"type": "cancel", "id": "c"})) == []
-        rest = [msg async for batch in stream for msg in batch]
-        return first + rest
-
-    replies = asyncio.run(run())
+def test_cancel_ends_a_request_with_done_cancelled(host):
+    replies = asyncio.run(serve(host, {b"c": (generate("c", max_tokens=400), None)}, cancel_after={b"c": 1}))[b"c"]
     assert replies[-1]["type"] == "done" and replies[-1]["finish_reason"] == "cancelled"
     assert len(replies) < 400
 
 
-def test_a_caller_that_leaves_drops_its_request(host):
+def test_drop_and_a_subscriber_that_leaves_end_requests_without_replies(host):
     async def run():
-        stream = host.stream(PEER, generate("gone", max_tokens=400))
-        await stream.__anext__()
-        await stream.aclose()
+        got = await serve(host, {b"d": (generate("d", max_tokens=400), None),
+                                 b"e": (generate("e", max_tokens=400), None)}, leave_after=1)
+        return got
 
-    asyncio.run(run())
+    asyncio.run(run())  # left after the first batch: both requests are dropped
+    wait_until(lambda: host.service.requests.num_open == 0, timeout=30)
     wait_until(lambda: host.stats()["kv_blocks_in_use"] == 0 and host.stats()["running"] == 0, timeout=30)
-    assert host.service.requests.num_open == 0
+
+    async def drop_one():
+        channel = host.subscribe()
+        pending = asyncio.ensure_future(channel.__anext__())
+        host.open(b"f", generate("f", max_tokens=400))
+        await pending
+        host.drop(b"f")
+        wait_until(lambda: host.service.requests.num_open == 0, timeout=30)
+        await channel.aclose()
+
+    asyncio.run(drop_one())
+    wait_until(lambda: host.stats()["kv_blocks_in_use"] == 0, timeout=30)
 
 
-def test_a_refused_request_gets_its_error_on_its_stream(host):
-    replies = asyncio.run(collect(host, encode({"type": "generate", "id": "bad", "prompt_token_ids": [10**6]})))
-    assert len(replies) == 1 and replies[0]["type"] == "error" and replies[0]["code"] == "bad_request"
-    assert replies[0]["id"] == "bad"
+def test_a_refused_request_gets_its_error_through_the_channel(host):
+    got = asyncio.run(serve(host, {b"x": (encode({"type": "generate", "id": "bad", "prompt_token_ids": [10**6]}),
+                                          None)}))[b"x"]
+    assert len(got) == 1 and got[0]["type"] == "error" and got[0]["code"] == "bad_request" and got[0]["id"] == "bad"
 
 
 @dataclass

@@ -130,7 +130,7 @@ class Village:
         results = []
         for npc in self.npcs:
             scores = await self.client.score(messages=[{"role": "system", "content": npc.persona.system_prompt()}],
-                                             candidates=["Hello"])
+                                             candidates=["Hello"], affinity=npc.name)
             npc.fixed_tokens = scores.usage.prompt_tokens
             results.append(scores)
         return results
@@ -153,7 +153,8 @@ class Village:
             messages = npc.messages(line)
             stream = self.client.generate(messages=messages, max_tokens=s.max_tokens,
                                           temperature=s.temperature, top_p=s.top_p, seed=seed,
-                                          logprobs=s.logprobs or None, ignore_eos=s.ignore_eos or None)
+                                          logprobs=s.logprobs or None, ignore_eos=s.ignore_eos or None,
+                                          affinity=npc.name)  # a cluster keeps each NPC on one replica
             sent_at = time.perf_counter()
             await stream.start()  # sent now, so all NPCs arrive in the same engine step
             replies.append(Reply(npc, line, messages, stream, sent_at))

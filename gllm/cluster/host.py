@@ -1,14 +1,18 @@
 """One engine behind the runtime's ``EngineService``, for callers on an asyncio loop (a replica's methods).
 
 The engine steps on a thread of its own, as ``gllm serve``'s loop would: each turn it takes the commands
-queued by the async side (open a request, handle a message, drop a request whose caller went away), runs
-one step, and hands the turn's replies to the loop in one call. So the replica's event loop stays free to
-take calls while the model runs, and the engine's state is touched by one thread only.
+queued by the async side (open a request, handle a message, drop a request), runs one step, and hands the
+turn's replies to the loop in one call. So the replica's event loop stays free to take calls while the
+model runs, and the engine's state is touched by one thread only.
 
-Replies are matched to callers by (peer, request id), the way the service addresses them: ``stream``
-yields the replies of one request, in order, in batches (all that are ready), until its ``done``,
-``scores`` or ``error``. Leaving a stream early (the front end cancelled the call because the client is
-gone) drops that request: its KV blocks are freed and nothing more is sent for it.
+Replies leave through one channel, ``subscribe``: a stream that yields each turn's replies of every
+request as one batch of (peer, reply) pairs. A stream per request would cost one message of Ray's
+streaming per token; with one channel a step of 16 running requests is one message. The front end
+subscribes once per replica; when its subscription ends (it stopped, or lost the replica), every open
+request is dropped, since nobody would read its replies.
+
+Each request is opened under a peer of its own (the front end's key for it), so its replies can never
+be taken for another request's, even one that later reuses the same client id.
 """
 
 from __future__ import annotations
@@ -23,15 +27,14 @@ from typing import Any
 from gllm.engine import LLMEngine
 from gllm.runtime import admission, protocol
 from gllm.runtime.limits import ServerLimits
-from gllm.runtime.protocol import ClientId, ProtocolError
+from gllm.runtime.protocol import ProtocolError
 from gllm.runtime.service import EngineService
 
 log = logging.getLogger(__name__)
 
-TERMINAL = frozenset(("done", "scores", "error"))  # the reply that ends a request
 IDLE_WAIT_S = 0.1  # how long an idle engine thread blocks on its commands before it looks at the stop flag
 Reply = dict[str, Any]
-StreamKey = tuple[bytes, tuple[type, ClientId | None]]
+Batch = list[tuple[bytes, Reply]]
 
 
 class ReplicaHost:
@@ -40,9 +43,9 @@ class ReplicaHost:
         self.limits = limits
         self.service = EngineService(engine, limits, self._collect)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._turn_replies: list[tuple[bytes, Reply]] = []
+        self._turn_replies: Batch = []
         self._captured: list[Reply] | None = None  # replies of the message ``call`` is handling
-        self._streams: dict[StreamKey, asyncio.Queue[Reply]] = {}  # touched on the loop's thread only
+        self._subscriber: asyncio.Queue[Batch] | None = None  # touched on the loop's thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._stats = self.service.stats()
@@ -59,31 +62,31 @@ class ReplicaHost:
         self._thread.join(30)
 
     # -------------------------------------------------------------------------------------- async side
-    async def stream(self, peer: bytes, frame: bytes,
-                     resume: list[tuple[int, float, int]] | None = None) -> AsyncIterator[list[Reply]]:
-        """Open the ``generate`` or ``score`` in ``frame`` for ``peer`` and yield its replies in batches.
-        ``resume``: tokens of this generation already streamed by another replica (it goes on after them)."""
+    async def subscribe(self) -> AsyncIterator[Batch]:
+        """Every request's replies, a batch per engine turn, until the caller leaves; then every open
+        request is dropped. A new subscription replaces the last one."""
         self._loop = asyncio.get_running_loop()
-        request_id = protocol.echo_id(_peek(frame).get("id"))
-        key = (peer, _key(request_id))
-        if key in self._streams:
-            yield [protocol.error_message("bad_request", f"id {request_id!r} is already streaming here", request_id)]
-            return
-        replies: asyncio.Queue[Reply] = asyncio.Queue()
-        self._streams[key] = replies
-        self._commands.put(("open", peer, frame, resume))
-        ended = False
+        batches: asyncio.Queue[Batch] = asyncio.Queue()
+        self._subscriber = batches
         try:
-            while not ended:
-                batch = [await replies.get()]
-                while not replies.empty():
-                    batch.append(replies.get_nowait())
-                ended = batch[-1]["type"] in TERMINAL
+            while True:
+                batch = await batches.get()
+                while not batches.empty():
+                    batch += batches.get_nowait()
                 yield batch
         finally:
-            del self._streams[key]
-            if not ended:
-                self._commands.put(("drop", peer, request_id))
+            if self._subscriber is batches:
+                self._subscriber = None
+                self._commands.put(("drop_all", b""))
+
+    def open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None) -> None:
+        """Open the ``generate`` or ``score`` in ``frame`` under ``peer``; its replies (or its error) come
+        through ``subscribe``. ``resume``: tokens of this generation already streamed by another replica."""
+        self._commands.put(("open", peer, frame, resume))
+
+    def drop(self, peer: bytes) -> None:
+        """End the requests opened under ``peer`` without a reply (their client is gone)."""
+        self._commands.put(("drop", peer))
 
     async def call(self, peer: bytes, frame: bytes) -> list[Reply]:
         """Handle any other message (a ``cancel``, a type added later) and return the replies it made."""
@@ -100,10 +103,12 @@ class ReplicaHost:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._take_commands(block=not self.engine.has_work())
-                if self.engine.has_work():
-                    self.service.step()
-                self._hand_over()
+                try:
+                    self._take_commands(block=not self.engine.has_work())
+                    if self.engine.has_work():
+                        self.service.step()
+                finally:  # a failing engine's last replies (its requests' errors) still leave
+                    self._hand_over()
                 self._stats = self.service.stats()
         except BaseException as exc:  # the replica is broken: its health check reports it
             self.failure = exc
@@ -126,8 +131,10 @@ class ReplicaHost:
         if what == "open":
             self._open(peer, *args)
         elif what == "drop":
-            req = self.service.requests.orphan(peer, args[0])
-            if req is not None:
+            for req in self.service.requests.orphan_peer(peer):
+                self.service.cancel(req)
+        elif what == "drop_all":
+            for req in self.service.requests.orphan_all():
                 self.service.cancel(req)
         else:
             frame, done = args
@@ -144,7 +151,7 @@ class ReplicaHost:
             msg, req = admission.read_message(frame, self.limits)
             request_id = getattr(req, "id", None)
             if not isinstance(req, (protocol.Generate, protocol.Score)):
-                raise ProtocolError("bad_request", f"a {msg['type']!r} message opens no stream", request_id)
+                raise ProtocolError("bad_request", f"a {msg['type']!r} message opens no request", request_id)
             admission.check_open(self.service.requests, peer, req.id, self.limits)
             self.service.submit(peer, req, resume if isinstance(req, protocol.Generate) else None)
         except ProtocolError as exc:
@@ -179,29 +186,16 @@ class ReplicaHost:
             self._turn_replies.append((peer, message))
 
     def _hand_over(self) -> None:
-        if self._turn_replies and self._loop is not None:
+        if self._turn_replies and self._loop is not None and not self._loop.is_closed():
             replies, self._turn_replies = self._turn_replies, []
-            if not self._loop.is_closed():  # a closed loop has no caller left to read them
-                self._loop.call_soon_threadsafe(self._deliver, replies)
+            self._loop.call_soon_threadsafe(self._deliver, replies)
 
-    def _deliver(self, replies: list[tuple[bytes, Reply]]) -> None:
-        """On the loop: each reply to the stream waiting for it (one whose caller left is dropped)."""
-        for peer, message in replies:
-            stream = self._streams.get((peer, _key(message.get("id"))))
-            if stream is not None:
-                stream.put_nowait(message)
+    def _deliver(self, replies: Batch) -> None:
+        """On the loop: the turn's replies to the subscriber (with none, nobody reads them)."""
+        if self._subscriber is not None:
+            self._subscriber.put_nowait(replies)
 
 
 def _resolve(done: asyncio.Future, replies: list[Reply]) -> None:
     if not done.done():
         done.set_result(replies)
-
-
-def _peek(frame: bytes) -> dict[str, Any]:
-    msg = protocol.decode(frame)
-    return msg if isinstance(msg, dict) else {}
-
-
-def _key(request_id: ClientId | None) -> tuple[type, ClientId | None]:
-    """Keeps the integer 1 and the string "1" apart."""
-    return (type(request_id), request_id)

@@ -1,17 +1,21 @@
-"""The front end's calls to the replicas: routing, streaming the replies back, failover.
+"""The front end's calls to the replicas: routing, relaying the replies back, failover.
 
 It runs an asyncio loop on a thread of its own (Ray Serve's handles are asyncio objects), while the
 ZeroMQ loop runs on the front end's thread. The front end hands it work (``open``, ``cancel``,
 ``abandon``, ``forward``); it hands back ``(key, peer, reply)`` events through ``deliver``, where a
 ``key`` is the request's and a ``None`` reply means the request is over without one (nobody reads it).
 
-A request waits in the front end until the router finds it room on a replica. Its stream then relays
-every reply batch as it comes. If the call fails because the replica is gone (Ray's ``RayActorError``:
-the actor died or cannot be reached), the request is opened again on another replica with the tokens
+Each replica has one reply channel (``EngineReplica.replies``), opened when Serve reports the replica
+running: a stream of batches, one per engine turn, holding the replies of all its requests. Requests go
+out as short ``open`` calls under their own key, and their replies come back through the channel. A
+request waits in the front end until the router finds it room on a replica with an open channel.
+
+When a channel fails (Ray's ``RayActorError``: the actor died or cannot be reached), the replica is
+taken out of routing and each of its requests is opened again on another replica with the tokens
 already relayed (``resume``): greedy and seeded generations go on with exactly the tokens the lost
 replica would have sent, and the client sees one stream. A request that cannot be placed again within
-``FAILOVER_WAIT_S`` or that lost ``MAX_ATTEMPTS`` replicas ends with ``error{internal}``; so does one
-whose replica raised (a bug, not a loss).
+``FAILOVER_WAIT_S``, or that lost ``MAX_ATTEMPTS`` replicas, ends with ``error{internal}``; so does one
+whose ``open`` raised on the replica (a fault, not a loss).
 """
 
 from __future__ import annotations
@@ -61,7 +65,6 @@ class Job:
     lost: list[str] = field(default_factory=list)  # replicas that died under it
     lost_at: float | None = None
     cancelled: bool = False
-    task: asyncio.Task | None = None
 
 
 class Relay:
@@ -71,7 +74,9 @@ class Relay:
         self.router = router
         self.deliver = deliver
         self.counters: collections.Counter[str] = collections.Counter()
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, Job] = {}  # by key, which is also the peer a replica knows the request by
+        self._channels: dict[str, asyncio.Task] = {}  # each replica's reply stream
+        self._connected: set[str] = set()  # replicas whose reply stream is open: requests may go there
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()  # the router, as ``view`` reads it from the front end's thread
         self._loop = asyncio.new_event_loop()
@@ -152,7 +157,7 @@ class Relay:
                 replica = self.router.route(job.affinity, job.keys, exclude=job.lost)
                 if replica is not None:
                     job.replica, job.holds = replica, True
-                    job.task = self._spawn(self._run(job))
+                    self._spawn(self._start(job))
                 elif job.lost_at is not None and now - job.lost_at > FAILOVER_WAIT_S:
                     self._end(job, protocol.error_message(
                         "internal", f"the replica running this request failed and none took it over within "
@@ -162,40 +167,64 @@ class Relay:
         self._waiting = still
 
     async def _refresh(self) -> None:
+        """Follow Serve's replica set: subscribe to each new replica; route only to subscribed ones."""
         while True:
+            for replica in BOARD.snapshot():
+                if replica not in self._channels and not self.router.failed(replica):
+                    self._channels[replica] = self._spawn(self._channel(replica))
             with self._lock:
-                self.router.update(BOARD.snapshot())
+                self.router.update([r for r in BOARD.snapshot() if r in self._connected])
             self._pump()
             await asyncio.sleep(REFRESH_S)
 
-    async def _run(self, job: Job) -> None:
-        replica = job.replica
-        resume = job.tokens or None
-        stream = self._streaming.stream.remote(job.peer, job.frame, resume, route=replica)
+    async def _channel(self, replica: str) -> None:
+        """Relay every reply of ``replica`` until it is gone; then its requests go on elsewhere."""
+        stream = self._streaming.replies.remote(route=replica)
         try:
             async for item in stream:
-                if isinstance(item, str):  # the replica's id: where the call landed
+                if isinstance(item, str):  # the replica's id: it serves this channel, or it is another one
                     if item != replica:
-                        with self._lock:
-                            self.router.moved(replica, item, job.affinity, job.keys)
-                        job.replica = replica = item
+                        return  # the replica meant was gone; the next refresh tries again if it is listed
+                    self._connected.add(replica)
                     continue
-                for msg in item:
-                    self._relay(job, msg)
-            if job.key in self._jobs:  # the stream ended without the request's last reply
-                self._end(job, protocol.error_message("internal", "the replica's stream ended early", job.client_id))
-        except asyncio.CancelledError:  # abandoned: the client is gone
+                for peer, msg in item:
+                    job = self._jobs.get(peer.decode())
+                    if job is not None:
+                        self._relay(job, msg)
+            self._lost(replica, "its reply stream ended")
+        except asyncio.CancelledError:
             stream.cancel()
             raise
-        except RayActorError as exc:
-            self._lose(job, replica, exc)
-        except Exception as exc:
-            log.exception("request %s failed on replica %s", job.key, replica)
-            self._end(job, protocol.error_message("internal", f"the replica failed on this request ({type(exc).__name__})",
-                                                  job.client_id))
+        except Exception as exc:  # RayActorError: the actor died or cannot be reached
+            self._lost(replica, f"{type(exc).__name__}: {exc}"[:200])
         finally:
-            self._release(job)
-            self._pump()
+            self._channels.pop(replica, None)
+            self._connected.discard(replica)
+
+    async def _start(self, job: Job) -> None:
+        """Open ``job`` on the replica the router chose, after any tokens relayed already."""
+        planned = job.replica
+        try:
+            landed = await self.handle.open.remote(job.key.encode(), job.frame, job.tokens or None, route=planned)
+        except RayActorError as exc:
+            self._lose(job, planned, f"{type(exc).__name__}")
+            return
+        except Exception as exc:
+            log.exception("opening request %s on replica %s failed", job.key, planned)
+            self._end(job, protocol.error_message("internal", f"the replica failed on this request "
+                                                              f"({type(exc).__name__})", job.client_id))
+            return
+        if landed != planned:  # the planned replica was gone when the call left
+            self._spawn(self._drop(landed, job.key))
+            self._lose(job, planned, "it was gone when the request was sent")
+
+    def _lost(self, replica: str, why: str) -> None:
+        """``replica`` is gone: route nothing more there, and move its requests."""
+        with self._lock:
+            self.router.fail(replica)
+        for job in [j for j in self._jobs.values() if j.replica == replica and j not in self._waiting]:
+            self._lose(job, replica, why)
+        self._pump()
 
     def _relay(self, job: Job, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -214,12 +243,13 @@ class Relay:
         else:
             self.deliver(job.key, job.peer, msg)
 
-    def _lose(self, job: Job, replica: str, exc: Exception) -> None:
+    def _lose(self, job: Job, replica: str, why: str) -> None:
         """The replica under ``job`` is gone: open it again elsewhere, after the tokens already relayed."""
-        log.warning("replica %s is gone (%s); request %s goes on elsewhere after %d token(s)", replica,
-                    type(exc).__name__, job.key, len(job.tokens))
-        with self._lock:
-            self.router.fail(replica)
+        if job.key not in self._jobs or job.replica != replica or job in self._waiting:
+            return  # over, or moved already
+        log.warning("replica %s is gone (%s); request %s goes on elsewhere after %d token(s)", replica, why,
+                    job.key, len(job.tokens))
+        self._release(job)
         self.counters["failovers"] += 1
         job.lost.append(replica)
         job.lost_at = time.monotonic()
@@ -253,7 +283,7 @@ class Relay:
             self._end(job, _cancelled(job))
         else:  # the replica ends it with done{cancelled}, after the tokens already on their way
             frame = protocol.encode({"type": "cancel", "id": job.client_id})
-            self._spawn(self._call(job.replica, job.peer, frame))
+            self._spawn(self._call(job.replica, job.key.encode(), frame))
 
     def _abandon(self, key: str) -> None:
         job = self._jobs.get(key)
@@ -261,19 +291,29 @@ class Relay:
             return
         if job in self._waiting:
             self._waiting.remove(job)
-        elif job.task is not None:
-            job.task.cancel()
+        else:
+            self._spawn(self._drop(job.replica, key))
         self._end(job, None)
+
+    async def _drop(self, replica: str, key: str) -> None:
+        try:
+            await self.handle.drop.remote(key.encode(), route=replica)
+        except Exception as exc:  # a replica that is gone has dropped it already
+            log.info("dropping request %s on replica %s: %s", key, replica, exc)
 
     async def _forward(self, peer: bytes, client_id: ClientId | None, frame: bytes, affinity: ClientId | None,
                        about: str | None) -> None:
         job = self._jobs.get(about) if about else None
-        with self._lock:
-            replica = job.replica if job is not None and job.replica else self.router.target(affinity)
+        if job is not None and job.replica:  # about an open request: its replica, under its own peer
+            replica, peer_there = job.replica, job.key.encode()
+        else:
+            with self._lock:
+                replica = self.router.target(affinity)
+            peer_there = peer
         if replica is None:
             self.deliver(None, peer, protocol.error_message("internal", "no replica is running", client_id))
             return
-        for msg in await self._call(replica, peer, frame, client_id):
+        for msg in await self._call(replica, peer_there, frame, client_id):
             self.deliver(None, peer, msg)
 
     async def _call(self, replica: str, peer: bytes, frame: bytes,

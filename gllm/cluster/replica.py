@@ -5,8 +5,10 @@ A replica runs the same request handling as ``gllm serve`` (``ReplicaHost`` over
 replies. Serve's controller calls ``check_health`` and replaces a replica whose engine thread has stopped,
 and polls ``record_routing_stats`` for the load that ``info`` reports.
 
-Every method takes a ``route`` keyword: the replica the front end chose, read by ``PinnedRequestRouter``
-in the front end's process before the call is sent; the replica itself ignores it.
+The front end subscribes to ``replies`` once, then opens requests with ``open`` (each under a peer of
+its own) and reaches them with ``call`` and ``drop``. Every method takes a ``route`` keyword: the replica
+the front end chose, read by ``PinnedRequestRouter`` in the front end's process before the call is sent;
+the replica itself ignores it.
 """
 
 from __future__ import annotations
@@ -58,12 +60,23 @@ class EngineReplica:
         self.replica_id: str = serve.get_replica_context().replica_id.unique_id
         log.info("replica %s serving %s", self.replica_id, engine.model_name)
 
-    async def stream(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None,
-                     route: str | None = None) -> AsyncIterator[str | list[dict[str, Any]]]:
-        """First this replica's id, then the request's replies in batches, up to its last."""
+    async def replies(self, route: str | None = None) -> AsyncIterator[str | list[tuple[bytes, dict[str, Any]]]]:
+        """First this replica's id, then every request's replies, a batch per engine turn (``subscribe``).
+        Only the id when the call was meant for another replica (it was gone when the call left)."""
         yield self.replica_id
-        async for batch in self.host.stream(peer, frame, resume):
+        if route is not None and route != self.replica_id:
+            return
+        async for batch in self.host.subscribe():
             yield batch
+
+    def open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None,
+             route: str | None = None) -> str:
+        """Open a request (its replies come through ``replies``); returns where it landed."""
+        self.host.open(peer, frame, resume)
+        return self.replica_id
+
+    def drop(self, peer: bytes, route: str | None = None) -> None:
+        self.host.drop(peer)
 
     async def call(self, peer: bytes, frame: bytes, route: str | None = None) -> list[dict[str, Any]]:
         return await self.host.call(peer, frame)

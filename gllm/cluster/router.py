@@ -66,6 +66,9 @@ class Router:
             self._dead.popitem(last=False)
         self.update(list(self._healthy))
 
+    def failed(self, replica: str) -> bool:
+        return replica in self._dead
+
     @property
     def healthy(self) -> list[str]:
         return list(self._healthy)

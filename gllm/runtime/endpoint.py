@@ -160,13 +160,17 @@ class Endpoint:
                 self.work()
                 self._flush()
         finally:
-            self.connections.close()
-            self.socket.close(linger=self._linger_ms())
-            if self._authenticator:
-                self._authenticator.stop()
-            if self._own_context:
-                self.socket.context.term()  # returns once the queued replies are out or the linger is over
+            self.close()
         log.info("stopped")
+
+    def close(self) -> None:
+        """Close the sockets (``run`` does at its end); replies still queued get until the drain ends."""
+        self.connections.close()
+        self.socket.close(linger=self._linger_ms())
+        if self._authenticator:
+            self._authenticator.stop()
+        if self._own_context:
+            self.socket.context.term()  # returns once the queued replies are out or the linger is over
 
     def poll_also(self, sock: zmq.Socket) -> None:
         """Wake the loop when ``sock`` has a message too (the subclass reads it in ``work``)."""
