@@ -15,6 +15,7 @@ other messages, which must never wait behind streams.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -79,6 +80,8 @@ def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveSe
         router = Router(capacity, max_imbalance=max(1, args.max_batch_size // 2), policy=args.routing)
         relay = Relay(handle, router, front.deliver)
         front.attach(relay, relay.describe(READY_TIMEOUT_S))
+        gc.collect()
+        gc.freeze()  # as gllm serve does: start-up objects (Ray's included) out of every full collection
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: front.stop())
         ran = True
