@@ -6,10 +6,11 @@ store: replies are small) and ended with it. With one, the process joins that cl
 application at the end. Each replica asks Ray for ``--threads`` CPUs (default: this machine's cores shared
 among the replicas) and, on ``--device cuda``, one GPU.
 
-Ray Serve lets a replica take ``max_ongoing_requests`` calls at once (5 by default), which would starve a
-batching engine. Here it is the front end's capacity per replica (``STREAMS_PER_SLOT`` times the batch
-size: a running batch and one more waiting in the engine's queue) plus ``CONTROL_CALLS`` for cancels and
-other messages, which must never wait behind streams.
+Ray Serve lets a replica take ``max_ongoing_requests`` calls at once (5 by default), which would cap a
+batching engine if each generation were a call. Here generations are opened by short calls and answered
+through one reply stream per replica (``relay``); the front end keeps at most ``REQUESTS_PER_SLOT`` times
+the batch size open per replica (a running batch and one more waiting in the engine's queue), and
+``max_ongoing_requests`` is that plus ``CONTROL_CALLS``, so that no call ever waits in Serve's router.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gllm.runtime.limits import ServerLimits
 log = logging.getLogger(__name__)
 
 APP_NAME = "gllm"
-STREAMS_PER_SLOT = 2  # requests the front end keeps open per replica, per batch slot
+REQUESTS_PER_SLOT = 2  # requests the front end keeps open per replica, per batch slot
 CONTROL_CALLS = 16
 LOCAL_OBJECT_STORE_BYTES = 256 << 20
 HEALTH_CHECK_PERIOD_S = 2.0
@@ -66,7 +67,7 @@ def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveSe
         serve.start(proxy_location="Disabled")
         config = ReplicaConfig(str(args.model), args.device, args.dtype, args.quantize, threads, args.max_batch_size,
                                args.max_seq_len, args.kv_blocks, args.kv_memory, limits)
-        capacity = STREAMS_PER_SLOT * args.max_batch_size
+        capacity = REQUESTS_PER_SLOT * args.max_batch_size
         app = EngineReplica.options(
             num_replicas=args.replicas,
             max_ongoing_requests=capacity + CONTROL_CALLS,
