@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples" / "npc_dialogue"))
 
 import cluster_trace  # noqa: E402
-from common import machine_info, markdown_table, percentile, write_results  # noqa: E402
+from common import machine_info, markdown_table, percentile, resolved_dtype, write_results  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = ["Which road leads to Highmoor castle?", "Has a grey horse passed this way?",
@@ -266,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     markdown = "\n".join([
         "# Cluster: front-end overhead, cache-aware routing, failover",
         "",
-        f"{MODEL} ({machine['cpu']}, {machine['usable_cores']} usable cores), Ray {machine.get('ray')}, "
-        f"one local Ray instance. Load average before / after: {[round(x, 2) for x in load_before]} / "
+        f"{time.strftime('%Y-%m-%d')}, {MODEL} in {resolved_dtype('auto')} (dtype auto), {machine['cpu']}, "
+        f"{machine['usable_cores']} usable cores, Ray {machine.get('ray')}, one local Ray instance. Overhead: one "
+        f"gllm serve --threads 2 against a cluster of one replica with 2 threads; village and failover: 2 replicas "
+        f"of 1 thread each. Load average before / after: {[round(x, 2) for x in load_before]} / "
         f"{[round(x, 2) for x in load_after]}. Command: `python benchmarks/cluster_bench.py`"
         f"{' --quick' if args.quick else ''}.",
         "",
