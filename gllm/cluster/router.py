@@ -107,11 +107,6 @@ class Router:
         if self._load.get(replica, 0) > 0:
             self._load[replica] -= 1
 
-    def moved(self, planned: str, actual: str, affinity: Any, keys: Sequence[PrefixKey]) -> None:
-        """A request routed to ``planned`` landed on ``actual`` (``planned`` was gone by then)."""
-        self.release(planned)
-        self._place(actual, affinity, keys)
-
     def matched(self, replica: str, keys: Sequence[PrefixKey]) -> int:
         """How much of the prompt (characters or tokens) ``replica`` was sent before, from its start."""
         seen = self._prefixes.get(replica, {})
