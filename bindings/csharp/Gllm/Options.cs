@@ -90,6 +90,9 @@ namespace Gllm
         public int? Logprobs;
         public int? Priority;
         public bool? IgnoreEos;
+        /// <summary>A key such as the NPC's id: a cluster (gllm serve --replicas N) keeps the requests with the
+        /// same key on one replica, where their conversation's KV cache is. One runtime process ignores it.</summary>
+        public string Affinity;
 
         internal void AddTo(Dictionary<string, object> m)
         {
@@ -102,6 +105,7 @@ namespace Gllm
             Put(m, "logprobs", Logprobs);
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
+            if (Affinity != null) m["affinity"] = Affinity;
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct
