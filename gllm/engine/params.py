@@ -50,6 +50,7 @@ class GenerationRequest:
     ignore_eos: bool = False  # for benchmarks: run to max_new_tokens
     n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
+    thinking: bool = False  # with messages: let a thinking model (Qwen3, SmolLM3) reason before it answers
     # (token id, logprob, rank) of tokens this request already produced and handed out elsewhere (a replica
     # that died mid-stream): it goes on after them as if it had sampled them itself, its next token being
     # number len(resume). Greedy and seeded requests continue exactly: a seeded one skips their draws.
@@ -71,6 +72,8 @@ class GenerationRequest:
             raise ValueError(f"top_k must be an integer >= 0, 0 meaning off (got {self.top_k})")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not isinstance(self.thinking, bool):
+            raise ValueError(f"thinking must be true or false (got {self.thinking!r})")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1 (got {self.n})")
         if self.resume is not None and self.n != 1:

@@ -132,6 +132,7 @@ class Scheduler:
             if seq.num_computed_tokens == 0 and not seq.block_table:
                 seq.block_table, seq.block_keys = self.blocks.match_prefix(seq.token_ids[: seq.cache_limit])
                 seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
+                self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)  # cached hits behind a window
                 if seq.scheduled_time is None:  # cache hits count at the first start, not after a preemption
                     seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             n = min(seq.num_remaining, budget)
@@ -172,6 +173,7 @@ class Scheduler:
                 continue  # finished by an abort during the step
             seq.num_computed_tokens += chunk.num_tokens
             self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens)
+            self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)
             if not chunk.completes:
                 continue
             for child in seq.pending_forks:

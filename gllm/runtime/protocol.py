@@ -178,6 +178,7 @@ class Generate:
     logprobs: int = 0
     priority: int = 0
     ignore_eos: bool = False
+    thinking: bool = False
 
 
 @dataclass
@@ -188,6 +189,7 @@ class Score:
     prompt_token_ids: list[int] | None = None
     candidates: list[str | list[int]] = field(default_factory=list)
     priority: int = 0
+    thinking: bool = False
 
 
 @dataclass
@@ -228,12 +230,14 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "logprobs": integer(0, MAX_LOGPROBS),
         "priority": _PRIORITY,
         "ignore_eos": boolean,
+        "thinking": boolean,
     }, ("id",)),
     "score": (Score, {
         "id": client_id,
         **_PROMPT_CHECKS,
         "candidates": array_of(candidate, nonempty=True),
         "priority": _PRIORITY,
+        "thinking": boolean,
     }, ("id", "candidates")),
     "cancel": (Cancel, {"id": client_id}, ("id",)),
     "info": (Info, {"id": client_id}, ()),

@@ -90,6 +90,8 @@ namespace Gllm
         public int? Logprobs;
         public int? Priority;
         public bool? IgnoreEos;
+        /// <summary>Chat prompts: let a thinking model (Qwen3, SmolLM3) reason before it answers (default false).</summary>
+        public bool? Thinking;
         /// <summary>A key such as the NPC's id: a cluster (gllm serve --replicas N) keeps the requests with the
         /// same key on one replica, where their conversation's KV cache is. One runtime process ignores it.</summary>
         public string Affinity;
@@ -105,6 +107,7 @@ namespace Gllm
             Put(m, "logprobs", Logprobs);
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
+            Put(m, "thinking", Thinking);
             if (Affinity != null) m["affinity"] = Affinity;
         }
 
