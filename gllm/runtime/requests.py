@@ -73,14 +73,6 @@ class OpenRequests:
             req.orphaned = True
         return reqs
 
-    def orphan(self, peer: bytes, client_id: ClientId) -> OpenRequest | None:
-        """Mark one open request orphaned (nobody will read its replies) and free its client id."""
-        req = self.find(peer, client_id)
-        if req is not None:
-            self._detach(req)
-            req.orphaned = True
-        return req
-
     def orphan_all(self) -> list[OpenRequest]:
         """Orphan every open request (shutdown); returns those that were not orphaned yet."""
         return [req for peer in list(self._by_peer) for req in self.orphan_peer(peer)]
