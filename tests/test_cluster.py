@@ -147,6 +147,37 @@ def test_cancel_and_disconnect_free_the_replicas(cluster):
         gone.close(linger=0)
 
 
+def pinned(sock) -> int:
+    return request(sock, {"type": "info", "id": "pins"})["stats"]["pinned_states"]
+
+
+def test_saved_states_go_through_the_replica_of_their_affinity(cluster):
+    """Snapshot, restore with a pin, a generation that finds the state, release, and a disconnect that
+    releases: all through the replicas, keyed by the NPC's affinity."""
+    sock, gone = dealer(cluster.endpoint), dealer(cluster.endpoint)
+    chat = [(11 * j) % 251 + 1 for j in range(40)]
+    try:
+        snap = request(sock, {"type": "snapshot", "id": "s", "prompt_token_ids": chat, "affinity": "npc-2"})
+        assert snap["type"] == "snapshot" and snap["tokens"] == 32
+        restore = {"type": "restore", "id": "brom", "state": snap["state"], "pin": True, "affinity": "npc-3"}
+        assert request(sock, restore) == {"type": "restored", "id": "brom", "tokens": 32, "pinned": True}
+        assert request(sock, restore)["code"] == "bad_request"  # that id pins a state already
+        sock.send(encode({"type": "generate", "id": "g", "prompt_token_ids": chat + [5], "max_tokens": 4,
+                          "temperature": 0, "affinity": "npc-3"}))
+        _, done = read_stream(sock)
+        assert done["usage"]["cached_tokens"] >= 32
+        wait_until(lambda: pinned(sock) == 1, timeout=30, interval=0.5)
+        sock.send(encode({"type": "release", "id": "brom"}))
+        wait_until(lambda: pinned(sock) == 0, timeout=30, interval=0.5)
+        assert request(gone, {**restore, "affinity": "npc-4"})["pinned"] is True
+        wait_until(lambda: pinned(sock) == 1, timeout=30, interval=0.5)
+        gone.close(linger=0)
+        wait_until(lambda: pinned(sock) == 0, timeout=30, interval=0.5)
+    finally:
+        sock.close(linger=0)
+        gone.close(linger=0)
+
+
 def test_a_killed_replica_s_streams_go_on_elsewhere(cluster, reference, ray_address):
     import ray
 

@@ -137,3 +137,33 @@ def test_message_types_the_service_handles_reach_it_and_answer(host, monkeypatch
     assert asyncio.run(host.call(PEER, encode({"type": "ping", "id": 6}))) == [{"type": "pong", "id": 6}]
     refused = asyncio.run(host.call(PEER, encode({"type": "nonsense", "id": 7})))
     assert refused[0]["code"] == "unknown_type" and refused[0]["id"] == 7
+
+
+def test_saved_states_pins_and_injections_work_on_a_replica(host):
+    """Snapshot and restore open requests like a generation; a pin is held under the restore's own peer,
+    and dropping that peer (its client left, or ``release`` through the front end) releases it."""
+    prompt = list(range(3, 43))
+    snap = asyncio.run(serve(host, {b"s": (encode({"type": "snapshot", "id": "s", "prompt_token_ids": prompt}),
+                                           None)}))[b"s"]
+    assert [m["type"] for m in snap] == ["snapshot"] and snap[0]["tokens"] == 32
+    restore = encode({"type": "restore", "id": "r", "state": snap[0]["state"], "pin": True, "affinity": "npc"})
+    restored = asyncio.run(serve(host, {b"p": (restore, None)}))[b"p"]
+    assert restored == [{"type": "restored", "id": "r", "tokens": 32, "pinned": True}]
+    wait_until(lambda: host.stats()["pinned_states"] == 1, timeout=30)
+    host.drop(b"p")
+    wait_until(lambda: host.stats()["pinned_states"] == 0, timeout=30)
+
+    async def inject():
+        channel = host.subscribe()
+        host.open(b"i", generate("i", max_tokens=60, prompt_token_ids=prompt))
+        got = []
+        while not got or got[-1]["type"] != "done":
+            batch = await channel.__anext__()
+            got += [m for _, m in batch]
+            if len(got) == 2:
+                assert await host.call(b"i", encode({"type": "inject", "id": "i", "token_ids": [7, 8, 9]})) == []
+        await channel.aclose()
+        return got
+
+    got = asyncio.run(inject())
+    assert sum(m.get("injected", 0) for m in got[:-1]) == 3 and got[-1]["usage"]["injected_tokens"] == 3

@@ -8,7 +8,8 @@ import zmq
 
 from gllm.runtime.limits import LIMIT_FLAGS, ServerLimits
 from gllm.runtime.protocol import encode
-from runtime_fixtures import build_tiny_llama, dealer, idle, read_stream, recv, request, start_server, wait_until
+from runtime_fixtures import (build_tiny_llama, dealer, dealer_left_idle, read_stream, recv, request, start_server,
+                              wait_until)
 from test_tokenizer import build_sentencepiece_tokenizer
 
 LIMITS = {"max_message_bytes": 2048, "max_open_requests": 3, "max_nesting_depth": 4, "max_prompt_tokens": 32,
@@ -37,10 +38,8 @@ def server(model, tmp_path_factory):
 
 @pytest.fixture
 def sock(server):
-    s = dealer(server.endpoint)
-    yield s
-    wait_until(lambda: idle(s), timeout=30)  # nothing left running, no KV block held
-    s.close(linger=0)
+    with dealer_left_idle(server.endpoint, timeout=30) as s:
+        yield s
 
 
 def refused(sock: zmq.Socket, message: dict | bytes, code: str, limit: str) -> dict:
@@ -173,5 +172,5 @@ def test_defaults_match_the_options():
     args = build_parser().parse_args(["serve"])
     defaults = ServerLimits()
     for name in LIMIT_FLAGS:
-        dest = "max_message_size" if name == "max_message_bytes" else name
+        dest = {"max_message_bytes": "max_message_size", "max_state_bytes": "max_state_size"}.get(name, name)
         assert getattr(args, dest) == getattr(defaults, name), name

@@ -80,12 +80,13 @@ class ReplicaHost:
                 self._commands.put(("drop_all", b""))
 
     def open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None) -> None:
-        """Open the ``generate`` or ``score`` in ``frame`` under ``peer``; its replies (or its error) come
-        through ``subscribe``. ``resume``: tokens of this generation already streamed by another replica."""
+        """Open the request in ``frame`` (one of ``protocol.OPENING``) under ``peer``; its replies (or its
+        error) come through ``subscribe``. ``resume``: tokens of this generation already streamed by another replica."""
         self._commands.put(("open", peer, frame, resume))
 
     def drop(self, peer: bytes) -> None:
-        """End the requests opened under ``peer`` without a reply (their client is gone)."""
+        """End the requests opened under ``peer`` without a reply, and release the states pinned under it
+        (their client is gone)."""
         self._commands.put(("drop", peer))
 
     async def call(self, peer: bytes, frame: bytes) -> list[Reply]:
@@ -133,9 +134,11 @@ class ReplicaHost:
         elif what == "drop":
             for req in self.service.requests.orphan_peer(peer):
                 self.service.cancel(req)
+            self.service.forget(peer)
         elif what == "drop_all":
             for req in self.service.requests.orphan_all():
                 self.service.cancel(req)
+            self.service.forget_all()
         else:
             frame, done = args
             self._captured = []
@@ -150,7 +153,7 @@ class ReplicaHost:
         try:
             msg, req = admission.read_message(frame, self.limits)
             request_id = getattr(req, "id", None)
-            if not isinstance(req, (protocol.Generate, protocol.Score)):
+            if not isinstance(req, protocol.OPENING):
                 raise ProtocolError("bad_request", f"a {msg['type']!r} message opens no request", request_id)
             admission.check_open(self.service.requests, peer, req.id, self.limits)
             self.service.submit(peer, req, resume if isinstance(req, protocol.Generate) else None)
@@ -170,7 +173,7 @@ class ReplicaHost:
                     self.service.cancel(open_req)
             elif isinstance(req, protocol.Ping):
                 self._collect(peer, protocol.pong_message(req.id))
-            elif isinstance(req, (protocol.Generate, protocol.Score, protocol.Info)):
+            elif isinstance(req, (*protocol.OPENING, protocol.Info)):
                 raise ProtocolError("bad_request", f"a {msg['type']!r} message is not relayed this way",
                                     getattr(req, "id", None))
             else:

@@ -15,7 +15,11 @@ taken out of routing and each of its requests is opened again on another replica
 already relayed (``resume``): greedy and seeded generations go on with exactly the tokens the lost
 replica would have sent, and the client sees one stream. A request that cannot be placed again within
 ``FAILOVER_WAIT_S``, or that lost ``MAX_ATTEMPTS`` replicas, ends with ``error{internal}``; so does one
-whose ``open`` raised on the replica (a fault, not a loss).
+whose ``open`` raised on the replica (a fault, not a loss). A ``snapshot`` or ``restore`` is opened again
+the same way; a state pinned on a lost replica is gone with it.
+
+A replica holds a pinned state under the key of the ``restore`` that pinned it; ``unpin`` drops that key
+there, which releases it.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ Deliver = Callable[[str | None, bytes, dict[str, Any] | None], None]
 
 @dataclass(eq=False)
 class Job:
-    """One open ``generate`` or ``score`` as the front end relays it."""
+    """One open request (``generate``, ``score``, ``snapshot``, ``restore``) as the front end relays it."""
 
     key: str
     peer: bytes
@@ -78,6 +82,7 @@ class Relay:
         self._channels: dict[str, asyncio.Task] = {}  # each replica's reply stream
         self._connected: set[str] = set()  # replicas whose reply stream is open: requests may go there
         self._waiting: collections.deque[Job] = collections.deque()
+        self._pinned: dict[str, str] = {}  # key of a restore that pinned a state -> the replica holding it
         self._lock = threading.Lock()  # the router, as ``view`` reads it from the front end's thread
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gllm-relay", daemon=True)
@@ -93,6 +98,10 @@ class Relay:
 
     def abandon(self, key: str) -> None:
         self._loop.call_soon_threadsafe(self._abandon, key)
+
+    def unpin(self, key: str) -> None:
+        """Release the state that the restore ``key`` pinned (nothing if its replica is gone)."""
+        self._loop.call_soon_threadsafe(self._unpin, key)
 
     def forward(self, peer: bytes, client_id: ClientId | None, frame: bytes, affinity: ClientId | None,
                 about: str | None) -> None:
@@ -222,6 +231,7 @@ class Relay:
         """``replica`` is gone: route nothing more there, and move its requests."""
         with self._lock:
             self.router.fail(replica)
+        self._pinned = {key: r for key, r in self._pinned.items() if r != replica}
         for job in [j for j in self._jobs.values() if j.replica == replica and j not in self._waiting]:
             self._lose(job, replica, why)
         self._pump()
@@ -232,8 +242,10 @@ class Relay:
             job.tokens.append((msg["token_id"], msg["logprob"], msg["rank"]))
             job.text.append(msg["text"])
             job.first_token_at = job.first_token_at or time.monotonic()
-        if kind in ("done", "scores", "error"):
-            if kind != "error":
+        if kind == "restored" and msg["pinned"]:
+            self._pinned[job.key] = job.replica
+        if kind in protocol.FINAL_REPLIES:
+            if kind in ("done", "scores"):
                 msg["replica"] = job.replica  # where it ended: clients may ignore it
             if job.lost and isinstance(msg.get("timing"), dict):
                 # Times from where the client's request arrived, not from the replica that took it over.
@@ -294,6 +306,11 @@ class Relay:
         else:
             self._spawn(self._drop(job.replica, key))
         self._end(job, None)
+
+    def _unpin(self, key: str) -> None:
+        replica = self._pinned.pop(key, None)
+        if replica is not None:
+            self._spawn(self._drop(replica, key))
 
     async def _drop(self, replica: str, key: str) -> None:
         try:

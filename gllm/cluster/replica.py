@@ -39,6 +39,7 @@ class ReplicaConfig:
     max_seq_len: int = 2048
     kv_blocks: int | None = None
     kv_memory: int | None = None
+    max_pinned_memory: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
@@ -48,12 +49,17 @@ class EngineReplica:
         import torch
 
         from gllm.cluster.host import ReplicaHost
+        from gllm.constrain import GrammarLimits
         from gllm.engine import GeneratorParams, LLMEngine
 
         torch.set_num_threads(config.threads)
         params = GeneratorParams(max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len,
-                                 num_kv_blocks=config.kv_blocks, kv_memory=config.kv_memory)
-        engine = LLMEngine(config.model, params, device=config.device, dtype=config.dtype, quantize=config.quantize)
+                                 num_kv_blocks=config.kv_blocks, kv_memory=config.kv_memory,
+                                 max_pinned_memory=config.max_pinned_memory)
+        grammar_limits = GrammarLimits(config.limits.max_grammar_size, config.limits.grammar_fuel)
+        engine = LLMEngine(config.model, params, device=config.device, dtype=config.dtype, quantize=config.quantize,
+                           grammar_limits=grammar_limits)
+        engine.constraints.warm_up()  # structured output's tokenizer, built while the replica starts
         gc.collect()
         gc.freeze()  # as gllm serve does: start-up objects out of the collector's walks
         self.host = ReplicaHost(engine, config.limits)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from gllm.runtime import protocol
-from gllm.runtime.limits import LIMIT_FLAGS, ServerLimits
+from gllm.runtime.limits import LIMIT_FLAGS, STATE_ENVELOPE_BYTES, ServerLimits
 from gllm.runtime.protocol import ClientId, ProtocolError
 from gllm.runtime.requests import OpenRequests
 
@@ -32,8 +32,10 @@ def read_request(frame: bytes, limits: ServerLimits) -> protocol.Request:
 
 def read_message(frame: bytes, limits: ServerLimits) -> tuple[dict[str, Any], protocol.Request]:
     """``read_request``, also returning the decoded map (whose envelope fields, such as ``affinity``, the
-    request does not hold)."""
-    if len(frame) > limits.max_message_bytes:
+    request does not hold). Only a ``restore`` may be larger than ``max_message_bytes``: its saved state
+    is bounded by ``max_state_bytes``."""
+    if len(frame) > limits.max_message_bytes and (len(frame) > limits.max_state_bytes + STATE_ENVELOPE_BYTES
+                                                  or protocol.peek_type(frame) != "restore"):
         raise over_limit("too_long", "max_message_bytes", limits, f"the message is {len(frame)} bytes")
     try:
         msg = protocol.decode(frame)
@@ -50,6 +52,8 @@ def read_message(frame: bytes, limits: ServerLimits) -> tuple[dict[str, Any], pr
         _check_generate(req, limits)
     elif isinstance(req, protocol.Score):
         _check_score(req, limits)
+    elif isinstance(req, protocol.Restore):
+        check_state(len(req.state), limits, req.id)
     return msg, req
 
 
@@ -110,6 +114,11 @@ def check_candidate(index: int, num_tokens: int, limits: ServerLimits, request_i
     if num_tokens > limits.max_candidate_tokens:
         raise over_limit("too_long", "max_candidate_tokens", limits,
                          f"candidate {index} has {num_tokens} tokens", request_id)
+
+
+def check_state(num_bytes: int, limits: ServerLimits, request_id: ClientId) -> None:
+    if num_bytes > limits.max_state_bytes:
+        raise over_limit("too_long", "max_state_bytes", limits, f"the state is {num_bytes} bytes", request_id)
 
 
 def reported(limits: ServerLimits) -> dict[str, Any]:

@@ -16,9 +16,10 @@ How a vanished client is noticed, all by libzmq itself:
   cut off by its outbox's bounds (freeing its blocks) and still read its ``slow_client`` errors;
 * ``ROUTER_MANDATORY``: a send to a peer that is no longer connected raises instead of dropping silently.
 
-What a request *does* is the subclass's: ``submit`` opens one (``generate``, ``score``), ``cancel`` asks it
-to end with ``done{cancelled}``, ``abandon`` stops it without a reply (its client is gone), ``forward``
-handles any other message type, and ``info`` answers ``info``. Admission (sizes, duplicate ids, open
+What a request *does* is the subclass's: ``submit`` opens one (``generate``, ``score``, ``snapshot``,
+``restore``), ``cancel`` asks it to end with ``done{cancelled}``, ``abandon`` stops it without a reply (its
+client is gone), ``forward`` handles any other message type (``inject``, ``release``), ``peer_gone`` lets
+go of what a vanished client kept (its pinned states), and ``info`` answers ``info``. Admission (sizes, duplicate ids, open
 requests per client, clients at once) and the bookkeeping of open requests are here, the same for both.
 """
 
@@ -117,9 +118,10 @@ class Endpoint:
     def work(self) -> None:
         """One turn of work, after the turn's messages have been handled."""
 
-    def submit(self, peer: bytes, req: protocol.Generate | protocol.Score, msg: dict[str, Any]) -> None:
-        """Open an admitted ``generate`` or ``score`` (``msg`` is the decoded map); raise ``ProtocolError``
-        to refuse it, having changed nothing."""
+    def submit(self, peer: bytes, req: protocol.Generate | protocol.Score | protocol.Snapshot | protocol.Restore,
+               msg: dict[str, Any]) -> None:
+        """Open an admitted request (one of ``protocol.OPENING``; ``msg`` is the decoded map); raise
+        ``ProtocolError`` to refuse it, having changed nothing."""
         raise NotImplementedError
 
     def cancel(self, req: OpenRequest) -> None:
@@ -131,9 +133,12 @@ class Endpoint:
         raise NotImplementedError
 
     def forward(self, peer: bytes, req: protocol.Request, msg: dict[str, Any]) -> None:
-        """Any message type other than ``ping``, ``info``, ``cancel``, ``generate`` and ``score``."""
+        """Any message type other than ``ping``, ``info``, ``cancel`` and those that open a request."""
         raise ProtocolError("unknown_type", f"this runtime does not handle {type(req).__name__} messages",
                             getattr(req, "id", None))
+
+    def peer_gone(self, peer: bytes) -> None:
+        """The client is gone (its open requests were abandoned already): let go of what it kept."""
 
     def info(self, request_id: protocol.ClientId | None) -> dict[str, Any]:
         raise NotImplementedError
@@ -270,7 +275,7 @@ class Endpoint:
             open_req = self.requests.find(peer, req.id)
             if open_req is not None:  # unknown or finished ids are fine: cancel is idempotent
                 self.cancel(open_req)
-        elif isinstance(req, (protocol.Generate, protocol.Score)):
+        elif isinstance(req, protocol.OPENING):
             if self._stop_requests:
                 raise ProtocolError("shutting_down", "the runtime is shutting down and takes no new requests",
                                     req.id)
@@ -320,5 +325,6 @@ class Endpoint:
         reqs = self.requests.orphan_peer(peer)
         for req in reqs:
             self.abandon(req)
+        self.peer_gone(peer)
         if reqs:
             log.info("client %s is gone; cancelling its %d open request(s)", peer.hex(), len(reqs))

@@ -45,7 +45,8 @@ class Server(Endpoint):
         if self.engine.has_work():
             self.service.step()
 
-    def submit(self, peer: bytes, req: protocol.Generate | protocol.Score, msg: dict[str, Any]) -> None:
+    def submit(self, peer: bytes, req: protocol.Generate | protocol.Score | protocol.Snapshot | protocol.Restore,
+               msg: dict[str, Any]) -> None:
         self.service.submit(peer, req)
 
     def cancel(self, req: OpenRequest) -> None:
@@ -56,6 +57,9 @@ class Server(Endpoint):
 
     def forward(self, peer: bytes, req: protocol.Request, msg: dict[str, Any]) -> None:
         self.service.forward(peer, req)
+
+    def peer_gone(self, peer: bytes) -> None:
+        self.service.forget(peer)
 
     def info(self, request_id: protocol.ClientId | None) -> dict[str, Any]:
         stats = {**self.service.stats(), **self.client_stats(), "gc_frozen_objects": gc.get_freeze_count()}

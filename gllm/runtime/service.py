@@ -13,17 +13,22 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gllm.engine import GenerationRequest, GenerationResult, LLMEngine, ScoreRequest, ScoreResult, TokenDelta
-from gllm.runtime import admission, protocol
+from gllm.constrain import GrammarLimitError
+from gllm.engine import GenerationRequest, LLMEngine, RestoreResult, ScoreRequest, SnapshotRequest, TokenDelta
+from gllm.kv import PinLimitError
+from gllm.runtime import admission, protocol, replies
+from gllm.runtime.game_state import GameStateRequests
 from gllm.runtime.limits import ServerLimits
 from gllm.runtime.protocol import ProtocolError
 from gllm.runtime.requests import OpenRequest, OpenRequests
 
 log = logging.getLogger(__name__)
 
-Prompted = TypeVar("Prompted", GenerationRequest, ScoreRequest)
+Prompted = TypeVar("Prompted", GenerationRequest, ScoreRequest, SnapshotRequest)
+Opening = protocol.Generate | protocol.Score | protocol.Snapshot | protocol.Restore
 Send = Callable[[bytes, dict[str, Any]], None]
 MAX_STEP_FAILURES = 3  # consecutive failed engine steps before the service gives up
+STRUCTURE_FIELDS = ("json_schema", "grammar", "grammar_syntax", "regex", "choices", "tools", "tool_choice")
 
 
 class EngineService:
@@ -35,30 +40,45 @@ class EngineService:
         self.limits = limits
         self.send = send
         self.requests = requests if requests is not None else OpenRequests()
+        self.game = GameStateRequests(engine, self.requests, limits)
         self._step_failures = 0
         self._token_texts: dict[int, str] = {}
 
     # --------------------------------------------------------------------------------------- requests
-    def submit(self, peer: bytes, req: protocol.Generate | protocol.Score,
-               resume: list[tuple[int, float, int]] | None = None) -> None:
+    def submit(self, peer: bytes, req: Opening, resume: list[tuple[int, float, int]] | None = None) -> None:
         """Open an admitted request; ``ProtocolError`` when the engine refuses it (nothing changes then).
         ``resume``: (token id, logprob, rank) of tokens already streamed for this generation elsewhere; it goes
         on after them (see ``GenerationRequest.resume``)."""
-        prompt = dict(prompt=req.prompt, messages=req.messages, prompt_token_ids=req.prompt_token_ids)
+        prompt = {name: getattr(req, name, None) for name in ("prompt", "messages", "prompt_token_ids")}
         try:
-            if isinstance(req, protocol.Generate):
+            if isinstance(req, protocol.Restore):
+                open_req = self.requests.new(peer, req.id, "restore")
+                self.game.restore(open_req, req)
+            elif isinstance(req, protocol.Generate):
                 open_req = self.requests.new(peer, req.id, "generate", req.logprobs)
-                self.engine.add_request(self._tokenized(GenerationRequest(
+                gen = GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
-                    ignore_eos=req.ignore_eos, thinking=req.thinking, resume=resume,
-                    request_id=open_req.engine_id), req.id))
+                    ignore_eos=req.ignore_eos, thinking=req.thinking, resume=resume, request_id=open_req.engine_id,
+                    context_overflow=req.context_overflow, max_tokens_per_second=req.max_tokens_per_second,
+                    deadline_ms=req.deadline_ms, deterministic=req.deterministic,
+                    **{name: getattr(req, name) for name in STRUCTURE_FIELDS})
+                if req.context_overflow == "drop_oldest":  # the turns left out are counted here, tokenizing
+                    ids, open_req.dropped_turns = self.engine.fitted_prompt(gen, self.limits.max_prompt_tokens)
+                    gen = dataclasses.replace(gen, messages=None, prompt_token_ids=ids, context_overflow="error")
+                self.engine.add_request(self._tokenized(gen, req.id))
+            elif isinstance(req, protocol.Snapshot):
+                open_req = self.requests.new(peer, req.id, "snapshot")
+                self.game.snapshot(open_req, self._tokenized(SnapshotRequest(
+                    **prompt, priority=req.priority, request_id=open_req.engine_id), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
                 self._check_candidates(req)
                 self.engine.add_score(self._tokenized(ScoreRequest(
                     **prompt, candidates=req.candidates, priority=req.priority, thinking=req.thinking,
                     request_id=open_req.engine_id), req.id))
+        except GrammarLimitError as exc:
+            raise admission.over_limit("too_long", exc.limit, self.limits, str(exc), req.id) from None
         except ValueError as exc:
             raise ProtocolError(engine_error_code(exc), str(exc), req.id) from None
         self.requests.add(open_req)
@@ -68,9 +88,22 @@ class EngineService:
         self.engine.abort(req.engine_id)
 
     def forward(self, peer: bytes, req: protocol.Request) -> None:
-        """Message types beyond ping, info, cancel, generate and score that act on the engine."""
-        raise ProtocolError("unknown_type", f"this runtime does not handle {type(req).__name__} messages",
-                            getattr(req, "id", None))
+        """Message types beyond ping, info, cancel and those that open a request: ``inject`` and ``release``."""
+        if isinstance(req, protocol.Inject):
+            self.game.inject(peer, req)
+        elif isinstance(req, protocol.Release):
+            self.game.release(peer, req)
+        else:
+            raise ProtocolError("unknown_type", f"this runtime does not handle {type(req).__name__} messages",
+                                getattr(req, "id", None))
+
+    def forget(self, peer: bytes) -> None:
+        """A client that is gone keeps nothing pinned (its requests were orphaned and cancelled already)."""
+        self.game.forget(peer)
+
+    def forget_all(self) -> None:
+        """Nobody is left to release any pinned state (a replica's front end is gone)."""
+        self.game.forget_all()
 
     def _tokenized(self, req: Prompted, client_id: protocol.ClientId) -> Prompted:
         """``req`` with its prompt as token ids (text is tokenized once, here), within ``max_prompt_tokens``."""
@@ -116,35 +149,19 @@ class EngineService:
             return
         top = [[t, self._token_text(t), lp] for t, lp in delta.top_logprobs] if req.top_n else None
         self.send(req.peer, protocol.token_message(req.client_id, delta.index, delta.token_id, delta.text,
-                                                   delta.logprob, delta.rank, top))
+                                                   delta.logprob, delta.rank, top, delta.injected))
 
-    def _on_finished(self, result: GenerationResult | ScoreResult) -> None:
+    def _on_finished(self, result: replies.Result) -> None:
         req = self.requests.close(result.request_id)
         if req is None:
             return
-        cancelled = result.finish_reason == "aborted"
-        reason = "cancelled" if cancelled else result.finish_reason
-        scored = isinstance(result, ScoreResult)
-        usage = {"prompt_tokens": len(result.prompt_token_ids),
-                 "completion_tokens": 0 if scored else len(result.token_ids),
-                 "cached_tokens": result.num_cached_tokens}
-        timing = {k: result.metrics.get(k) for k in ("queued_ms", "ttft_ms", "total_ms")}
-        log.info("%s client=%s id=%r %s%s prompt=%d cached=%d completion=%d queued=%sms ttft=%sms total=%sms",
-                 req.kind, req.peer.hex(), req.client_id, reason, " (client gone)" if req.orphaned else "",
-                 usage["prompt_tokens"], usage["cached_tokens"], usage["completion_tokens"],
-                 timing["queued_ms"], timing["ttft_ms"], timing["total_ms"])
-        if req.orphaned:
-            return
-        if result.finish_reason == "error":
-            msg = protocol.error_message("internal", f"the engine failed while running this request ({result.error}); "
-                                                     "the runtime goes on", req.client_id)
-        elif scored and not cancelled:
-            candidates = [{"text": c.text, "token_ids": c.token_ids, "logprob": c.logprob,
-                           "token_logprobs": c.token_logprobs} for c in result.candidates]
-            msg = protocol.scores_message(req.client_id, candidates, usage, timing)
-        else:
-            msg = protocol.done_message(req.client_id, reason, "" if scored else result.text, usage, timing)
-        self.send(req.peer, msg)
+        if isinstance(result, RestoreResult):
+            self.game.restored(req, result)
+        msg, summary = replies.final_reply(req, result)
+        log.info("%s client=%s id=%r %s%s", req.kind, req.peer.hex(), req.client_id, summary,
+                 " (client gone)" if req.orphaned else "")
+        if not req.orphaned:
+            self.send(req.peer, msg)
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -168,4 +185,6 @@ def engine_error_code(exc: ValueError) -> str:
     """Wire code for an engine refusal. The engine raises plain ``ValueError``; its length refusals are the
     ones that name ``max_seq_len`` or say the KV cache cannot hold the request."""
     text = str(exc)
+    if isinstance(exc, PinLimitError):
+        return "overloaded"
     return "too_long" if "max_seq_len" in text or "cannot hold" in text else "bad_request"

@@ -142,6 +142,47 @@ namespace Gllm
             return reply.Task;
         }
 
+        /// <summary>Saves a conversation: the runtime's KV of the prompt's whole blocks (computed, or taken
+        /// from its prefix cache), for Restore later. See ConversationState for a save-file format.</summary>
+        public Task<SavedState> Snapshot(Prompt prompt, int? priority = null)
+        {
+            long id = NewId();
+            var message = Request("snapshot", id);
+            prompt.AddTo(message);
+            if (priority.HasValue) message["priority"] = priority.Value;
+            var reply = new SingleReply<SavedState>("snapshot", SavedState.From, events);
+            Open(id, reply, message);
+            return reply.Task;
+        }
+
+        /// <summary>Puts a saved state into the runtime's prefix cache, so the next prompt starting with its
+        /// tokens computes only the rest. Pinned, it survives cache pressure until Release(result.Id).
+        /// A state from another model, or a damaged one, fails with code bad_request.</summary>
+        public Task<RestoreResult> Restore(byte[] state, bool pin = false)
+        {
+            long id = NewId();
+            var message = Request("restore", id);
+            message["state"] = state;
+            if (pin) message["pin"] = true;
+            var reply = new SingleReply<RestoreResult>("restored", RestoreResult.From, events);
+            Open(id, reply, message);
+            return reply.Task;
+        }
+
+        /// <summary>Unpins a state restored with pin: true; unknown ids are ignored.</summary>
+        public void Release(long restoreId)
+        {
+            transport.Send(restoreId, MsgPack.Encode(Request("release", restoreId)));
+            transport.Start();
+        }
+
+        internal void SendInject(long id, string field, object value)
+        {
+            var message = Request("inject", id);
+            message[field] = value;
+            transport.Send(id, MsgPack.Encode(message));
+        }
+
         /// <summary>Model, context size, limits and live statistics of the runtime.</summary>
         public Task<RuntimeInfo> Info()
         {
