@@ -81,7 +81,8 @@ class ReplicaHost:
 
     def open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None) -> None:
         """Open the request in ``frame`` (one of ``protocol.OPENING``) under ``peer``; its replies (or its
-        error) come through ``subscribe``. ``resume``: tokens of this generation already streamed by another replica."""
+        error) come through ``subscribe``. ``resume``: tokens of this generation already streamed by another
+        replica."""
         self._commands.put(("open", peer, frame, resume))
 
     def drop(self, peer: bytes) -> None:

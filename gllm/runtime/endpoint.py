@@ -19,8 +19,9 @@ How a vanished client is noticed, all by libzmq itself:
 What a request *does* is the subclass's: ``submit`` opens one (``generate``, ``score``, ``snapshot``,
 ``restore``), ``cancel`` asks it to end with ``done{cancelled}``, ``abandon`` stops it without a reply (its
 client is gone), ``forward`` handles any other message type (``inject``, ``release``), ``peer_gone`` lets
-go of what a vanished client kept (its pinned states), and ``info`` answers ``info``. Admission (sizes, duplicate ids, open
-requests per client, clients at once) and the bookkeeping of open requests are here, the same for both.
+go of what a vanished client kept (its pinned states), and ``info`` answers ``info``. Admission (sizes,
+duplicate ids, open requests per client, clients at once) and the bookkeeping of open requests are here,
+the same for both.
 """
 
 from __future__ import annotations
