@@ -97,7 +97,7 @@ def test_length_cut_says_incomplete(sock):
     (dict(json_schema="{not json"), "bad_request", "'json_schema' is not valid JSON text"),
     (dict(json_schema=5), "bad_request", "'json_schema' must be a JSON Schema"),
     (dict(grammar="root ::= ("), "bad_request", "GBNF line 1"),
-    (dict(grammar="x", grammar_syntax="yacc"), "bad_request", "'grammar_syntax' must be one of gbnf, lark"),
+    (dict(grammar="x", grammar_syntax="yacc"), "bad_request", "'grammar_syntax' must be one of 'gbnf', 'lark'"),
     (dict(regex="[z-a]"), "bad_request", "does not compile"),
     (dict(choices=[]), "bad_request", "'choices' must not be empty"),
     (dict(choices=["a"], regex="a"), "bad_request", "at most one"),

@@ -130,8 +130,10 @@ class GenerationJob:
             r.num_dropped_turns = self.dropped_turns
             if seq.constraint is not None:
                 r.tool_calls = seq.constraint.tool_calls(r.text)
-                # Complete: every token is reported, the text was not cut at a stop string, the grammar accepts.
-                whole = len(r.token_ids) == len(seq.output_ids) and not self.outputs[seq].cut
+                # Complete: every generated token is reported (injected ones are context, not output), the
+                # text was not cut at a stop string, and the grammar accepts.
+                generated = seq.num_tokens - seq.num_prompt_tokens - self.outputs[seq].num_injected
+                whole = len(r.token_ids) == generated and not self.outputs[seq].cut
                 r.structure_complete = whole and seq.constraint.accepting
         return results[0]
 
