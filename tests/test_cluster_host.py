@@ -52,7 +52,7 @@ async def serve(host: ReplicaHost, requests: dict[bytes, tuple], cancel_after: d
     for peer, (frame, resume) in requests.items():
         host.open(peer, frame, resume)
     batches = 0
-    while any(not r or r[-1]["type"] not in ("done", "scores", "error") for r in got.values()):
+    while any(not r or r[-1]["type"] not in protocol.FINAL_REPLIES for r in got.values()):
         batch = await pending
         batches += 1
         for peer, msg in batch:
@@ -139,31 +139,45 @@ def test_message_types_the_service_handles_reach_it_and_answer(host, monkeypatch
     assert refused[0]["code"] == "unknown_type" and refused[0]["id"] == 7
 
 
+async def until(condition, timeout: float = 30.0) -> None:
+    """``wait_until`` for a coroutine: the host's loop must stay free to relay replies meanwhile."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
 def test_saved_states_pins_and_injections_work_on_a_replica(host):
     """Snapshot and restore open requests like a generation; a pin is held under the restore's own peer,
-    and dropping that peer (its client left, or ``release`` through the front end) releases it."""
+    and released when that peer is dropped (``release`` through the front end, or its client left) or
+    when the front end's subscription ends. An ``inject`` reaches the generation it names."""
     prompt = list(range(3, 43))
     snap = asyncio.run(serve(host, {b"s": (encode({"type": "snapshot", "id": "s", "prompt_token_ids": prompt}),
                                            None)}))[b"s"]
     assert [m["type"] for m in snap] == ["snapshot"] and snap[0]["tokens"] == 32
     restore = encode({"type": "restore", "id": "r", "state": snap[0]["state"], "pin": True, "affinity": "npc"})
-    restored = asyncio.run(serve(host, {b"p": (restore, None)}))[b"p"]
-    assert restored == [{"type": "restored", "id": "r", "tokens": 32, "pinned": True}]
-    wait_until(lambda: host.stats()["pinned_states"] == 1, timeout=30)
-    host.drop(b"p")
-    wait_until(lambda: host.stats()["pinned_states"] == 0, timeout=30)
 
-    async def inject():
+    async def run() -> list[dict]:
         channel = host.subscribe()
-        host.open(b"i", generate("i", max_tokens=60, prompt_token_ids=prompt))
-        got = []
+        pending = asyncio.ensure_future(channel.__anext__())
+        host.open(b"p", restore)
+        assert [m for _, m in await pending] == [{"type": "restored", "id": "r", "tokens": 32, "pinned": True}]
+        await until(lambda: host.stats()["pinned_states"] == 1)
+        host.drop(b"p")
+        await until(lambda: host.stats()["pinned_states"] == 0)
+        host.open(b"i", generate("i", max_tokens=200, prompt_token_ids=prompt))
+        got: list[dict] = []
         while not got or got[-1]["type"] != "done":
-            batch = await channel.__anext__()
-            got += [m for _, m in batch]
-            if len(got) == 2:
+            first = not got
+            got += [m for _, m in await channel.__anext__()]
+            if first:  # while it runs (200 tokens are far more than one batch of replies)
                 assert await host.call(b"i", encode({"type": "inject", "id": "i", "token_ids": [7, 8, 9]})) == []
-        await channel.aclose()
+        host.open(b"q", restore)
+        assert [m["pinned"] for _, m in await channel.__anext__()] == [True]
+        await until(lambda: host.stats()["pinned_states"] == 1)
+        await channel.aclose()  # the front end is gone: nobody is left to release it
+        await until(lambda: host.stats()["pinned_states"] == 0)
         return got
 
-    got = asyncio.run(inject())
+    got = asyncio.run(run())
     assert sum(m.get("injected", 0) for m in got[:-1]) == 3 and got[-1]["usage"]["injected_tokens"] == 3

@@ -299,7 +299,7 @@ def validate(msg: Any) -> Request:
     if msg.get(_AFFINITY) is not None:
         try:
             client_id(msg[_AFFINITY])
-        except _Invalid as exc:
+        except Invalid as exc:
             raise ProtocolError("bad_request", f"field {_AFFINITY!r} {exc}", request_id) from None
     values: dict[str, Any] = {}
     for name, check in checks.items():
