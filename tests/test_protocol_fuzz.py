@@ -83,6 +83,19 @@ def test_thinking_is_a_boolean_of_generate_and_score():
             parse_request(encode({"type": "generate", "id": 3, "prompt": "hi", "thinking": wrong}))
 
 
+def test_any_message_may_carry_an_affinity_key_which_is_checked():
+    for kind in ("generate", "score", "cancel", "info", "ping"):
+        msg = {"type": kind, "id": 1, "affinity": "npc-7", "prompt_token_ids": [1], "candidates": [[2]]}
+        msg = {k: v for k, v in msg.items() if k in protocol.SCHEMAS[kind][1] or k in ("type", "affinity")}
+        assert protocol.affinity_of(msg) == "npc-7"
+        parse_request(encode(msg))
+    for bad in (1.5, True, [], "x" * 300):
+        with pytest.raises(ProtocolError, match="'affinity'") as caught:
+            parse_request(encode({"type": "ping", "id": 4, "affinity": bad}))
+        assert caught.value.code == "bad_request" and caught.value.request_id == 4
+    parse_request(encode({"type": "ping", "affinity": None}))  # nil: absent
+
+
 # -------------------------------------------------------------------------------------- test vectors
 def _vector_generator():
     spec = importlib.util.spec_from_file_location("testvector_generator", VECTORS / "generate.py")

@@ -251,3 +251,17 @@ def test_grammar_limits(model_dir):
         fuel.add_request(GenerationRequest(prompt="x", json_schema={"type": "object", "properties": patterns}))
     assert info.value.limit == "grammar_fuel"
     assert tight.stats()["kv_blocks_in_use"] == fuel.stats()["kv_blocks_in_use"] == 0
+
+
+def test_a_resumed_generation_goes_on_under_its_grammar(engine):
+    """Failover in a cluster: another replica resumes after the tokens already streamed; its matcher takes
+    them (forced ones too) and the greedy structure goes on exactly. Tokens the grammar refuses are refused."""
+    choices = ["the old mill by the river", "north"]
+    (whole,) = run(engine, [GenerationRequest(messages=CHAT, choices=choices, temperature=0.0)])
+    given = list(zip(whole.token_ids[:3], whole.logprobs[:3], whole.ranks[:3]))
+    (rest,) = run(engine, [GenerationRequest(messages=CHAT, choices=choices, temperature=0.0, resume=given)])
+    assert rest.token_ids == whole.token_ids and rest.text == whole.text and rest.structure_complete
+    refused = [(engine.tokenizer.encode("zzz", add_special_tokens=False)[0], -1.0, 1)]
+    with pytest.raises(ValueError, match="grammar"):
+        engine.add_request(GenerationRequest(messages=CHAT, choices=choices, temperature=0.0, resume=refused))
+    assert engine.stats()["kv_blocks_in_use"] == 0

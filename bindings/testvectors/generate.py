@@ -46,6 +46,8 @@ VECTORS: dict[str, dict[str, Any]] = {
                                  "candidates": [" Nf3", " Bc4", " d4"]},
     "to_runtime_score_token_ids": {"type": "score", "id": 9, "prompt_token_ids": [1, 2, 3],
                                    "candidates": [[4], [5, 6]], "priority": 2},
+    "to_runtime_generate_affinity": {"type": "generate", "id": 12, "affinity": "npc-7",
+                                     "messages": [{"role": "user", "content": "Good morning!"}]},
     # Structured output: at most one of json_schema, grammar, regex, choices; or tools.
     "to_runtime_generate_json_schema": {
         "type": "generate", "id": "npc-7/line-4", "messages": [{"role": "user", "content": "Hello!"}],
@@ -94,6 +96,17 @@ VECTORS: dict[str, dict[str, Any]] = {
                                      {"max_message_bytes": 1048576, "max_open_requests": 64, "max_logprobs": 20,
                                       "max_candidates": 256, "max_stop_strings": 16}),
     "to_client_pong": p.pong_message(None),
+    # From a cluster's front end (gllm serve --replicas): the same messages with a field or two more.
+    "to_client_done_cluster": {**p.done_message(12, "length", "Morning to you.", USAGE, TIMING),
+                               "replica": "k3x9q2ab"},
+    "to_client_info_cluster": {
+        **p.info_message(2, "smollm2-135m-instruct", 49152, 2048,
+                         {**dict.fromkeys(p.INFO_STATS, 0), "kv_blocks_total": 2048, "replicas_healthy": 1,
+                          "failovers": 1},
+                         {"max_message_bytes": 1048576, "max_open_requests": 64, "max_logprobs": 20}),
+        "replicas": [{"id": "k3x9q2ab", "healthy": True, "open_requests": 3, "running": 3, "waiting": 0,
+                      "kv_blocks_total": 1024, "kv_blocks_in_use": 40, "kv_blocks_cached": 12},
+                     {"id": "p0w7e1zz", "healthy": False, "open_requests": 0}]},
     # game state: saved conversations, events mid-line, long chats, pacing, exact replay
     "to_runtime_generate_game": {
         "type": "generate", "id": "npc-7/line-4",

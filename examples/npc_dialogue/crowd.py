@@ -159,7 +159,8 @@ class Village:
         results = []
         for npc in self.npcs:
             system = npc.persona.system_prompt(self.sampling.asks_json)
-            scores = await self.client.score(messages=[{"role": "system", "content": system}], candidates=["Hello"])
+            scores = await self.client.score(messages=[{"role": "system", "content": system}], candidates=["Hello"],
+                                             affinity=npc.name)
             npc.fixed_tokens = scores.usage.prompt_tokens
             results.append(scores)
         return results
@@ -183,7 +184,8 @@ class Village:
             stream = self.client.generate(messages=messages, max_tokens=s.max_tokens,
                                           temperature=s.temperature, top_p=s.top_p, seed=seed,
                                           logprobs=s.logprobs or None, ignore_eos=s.ignore_eos or None,
-                                          json_schema=REPLY_SCHEMA if s.structured else None)
+                                          json_schema=REPLY_SCHEMA if s.structured else None,
+                                          affinity=npc.name)  # a cluster keeps each NPC on one replica
             sent_at = time.perf_counter()
             await stream.start()  # sent now, so all NPCs arrive in the same engine step
             replies.append(Reply(npc, line, messages, stream, sent_at))

@@ -79,9 +79,9 @@ class AsyncClient:
                  tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
                  context_overflow: str | None = None, max_tokens_per_second: float | None = None,
                  deadline_ms: float | None = None, deterministic: bool | None = None,
-                 timeout: float | None = None) -> AsyncStream:
+                 affinity: ClientId | None = None, timeout: float | None = None) -> AsyncStream:
         """A stream of the generation's tokens; the request is sent when the stream is first awaited.
-        Structured output as for ``Client.generate``."""
+        Structured output and ``affinity`` as for ``Client.generate``."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("generate", next(self._ids), **fields, max_tokens=max_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
@@ -89,7 +89,7 @@ class AsyncClient:
                                   json_schema=json_schema, grammar=grammar, grammar_syntax=grammar_syntax,
                                   regex=regex, choices=choices, tools=tools, tool_choice=tool_choice,
                                   context_overflow=context_overflow, max_tokens_per_second=max_tokens_per_second,
-                                  deadline_ms=deadline_ms, deterministic=deterministic)
+                                  deadline_ms=deadline_ms, deterministic=deterministic, affinity=affinity)
         return AsyncStream(self, message, self.timeout if timeout is None else timeout)
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -98,25 +98,28 @@ class AsyncClient:
 
     async def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
                     messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-                    priority: int | None = None, thinking: bool | None = None, timeout: float | None = None) -> Scores:
+                    priority: int | None = None, thinking: bool | None = None, affinity: ClientId | None = None,
+                    timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("score", next(self._ids), **fields, candidates=candidates, priority=priority,
-                                  thinking=thinking)
+                                  thinking=thinking, affinity=affinity)
         return parse_scores(await self._request(message, timeout))
 
     async def snapshot(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                        prompt_token_ids: list[int] | None = None, priority: int | None = None,
-                       timeout: float | None = None) -> Snapshot:
+                       affinity: ClientId | None = None, timeout: float | None = None) -> Snapshot:
         """Save a conversation: the KV of the prompt's whole blocks, computed or taken from the cache."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        message = request_message("snapshot", next(self._ids), **fields, priority=priority)
+        message = request_message("snapshot", next(self._ids), **fields, priority=priority, affinity=affinity)
         return parse_snapshot(await self._request(message, timeout))
 
-    async def restore(self, state: bytes, *, pin: bool = False, timeout: float | None = None) -> Restored:
+    async def restore(self, state: bytes, *, pin: bool = False, affinity: ClientId | None = None,
+                      timeout: float | None = None) -> Restored:
         """Put a saved state into the runtime's prefix cache; a pinned one stays until ``release(restored.id)``
-        or until this client disconnects."""
-        message = request_message("restore", next(self._ids), state=state, pin=pin or None)
+        or until this client disconnects. In a cluster, give it the ``affinity`` of the requests meant to
+        find it."""
+        message = request_message("restore", next(self._ids), state=state, pin=pin or None, affinity=affinity)
         return parse_restored(await self._request(message, timeout))
 
     async def release(self, restored_id: ClientId) -> None:

@@ -126,6 +126,7 @@ class Info:
     protocol_version: int
     stats: dict[str, Any]  # engine and runtime statistics (kv_blocks_in_use, running, waiting, ...)
     limits: dict[str, Any]
+    replicas: list[dict[str, Any]] | None = None  # a cluster's replicas: id, healthy, open_requests, load
 
 
 def prompt_fields(prompt: str | None, messages: list[dict[str, str]] | None,
@@ -216,4 +217,4 @@ def parse_restored(msg: dict[str, Any]) -> Restored:
 def parse_info(msg: dict[str, Any]) -> Info:
     msg = expect(msg, "info")
     return Info(msg["model"], msg["vocab_size"], msg["max_seq_len"], msg["protocol_version"], msg["stats"],
-                msg.get("limits", {}))
+                msg.get("limits", {}), msg.get("replicas"))

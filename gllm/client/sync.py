@@ -81,22 +81,22 @@ class Client:
                  tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
                  context_overflow: str | None = None, max_tokens_per_second: float | None = None,
                  deadline_ms: float | None = None, deterministic: bool | None = None,
-                 timeout: float | None = None) -> Stream:
+                 affinity: ClientId | None = None, timeout: float | None = None) -> Stream:
         """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``.
 
         Structured output (docs/protocol.md): at most one of ``json_schema``, ``grammar`` (GBNF, or Lark
         with ``grammar_syntax="lark"``), ``regex``, ``choices``; or ``tools`` ({name, description,
         parameters}) with ``tool_choice``. The ``Completion`` then has ``tool_calls`` and
-        ``structure_complete``."""
+        ``structure_complete``. ``affinity``: a key (an NPC's id) that keeps its requests on one replica
+        of a cluster."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
                                 ignore_eos=ignore_eos, thinking=thinking, json_schema=json_schema, grammar=grammar,
                                 grammar_syntax=grammar_syntax, regex=regex, choices=choices, tools=tools,
-                                tool_choice=tool_choice,
-                                context_overflow=context_overflow,
+                                tool_choice=tool_choice, context_overflow=context_overflow,
                                 max_tokens_per_second=max_tokens_per_second, deadline_ms=deadline_ms,
-                                deterministic=deterministic)
+                                deterministic=deterministic, affinity=affinity)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -105,24 +105,29 @@ class Client:
 
     def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
               messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-              priority: int | None = None, thinking: bool | None = None, timeout: float | None = None) -> Scores:
+              priority: int | None = None, thinking: bool | None = None, affinity: ClientId | None = None,
+              timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority,
-                                thinking=thinking)
+                                thinking=thinking, affinity=affinity)
         return parse_scores(self._reply(request_id, timeout))
 
     def snapshot(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  prompt_token_ids: list[int] | None = None, priority: int | None = None,
-                 timeout: float | None = None) -> Snapshot:
+                 affinity: ClientId | None = None, timeout: float | None = None) -> Snapshot:
         """Save a conversation: the KV of the prompt's whole blocks, computed or taken from the cache."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        return parse_snapshot(self._reply(self._open("snapshot", timeout, **fields, priority=priority), timeout))
+        request_id = self._open("snapshot", timeout, **fields, priority=priority, affinity=affinity)
+        return parse_snapshot(self._reply(request_id, timeout))
 
-    def restore(self, state: bytes, *, pin: bool = False, timeout: float | None = None) -> Restored:
+    def restore(self, state: bytes, *, pin: bool = False, affinity: ClientId | None = None,
+                timeout: float | None = None) -> Restored:
         """Put a saved state into the runtime's prefix cache; a pinned one stays until ``release(restored.id)``
-        or until this client disconnects."""
-        return parse_restored(self._reply(self._open("restore", timeout, state=state, pin=pin or None), timeout))
+        or until this client disconnects. In a cluster, give it the ``affinity`` of the requests meant to
+        find it."""
+        request_id = self._open("restore", timeout, state=state, pin=pin or None, affinity=affinity)
+        return parse_restored(self._reply(request_id, timeout))
 
     def release(self, restored_id: ClientId) -> None:
         """Unpin a state restored with ``pin=True``; unknown ids are ignored."""

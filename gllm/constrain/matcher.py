@@ -119,6 +119,11 @@ class Constraint:
             return []
         return forced
 
+    def replay(self, token_ids: list[int]) -> bool:
+        """Consume tokens generated elsewhere under the same grammar (a stream resumed on another replica).
+        Forced tokens need no special turn: they were the only ones allowed. False if the grammar refuses."""
+        return bool(self.matcher.consume_tokens(token_ids)) and not self.matcher.is_error()
+
     @property
     def error(self) -> str | None:
         if not self.matcher.is_error():

@@ -100,6 +100,22 @@ class GenerationJob:
         delta.request_id, delta.fork = self.request_id, seq.fork_index
         return delta, final
 
+    def replay(self, seq: Sequence, tokens: list[tuple[int, float, int]]) -> str | None:
+        """Take (token id, logprob, rank) of tokens already in ``seq`` and handed out elsewhere, as if sampled
+        here, so that text, held-back text and indexes go on from them; returns the finish reason they reach
+        (a stop string, or the last one being a stop token or reaching the length)."""
+        for i, (token, logprob, rank) in enumerate(tokens):
+            last = i == len(tokens) - 1
+            end = None
+            if last and token in seq.eos_token_ids:
+                end = "stop"
+            elif last and seq.num_tokens >= seq.max_tokens:
+                end = "length"
+            _, reason = self.on_token(seq, token, logprob, rank, [], end)
+            if reason is not None:
+                return reason
+        return None
+
     @property
     def done(self) -> bool:
         return all(s.status is Status.FINISHED for s in self.seqs)

@@ -196,6 +196,7 @@ class LLMEngine(AsyncDriver, GameState):
         """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
         req.validate()
         ids, dropped_turns = self.fitted_prompt(req)
+        resumed = self._check_ids([t for t, _, _ in req.resume], "resume") if req.resume else []
         timing = self._sequence_timing(req)
         max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
         self._check_room(max_tokens)
@@ -205,9 +206,12 @@ class LLMEngine(AsyncDriver, GameState):
         seqs = []
         for i in range(req.n):
             generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed + i)
+            if generator is not None and req.temperature > 0:
+                for _ in resumed:  # the one draw the sampler made for each of them
+                    torch.rand(1, device=self.device, generator=generator)
             seqs.append(Sequence(
                 request_id=request_id if i == 0 else f"{request_id}#{i}",
-                token_ids=list(ids),
+                token_ids=ids + resumed,
                 num_prompt_tokens=len(ids),
                 max_tokens=max_tokens,
                 sampling=SamplingRow(req.temperature, req.top_k, req.top_p, req.logprobs, generator),
@@ -220,7 +224,13 @@ class LLMEngine(AsyncDriver, GameState):
                 **timing,
             ))
         seqs[0].pending_forks = seqs[1:]
-        self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs, dropped_turns))
+        job = GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs, dropped_turns)
+        if req.resume:
+            if seqs[0].constraint is not None and not seqs[0].constraint.replay(resumed):
+                raise ValueError("the resumed tokens do not follow the request's grammar")
+            # Tokens handed out already; a stream whose end was lost on the way ends at once.
+            seqs[0].finish_reason = job.replay(seqs[0], req.resume)
+        self._submit(job)
         return request_id
 
     def add_score(self, req: ScoreRequest) -> str:
@@ -388,6 +398,8 @@ class LLMEngine(AsyncDriver, GameState):
             seq = self._inbox.popleft()
             if seq.status is not Status.FINISHED:
                 self.scheduler.add(seq)
+                if seq.finish_reason is not None:  # a resumed stream that had ended
+                    self.scheduler.finish(seq, seq.finish_reason)
         while self._aborts:
             job = self._jobs.get(self._aborts.popleft())
             for seq in job.seqs if job else ():

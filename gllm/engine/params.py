@@ -60,6 +60,10 @@ class GenerationRequest:
     n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
     thinking: bool = False  # with messages: let a thinking model (Qwen3, SmolLM3) reason before it answers
+    # (token id, logprob, rank) of tokens this request already produced and handed out elsewhere (a replica
+    # that died mid-stream): it goes on after them as if it had sampled them itself, its next token being
+    # number len(resume). Greedy and seeded requests continue exactly: a seeded one skips their draws.
+    resume: list[tuple[int, float, int]] | None = None
     request_id: str | None = None  # assigned by the engine when missing
     # Structured output (gllm.constrain): at most one of json_schema, grammar, regex, choices; and tools.
     json_schema: dict[str, Any] | bool | None = None  # a JSON Schema; {} or True: any JSON object
@@ -102,6 +106,8 @@ class GenerationRequest:
             raise ValueError(f"thinking must be true or false (got {self.thinking!r})")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1 (got {self.n})")
+        if self.resume is not None and self.n != 1:
+            raise ValueError(f"a resumed request continues one stream: n must be 1 (got {self.n})")
         if self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 (got {self.logprobs})")
         if self.stop is not None and (

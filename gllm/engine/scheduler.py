@@ -152,8 +152,8 @@ class Scheduler:
                                                                            seq.cache_salt)
                 seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
                 self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)  # cached hits behind a window
-                if seq.num_tokens == seq.num_prompt_tokens:  # cache hits count only for a fresh prompt
-                    seq.num_cached_tokens = seq.num_computed_tokens
+                if seq.scheduled_time is None:  # cache hits count at the first start, not after a preemption
+                    seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             n = min(seq.num_remaining, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
                 self.blocks.free(seq.block_table)  # give back the prefix hits; retry in a later step

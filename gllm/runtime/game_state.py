@@ -45,6 +45,12 @@ class ClientPins:
         """Every pin of a client that is gone."""
         return list(self._by_peer.pop(peer, {}).values())
 
+    def pop_all(self) -> list[str]:
+        """Every pin of every client (the caller that held them for all clients is gone)."""
+        names = [name for mine in self._by_peer.values() for name in mine.values()]
+        self._by_peer.clear()
+        return names
+
 
 class GameStateRequests:
     """Snapshots, restores, releases and injections of the runtime's clients."""
@@ -92,4 +98,8 @@ class GameStateRequests:
     def forget(self, peer: bytes) -> None:
         """A client that is gone keeps nothing pinned."""
         for name in self.pins.pop_peer(peer):
+            self.engine.release(name)
+
+    def forget_all(self) -> None:
+        for name in self.pins.pop_all():
             self.engine.release(name)

@@ -159,6 +159,9 @@ class Ping:
 
 
 Request = Union[Generate, Score, Cancel, Info, Ping, Snapshot, Restore, Release, Inject]
+# The messages that open a request: it stays open until one of the ``FINAL_REPLIES`` answers it.
+OPENING = (Generate, Score, Snapshot, Restore)
+FINAL_REPLIES = ("done", "scores", "snapshot", "restored", "error")
 
 _PROMPT_CHECKS: dict[str, Check] = {
     "prompt": string(),
@@ -214,8 +217,11 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
     "info": (Info, {"id": client_id}, ()),
     "ping": (Ping, {"id": client_id}, ()),
 }
-# The envelope field every message carries besides its schema's fields.
+# Fields any client message may carry besides its schema's: its type, and the key that a cluster's front end
+# routes by (``affinity``: messages with the same key go to the same replica while it is healthy). One
+# process has nothing to route, so it checks the key and ignores it.
 _ENVELOPE = "type"
+_AFFINITY = "affinity"
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -285,11 +291,16 @@ def validate(msg: Any) -> Request:
         raise ProtocolError("unknown_type", f"unknown message type {brief.repr(kind)}; "
                                             f"known types: {', '.join(SCHEMAS)}", request_id)
     cls, checks, required = SCHEMAS[kind]
-    unknown = [k for k in msg if k != _ENVELOPE and k not in checks]
+    unknown = [k for k in msg if k not in (_ENVELOPE, _AFFINITY) and k not in checks]
     if unknown:
         names = ", ".join(brief.repr(k) if isinstance(k, str) else describe(k) for k in unknown[:5])
         raise ProtocolError("bad_request", f"unknown field(s) for a {kind!r} message: {names}; "
                                            f"known fields: {', '.join(checks)}", request_id)
+    if msg.get(_AFFINITY) is not None:
+        try:
+            client_id(msg[_AFFINITY])
+        except Invalid as exc:
+            raise ProtocolError("bad_request", f"field {_AFFINITY!r} {exc}", request_id) from None
     values: dict[str, Any] = {}
     for name, check in checks.items():
         value = msg.get(name)
@@ -313,6 +324,11 @@ def validate(msg: Any) -> Request:
         raise ProtocolError("bad_request", "context_overflow 'drop_oldest' drops chat turns: it needs 'messages'",
                             request_id)
     return cls(**values)
+
+
+def affinity_of(msg: dict[str, Any]) -> ClientId | None:
+    """The ``affinity`` key of a validated message, if it has one."""
+    return msg.get(_AFFINITY)
 
 
 def echo_id(value: Any) -> ClientId | None:

@@ -112,27 +112,31 @@ namespace Gllm
             return Generate(Prompt.Chat(messages), options);
         }
 
-        /// <summary>Log-probability of each candidate text as a continuation of the prompt.</summary>
-        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<string> candidates, int? priority = null)
+        /// <summary>Log-probability of each candidate text as a continuation of the prompt; affinity as in
+        /// GenerateOptions.</summary>
+        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<string> candidates, int? priority = null,
+                                       string affinity = null)
         {
-            return Score(prompt, new List<object>(candidates), priority);
+            return Score(prompt, new List<object>(candidates), priority, affinity);
         }
 
         /// <summary>Log-probability of each candidate, given as token ids.</summary>
-        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<int[]> candidates, int? priority = null)
+        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<int[]> candidates, int? priority = null,
+                                       string affinity = null)
         {
             var list = new List<object>();
             foreach (int[] ids in candidates) list.Add(ids);
-            return Score(prompt, list, priority);
+            return Score(prompt, list, priority, affinity);
         }
 
-        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority)
+        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority, string affinity)
         {
             long id = NewId();
             var message = Request("score", id);
             prompt.AddTo(message);
             message["candidates"] = candidates;
             if (priority.HasValue) message["priority"] = priority.Value;
+            if (affinity != null) message["affinity"] = affinity;
             var reply = new SingleReply<ScoreResult>("scores", ScoreResult.From, events);
             Open(id, reply, message);
             return reply.Task;

@@ -94,6 +94,9 @@ namespace Gllm
         public bool? IgnoreEos;
         /// <summary>Chat prompts: let a thinking model (Qwen3, SmolLM3) reason before it answers (default false).</summary>
         public bool? Thinking;
+        /// <summary>A key such as the NPC's id: a cluster (gllm serve --replicas N) keeps the requests with the
+        /// same key on one replica, where their conversation's KV cache is. One runtime process ignores it.</summary>
+        public string Affinity;
 
         // Structured output (docs/protocol.md): at most one of JsonSchema, Grammar, Regex, Choices; or Tools.
         /// <summary>The reply is JSON valid under this schema: a Dictionary&lt;string, object&gt;, the schema as
@@ -133,6 +136,7 @@ namespace Gllm
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
             Put(m, "thinking", Thinking);
+            if (Affinity != null) m["affinity"] = Affinity;
             if (JsonSchema != null) m["json_schema"] = JsonSchema;
             if (Grammar != null) m["grammar"] = Grammar;
             if (GrammarSyntax != null) m["grammar_syntax"] = GrammarSyntax;

@@ -96,9 +96,9 @@ namespace Gllm.Tests
             return process;
         }
 
-        Generation Greedy(LlmClient c, int maxTokens, int logprobs = 0)
+        Generation Greedy(LlmClient c, int maxTokens, int logprobs = 0, string affinity = null)
         {
-            return c.Generate(Prompt.Tokens(promptTokens), new GenerateOptions { MaxTokens = maxTokens, Temperature = 0, IgnoreEos = true, Logprobs = logprobs });
+            return c.Generate(Prompt.Tokens(promptTokens), new GenerateOptions { MaxTokens = maxTokens, Temperature = 0, IgnoreEos = true, Logprobs = logprobs, Affinity = affinity });
         }
 
         void CheckGreedy(Generation g, string what)
@@ -161,7 +161,7 @@ namespace Gllm.Tests
             using (var onContext = new LlmClient(endpoint, null, context))
             {
                 Check.That(!onContext.NeedsPolling, "a client made with a context is not polled");
-                Generation g = Greedy(onContext, expectTokens.Length, logprobs: 2);
+                Generation g = Greedy(onContext, expectTokens.Length, logprobs: 2, affinity: "npc-7");  // accepted, and no other effect here
                 var threads = new HashSet<int>();
                 int completed = 0;
                 g.Token += t => threads.Add(Thread.CurrentThread.ManagedThreadId);
@@ -183,7 +183,7 @@ namespace Gllm.Tests
         void Score()
         {
             int a = expectTokens[0], b = expectTokens[1], other = (expectTokens[0] + 1) % 256;
-            ScoreResult r = Result(client.Score(Prompt.Tokens(promptTokens), new[] { new[] { a }, new[] { a, b }, new[] { other } }), "Score");
+            ScoreResult r = Result(client.Score(Prompt.Tokens(promptTokens), new[] { new[] { a }, new[] { a, b }, new[] { other } }, affinity: "npc-7"), "Score");
             Check.Equal(3, r.Candidates.Length, "candidates");
             Check.Close(expectLogprobs[0], r.Candidates[0].Logprob, 1e-3, "score of the first greedy token");
             Check.Close(expectLogprobs[0] + expectLogprobs[1], r.Candidates[1].Logprob, 2e-3, "score of the first two");
@@ -268,6 +268,7 @@ namespace Gllm.Tests
                 { "negative temperature", new GenerateOptions { Temperature = -1 } },
                 { "top_p of 0", new GenerateOptions { TopP = 0 } },
                 { "too many logprobs", new GenerateOptions { Logprobs = 50 } },
+                { "an affinity key over 256 characters", new GenerateOptions { Affinity = new string('k', 257) } },
             };
             foreach (var kv in bad)
             {

@@ -17,7 +17,8 @@ extends Node
 ## (an Array of {name, description, parameters}) with tool_choice (see LlmRequest.tool_calls()); and
 ## for games context_overflow ("drop_oldest": a chat too long loses its oldest turns),
 ## max_tokens_per_second (pacing), deadline_ms and deterministic (with a seed, the same tokens
-## whatever else runs).
+## whatever else runs); and affinity (a key such as the NPC's id that a cluster, gllm serve
+## --replicas N, routes by; one runtime process ignores it).
 ## Saving a conversation: snapshot(chat) finishes with result["state"] (a PackedByteArray for the
 ## save file); restore(state, true) puts it back in the runtime's cache, pinned until release(id).
 ##
