@@ -26,6 +26,7 @@ the same for both.
 
 from __future__ import annotations
 
+import abc
 import collections
 import logging
 import time
@@ -55,7 +56,7 @@ FLUSH_RETRY_MS = 10  # how long an idle loop blocks while replies wait in outbox
 CLOSE_LINGER_MS = 1000  # time given to the last replies to leave when the loop ends other than by a shutdown
 
 
-class Endpoint:
+class Endpoint(abc.ABC):
     """Serves protocol v1 on one endpoint until ``stop`` is called; subclasses say what requests do.
 
     Shutdown has two phases. The grace period (``shutdown_grace_s``): no new requests, the open ones run on;
@@ -119,19 +120,19 @@ class Endpoint:
     def work(self) -> None:
         """One turn of work, after the turn's messages have been handled."""
 
+    @abc.abstractmethod
     def submit(self, peer: bytes, req: protocol.Generate | protocol.Score | protocol.Snapshot | protocol.Restore,
                msg: dict[str, Any]) -> None:
         """Open an admitted request (one of ``protocol.OPENING``; ``msg`` is the decoded map); raise
         ``ProtocolError`` to refuse it, having changed nothing."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def cancel(self, req: OpenRequest) -> None:
         """The client's ``cancel``: end ``req`` soon with ``done{cancelled}``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def abandon(self, req: OpenRequest) -> None:
         """Stop ``req``'s work; it is orphaned already and nobody gets its replies."""
-        raise NotImplementedError
 
     def forward(self, peer: bytes, req: protocol.Request, msg: dict[str, Any]) -> None:
         """Any message type other than ``ping``, ``info``, ``cancel`` and those that open a request."""
@@ -141,8 +142,9 @@ class Endpoint:
     def peer_gone(self, peer: bytes) -> None:
         """The client is gone (its open requests were abandoned already): let go of what it kept."""
 
+    @abc.abstractmethod
     def info(self, request_id: protocol.ClientId | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """The ``info`` reply to ``request_id``."""
 
     def client_stats(self) -> dict[str, int]:
         """The ``info`` statistics this side keeps: open requests, clients, disconnects, slow readers."""
