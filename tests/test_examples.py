@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gllm.client import AsyncClient, Client, LocalRuntime
+from gllm.client import AsyncClient, Client, LocalRuntime, Token
 from gllm.engine import GeneratorParams, LLMEngine, ScoreRequest
 from runtime_fixtures import build_tiny_llama, start_server, wait_until
 
@@ -87,6 +87,21 @@ def test_scene_runs_with_three_npcs_answering_at_once(village_run):
     assert "timing: Bram ttft" in printed and "[Mira]" in printed and "least sure of" in printed
     # Earshot: the last line is said at the forge, which only the blacksmith hears.
     assert [r.npc.name for r in result.exchanges[-1].replies] == ["Bram"]
+
+
+def test_streamed_json_replies_show_the_spoken_words_alone():
+    """A JSON reply streams as speech: the characters of "say", escapes decoded, however tokens split it."""
+    reply = '{"say": "Hello \\"friend\\", the mill\\u00e9 is \\\\ old.", "mood": "calm", "action": {"type": "none"}}'
+    for size in (1, 2, 3, 7, len(reply)):
+        words = display.SpokenWords()
+        spoken = "".join(words.feed(reply[i:i + size]) for i in range(0, len(reply), size))
+        assert spoken == 'Hello "friend", the mill is \\ old.', size
+    out = io.StringIO()
+    terminal = display.Terminal(out, colour=False, spoken_only=True)
+    terminal.player("Hi", "square", ["Bram"])
+    for piece in ('{"', 'say": "', "Good", ' day', '", "mood": "', "happy", '"}'):
+        terminal.token("Bram", Token(index=0, token_id=0, text=piece, logprob=0.0, rank=1))
+    assert out.getvalue().endswith("[Bram]Good day")
 
 
 def test_each_npc_stream_is_its_own(village_run, server):

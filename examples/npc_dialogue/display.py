@@ -5,6 +5,10 @@ screen exactly as the runtime produced them; each NPC has its own colour. Withou
 ``NO_COLOR``, or output that is not a terminal) a ``[Name]`` tag marks each change of speaker instead.
 After the exchange every reply is printed again on its own line, with a line of timings.
 
+Structured replies arrive as JSON (``{"say": ..., "mood": ..., "action": ...}``); while they stream, only
+the words of ``say`` are shown (``SpokenWords``), as a game would put them in a speech bubble, and the
+rest appears in the transcript.
+
 ``--show-logprobs`` marks the tokens the model was unsure of (probability under a threshold): underlined
 in colour, or wrapped in ``{...}`` without, and names each NPC's least certain token with its runners-up.
 """
@@ -31,8 +35,10 @@ def colour_wanted(stream: TextIO) -> bool:
 
 class Terminal:
     def __init__(self, stream: TextIO = sys.stdout, colour: bool | None = None, show_logprobs: bool = False,
-                 uncertain_below: float = 0.25):
+                 uncertain_below: float = 0.25, spoken_only: bool = False):
         self.out = stream
+        self.spoken_only = spoken_only  # JSON replies: stream the words of "say" alone
+        self._spoken: dict[str, SpokenWords] = {}
         self.colour = colour_wanted(stream) if colour is None else colour
         self.show_logprobs = show_logprobs
         self.uncertain_logprob = math.log(uncertain_below)
@@ -54,9 +60,12 @@ class Terminal:
         self._write(f"\n{BOLD if self.colour else ''}You{RESET if self.colour else ''} ({where}): {line}\n"
                     f"{self._dim(f'heard by {heard}')}\n")
         self._speaker = None
+        self._spoken.clear()  # a new reply from everyone who answers
 
     def token(self, name: str, token: Token) -> None:
         text = token.text
+        if self.spoken_only:
+            text = self._spoken.setdefault(name, SpokenWords()).feed(text)
         if not text:
             return
         unsure = self.show_logprobs and token.logprob < self.uncertain_logprob
@@ -94,6 +103,53 @@ class Terminal:
 
     def _dim(self, text: str) -> str:
         return f"{DIM}{text}{RESET}" if self.colour else text
+
+
+class SpokenWords:
+    """The characters of a JSON reply's ``"say"`` string as they stream in, escapes decoded; nothing else."""
+
+    KEY = '"say"'
+    ESCAPES = {'"': '"', "\\": "\\", "/": "/", "n": " ", "t": " ", "r": ""}
+
+    def __init__(self) -> None:
+        self._seen = ""  # the reply so far, up to the opening quote of the value once it is found
+        self._inside = False
+        self._done = False
+        self._escaped = False  # a backslash was the last character
+        self._skip = 0  # hex digits of a \\uXXXX escape still to come (left out)
+
+    def feed(self, text: str) -> str:
+        """The new spoken characters in ``text`` (maybe none)."""
+        if self._done:
+            return ""
+        if not self._inside:
+            self._seen += text
+            at = self._seen.find(self.KEY)
+            if at < 0:
+                return ""
+            rest = self._seen[at + len(self.KEY):].lstrip()
+            if not rest.startswith(":") or '"' not in rest:
+                return ""
+            self._inside = True
+            text = rest[rest.index('"') + 1:]
+        spoken = []
+        for ch in text:
+            if self._skip:
+                self._skip -= 1
+            elif self._escaped:
+                self._escaped = False
+                if ch == "u":
+                    self._skip = 4
+                else:
+                    spoken.append(self.ESCAPES.get(ch, ch))
+            elif ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self._done = True
+                break
+            else:
+                spoken.append(ch)
+        return "".join(spoken)
 
 
 def action_words(action: dict) -> str:

@@ -74,7 +74,8 @@ async def converse(village: Village, where: str) -> None:
 
 
 async def run(args: argparse.Namespace, endpoint: str) -> int:
-    display = Terminal(colour=False if args.no_color else None, show_logprobs=args.show_logprobs)
+    display = Terminal(colour=False if args.no_color else None, show_logprobs=args.show_logprobs,
+                       spoken_only=not args.free_text)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, logprobs=3 if args.show_logprobs else 0, structured=not args.free_text)
     async with AsyncClient(endpoint, timeout=300) as client:
