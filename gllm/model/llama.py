@@ -15,7 +15,8 @@ from gllm.config import ModelConfig
 from gllm.model.rope import RotaryEmbedding
 from gllm.ops import AttentionMetadata
 from gllm.ops.backend import BACKENDS, AttentionBackend
-from gllm.ops.linear import BlockLinear, BlockWeight, Kernel, block_products_supported, make_kernel
+from gllm.ops.block_linear import BlockEmbedding, BlockLinear, BlockWeight
+from gllm.ops.linear import Kernel, make_kernel
 
 
 class RMSNorm(nn.Module):
@@ -107,18 +108,26 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head_kernel: Kernel | None = None
+        self.embed_kernel: BlockEmbedding | None = None
 
     @classmethod
     def empty(
-        cls, cfg: ModelConfig, max_positions: int, attn: AttentionBackend, dtype: torch.dtype, device: torch.device
-    ) -> LlamaModel:
+        cls, cfg: ModelConfig, max_positions: int, attn: AttentionBackend, dtype: torch.dtype, device: torch.device,
+        blocks: dict[str, BlockWeight] | None = None,
+    ) -> LlamaModel:  # fmt: skip
         """A model in ``dtype`` on ``device`` whose parameters are allocated but not initialised, for
-        ``load_weights`` to fill: no random initialisation and no float32 copy of every weight first."""
+        ``load_weights`` to fill: no random initialisation and no float32 copy of every weight first.
+
+        ``blocks`` (Hugging Face names, as ``LoadedModel.blocks``; CPU only): each matrix whose every part
+        is among them multiplies straight from them (``BlockLinear``), and a block-quantized embedding is
+        looked up from its blocks: those get no dense weight at all."""
         with torch.device("meta"):
             net = cls(cfg, max_positions, attn).to(dtype)
+        if blocks:
+            net._use_blocks(blocks, dtype)
         net.to_empty(device=device)
-        with torch.device(device):  # the RoPE tables are computed, not loaded
-            net.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(dtype)
+        # the RoPE tables are computed, not loaded
+        net.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(device, dtype)
         return net
 
     @torch.inference_mode()
@@ -131,7 +140,8 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Run ``T`` packed tokens through the network; return float32 logits for ``logits_indices`` only."""
-        x, residual = self.embed_tokens(input_ids), None
+        x = self.embed_tokens(input_ids) if self.embed_kernel is None else self.embed_kernel(input_ids)
+        residual = None
         rope = self.rope.tables(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, kv_cache, meta, self.attn)
@@ -141,29 +151,23 @@ class LlamaModel(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 
-    def pack_weights(self, quantize: str | None = None, blocks: dict[str, BlockWeight] | None = None) -> None:
-        """Repack every matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after loading).
-
-        The dense copies of the layers' weights are dropped; the embedding stays (a tied head packs a copy).
-        ``blocks`` (Hugging Face names, as ``LoadedModel.blocks``) are the block-quantized originals of
-        those weights: where the CPU can multiply from them, decode steps read those instead.
-        """
-        sources = self._block_sources(blocks or {}) if blocks and block_products_supported() else {}
-        for name, module in self.named_modules():
-            if isinstance(module, Linear):
+    def pack_weights(self, quantize: str | None = None) -> None:
+        """Repack every dense matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after
+        loading, bfloat16). The dense copies of the layers' weights are dropped; the embedding stays (a
+        tied head packs a copy). Matrices that multiply from blocks are left as they are."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.weight is not None:
                 module.kernel = make_kernel(module.weight.detach(), quantize)
                 module.weight = None
-                if (source := sources.get(name)) is not None:
-                    module.kernel = BlockLinear(source, module.kernel)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.head_kernel = make_kernel(head.detach(), quantize)
-        if self.lm_head is not None:
-            self.lm_head.weight = None
-        if (source := sources.get("head")) is not None:
-            self.head_kernel = BlockLinear(source, self.head_kernel)
+        if self.head_kernel is None:
+            head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            self.head_kernel = make_kernel(head.detach(), quantize)
+            if self.lm_head is not None:
+                self.lm_head.weight = None
 
-    def _block_sources(self, blocks: dict[str, BlockWeight]) -> dict[str, BlockWeight]:
-        """This model's matrices (module names, ``head``) whose every part comes in blocks of one kind."""
+    def matrices(self) -> dict[str, list[str]]:
+        """Each matrix product of this model (module name, ``head`` for the output head) and the Hugging
+        Face weights it concatenates, in order."""
         parts = {"head": ["model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"]}
         for i in range(self.config.num_layers):
             p, ours = f"model.layers.{i}.", f"layers.{i}."
@@ -171,30 +175,45 @@ class LlamaModel(nn.Module):
             parts[ours + "self_attn.o_proj"] = [p + "self_attn.o_proj.weight"]
             parts[ours + "mlp.gate_up_proj"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
             parts[ours + "mlp.down_proj"] = [p + "mlp.down_proj.weight"]
-        sources = {}
-        for module, names in parts.items():
-            if all(n in blocks for n in names) and (joined := BlockWeight.cat([blocks[n] for n in names])):
-                if joined.blocks.shape[0] % 16 == 0:
-                    sources[module] = joined
-        return sources
+        return parts
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take Hugging Face-named tensors, fusing Q/K/V and gate/up into this model's matrices."""
-        own = self.state_dict()
-        for i in range(self.config.num_layers):
-            p = f"model.layers.{i}."
-            attn, mlp = p + "self_attn.", p + "mlp."
-            own[f"layers.{i}.self_attn.qkv_proj.weight"].copy_(
-                torch.cat([weights[attn + f"{n}_proj.weight"] for n in "qkv"])
-            )
-            own[f"layers.{i}.self_attn.o_proj.weight"].copy_(weights[attn + "o_proj.weight"])
-            own[f"layers.{i}.mlp.gate_up_proj.weight"].copy_(
-                torch.cat([weights[mlp + "gate_proj.weight"], weights[mlp + "up_proj.weight"]])
-            )
-            own[f"layers.{i}.mlp.down_proj.weight"].copy_(weights[mlp + "down_proj.weight"])
+    def _use_blocks(self, blocks: dict[str, BlockWeight], dtype: torch.dtype) -> None:
+        """Hand matrices whose parts all come in blocks to ``BlockLinear`` (the head returns float32
+        logits straight away), and a block-quantized embedding to ``BlockEmbedding``; drop their weights."""
+        for module_name, names in self.matrices().items():
+            if not all(n in blocks for n in names):
+                continue
+            if module_name == "head":
+                self.head_kernel = BlockLinear([blocks[n] for n in names], out_dtype=torch.float32)
+                if self.lm_head is not None:
+                    self.lm_head.weight = None
+            else:
+                module = self.get_submodule(module_name)
+                module.kernel, module.weight = BlockLinear([blocks[n] for n in names]), None
+        if (embedding := blocks.get("model.embed_tokens.weight")) is not None:
+            self.embed_kernel = BlockEmbedding(embedding, dtype)
+            self.embed_tokens.weight = None
+
+    def load_weights(self, weights: dict[str, torch.Tensor], blocks: dict[str, BlockWeight] | None = None) -> None:
+        """Fill every dense parameter from Hugging Face-named tensors, fusing Q/K/V and gate/up into this
+        model's matrices. A part that came in ``blocks`` but whose matrix is dense (its other parts are
+        not in blocks) is dequantized here."""
+        blocks = blocks or {}
+
+        def dense(name: str) -> torch.Tensor:
+            return weights[name] if name in weights else blocks[name].dequantize()
+
+        matrices = self.matrices()
+        for module_name, names in matrices.items():
+            if module_name != "head":
+                module = self.get_submodule(module_name)
+                if module.weight is not None:
+                    module.weight.data.copy_(torch.cat([dense(n) for n in names]))
+        if self.lm_head is not None and self.lm_head.weight is not None:
+            self.lm_head.weight.data.copy_(dense("lm_head.weight"))
+        if self.embed_tokens.weight is not None:
+            self.embed_tokens.weight.data.copy_(dense("model.embed_tokens.weight"))
+        for i, layer in enumerate(self.layers):
             for norm in ("input_layernorm", "post_attention_layernorm"):
-                own[f"layers.{i}.{norm}.weight"].copy_(weights[p + norm + ".weight"])
-        own["embed_tokens.weight"].copy_(weights["model.embed_tokens.weight"])
-        own["norm.weight"].copy_(weights["model.norm.weight"])
-        if self.lm_head is not None:
-            own["lm_head.weight"].copy_(weights["lm_head.weight"])
+                getattr(layer, norm).weight.data.copy_(weights[f"model.layers.{i}.{norm}.weight"])
+        self.norm.weight.data.copy_(weights["model.norm.weight"])
