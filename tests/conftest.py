@@ -8,14 +8,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
 import transformers
 
 # Without a GPU, Triton kernels run in Triton's interpreter. It must be chosen before anything imports
-# triton, and the engine imports it (through gllm.ops) in many test modules.
+# triton (the Triton tests, and engines built with the triton backend).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# No property test may fail for taking long: the same suite runs on slow and fast machines.
+hypothesis.settings.register_profile("gllm", deadline=None)
+hypothesis.settings.load_profile("gllm")
 
 # Model files' indexes and tokenizers are cached (gllm.loader.cache): the tests keep theirs out of the
 # home folder, in one folder for the session (runtime subprocesses inherit it).

@@ -105,6 +105,17 @@ def dealer(endpoint: str, keys: ClientKeys | None = None) -> zmq.Socket:
     return sock
 
 
+def slow_reader(endpoint: str) -> zmq.Socket:
+    """A DEALER that keeps almost nothing on its side (libzmq queue, socket buffer) while it does not read,
+    so that the runtime has to hold its replies back."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(endpoint)
+    return sock
+
+
 def recv(sock: zmq.Socket, timeout: float = REPLY_TIMEOUT_S) -> dict[str, Any]:
     if not sock.poll(int(timeout * 1000)):
         raise AssertionError(f"no reply within {timeout} s")

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 from gllm.ops.attention import decode_attention  # noqa: E402
 from gllm.ops.metadata import AttentionMetadata  # noqa: E402
 from gllm.ops.reference import reference_attention  # noqa: E402
-from gllm.ops.triton_attention import triton_available, triton_decode_attention  # noqa: E402
+from gllm.ops.backend import triton_available  # noqa: E402
+from gllm.ops.triton_attention import triton_decode_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -12,11 +12,9 @@ import torch
 pytest.importorskip("triton")
 
 from gllm.model.rope import RotaryEmbedding  # noqa: E402
-from gllm.ops.triton_attention import triton_available  # noqa: E402
+from gllm.ops.backend import triton_available  # noqa: E402
+from gllm.ops.elementwise import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul  # noqa: E402
 from gllm.ops.triton_fused import (  # noqa: E402
-    torch_add_rms_norm,
-    torch_rope_write_kv,
-    torch_silu_mul,
     triton_add_rms_norm,
     triton_rope_write_kv,
     triton_silu_mul,

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from gllm.ops import reference_attention  # noqa: E402
-from gllm.ops.triton_attention import triton_available  # noqa: E402
+from gllm.ops.backend import triton_available  # noqa: E402
 from gllm.ops.triton_prefill import triton_paged_attention  # noqa: E402
 from test_attention import build_batch  # noqa: E402
 

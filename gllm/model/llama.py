@@ -98,11 +98,14 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """A Llama causal LM over the paged KV cache; ``attn`` picks the attention kernels (default: torch)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, attn: AttentionBackend = BACKENDS["torch"]):
+    def __init__(self, cfg: ModelConfig, max_positions: int, attn: AttentionBackend | None = None):
         super().__init__()
         self.config = cfg
-        self.attn = attn
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.attn = attn or BACKENDS["torch"]()
+        # An empty weight instead of nn.Embedding's random one (``load_weights`` fills it): that init, on the meta
+        # device where ``empty`` builds, would import torch._dynamo and with it Triton into every CPU run.
+        embedding = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)

@@ -9,8 +9,12 @@ import torch
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies ``[head_dim / 2]`` (float32), adjusted by the checkpoint's rope scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies ``[head_dim / 2]`` (float32, on the CPU), adjusted by the checkpoint's rope scaling.
+
+    Computed on the CPU whatever the default device: on the meta device, where ``LlamaModel.empty`` builds the
+    network, torch runs these ops through Python references that import ``torch._dynamo`` and with it Triton."""
+    positions = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (theta ** (positions.float() / head_dim))
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "default":
         return inv_freq
@@ -40,7 +44,7 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1) * inv_freq.unsqueeze(0)
+        freqs = torch.arange(max_positions, dtype=torch.float32, device="cpu").unsqueeze(1) * inv_freq.unsqueeze(0)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [P, D/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
 

@@ -8,11 +8,14 @@
 * ``triton``: Triton kernels for attention (decodes and prompt chunks, reading the paged cache in place:
   ``gllm.ops.triton_attention``, ``gllm.ops.triton_prefill``) and the fused element-wise steps (add +
   RMSNorm, RoPE + KV write, SiLU * up: ``gllm.ops.triton_fused``); the choice on a CUDA GPU with Triton.
+  Imported only when chosen.
 * ``reference``: the slow attention oracle, for tests.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,25 +23,16 @@ import torch
 
 from gllm.ops import cpu_kernels
 from gllm.ops.attention import paged_attention
+from gllm.ops.elementwise import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.reference import reference_attention
-from gllm.ops.triton_attention import triton_available
-from gllm.ops.triton_prefill import triton_paged_attention
-from gllm.ops.triton_fused import (
-    torch_add_rms_norm,
-    torch_rope_write_kv,
-    torch_silu_mul,
-    triton_add_rms_norm,
-    triton_rope_write_kv,
-    triton_silu_mul,
-)
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """Same contracts on every backend: see the ``torch_*`` functions of ``gllm.ops.triton_fused``."""
+    """Same contracts on every backend: see ``gllm.ops.elementwise``."""
 
     name: str
     attend: AttendFn
@@ -47,24 +41,35 @@ class AttentionBackend:
     silu_mul: Callable[[torch.Tensor], torch.Tensor] = torch_silu_mul
 
 
-BACKENDS = {
-    "torch": AttentionBackend("torch", paged_attention),
-    "reference": AttentionBackend("reference", reference_attention),
-    "cpu": AttentionBackend(
+def _triton_backend() -> AttentionBackend:
+    """Imported only when chosen: Triton is a large library, and loading it on a CPU run costs start-up time
+    and prints nanobind's leak report at every exit."""
+    from gllm.ops.triton_fused import triton_add_rms_norm, triton_rope_write_kv, triton_silu_mul
+    from gllm.ops.triton_prefill import triton_paged_attention
+
+    return AttentionBackend("triton", triton_paged_attention, triton_rope_write_kv, triton_add_rms_norm,
+                            triton_silu_mul)
+
+
+BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "torch": lambda: AttentionBackend("torch", paged_attention),
+    "reference": lambda: AttentionBackend("reference", reference_attention),
+    "cpu": lambda: AttentionBackend(
         "cpu",
         cpu_kernels.cpu_paged_attention,
         cpu_kernels.cpu_rope_write_kv,
         cpu_kernels.cpu_add_rms_norm,
         cpu_kernels.cpu_silu_mul,
     ),
-    "triton": AttentionBackend(
-        "triton",
-        triton_paged_attention,
-        triton_rope_write_kv,
-        triton_add_rms_norm,
-        triton_silu_mul,
-    ),
+    "triton": _triton_backend,
 }
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run here: Triton is installed and a GPU (or Triton's CPU interpreter)
+    is on. Asked without importing Triton."""
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -81,4 +86,4 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
         raise ValueError("the triton attention backend needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
     if name == "cpu" and (device.type != "cpu" or not cpu_kernels.available()):
         raise ValueError("the cpu attention backend needs the CPU device and a C++ compiler to build its kernels")
-    return BACKENDS[name]
+    return BACKENDS[name]()

@@ -4,7 +4,7 @@ On the CPU a decode step of a small model is not only matrix products: with plai
 copies every sequence's cached K/V out of its blocks (``index_select``) and then runs SDPA over the copy,
 and each layer's element-wise work is some thirty small torch ops. These kernels read the paged cache in
 place and do each element-wise step in one pass. Their contracts are those of the ``torch_*`` functions in
-``gllm.ops.triton_fused`` and of ``gllm.ops.attention.decode_attention``; they take float32 and bfloat16
+``gllm.ops.elementwise`` and of ``gllm.ops.attention.decode_attention``; they take float32 and bfloat16
 tensors (anything else goes to the torch function).
 
 The library (``cpu_build``: compiled on first use for this machine's CPU and kept in the cache folder)
@@ -23,7 +23,7 @@ import torch
 from gllm.ops import cpu_build
 from gllm.ops.attention import decode_attention, paged_attention
 from gllm.ops.metadata import AttentionMetadata
-from gllm.ops.triton_fused import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
+from gllm.ops.elementwise import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
 
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 HEAD_DIMS = (16, 32, 64, 128)  # those decode_attention is compiled for

@@ -17,8 +17,8 @@ least 16 in every dimension, and the padded rows and columns are masked. Float32
 (``input_precision="ieee"``, no TF32); with 16-bit caches the softmax weights are rounded to the cache
 dtype before they multiply V, as in FlashAttention.
 
-The module imports without Triton (the engine imports ``gllm.ops`` everywhere); ``triton_available()``
-says whether the kernels can run.
+The module imports without Triton (for tests that skip); ``gllm.ops.backend.triton_available()`` says
+whether the kernels can run, and the engine imports this module only when it chooses them.
 """
 
 from __future__ import annotations
@@ -40,11 +40,6 @@ except ImportError:  # CPU-only installs: nothing here is launched, and triton_a
 _TILE = 64  # tokens per K/V tile: big enough for tl.dot and for wide loads, small enough for registers
 _TARGET_PROGRAMS = 256  # split sequences until about this many programs run (two per SM on an H100)
 _MIN_TILES_PER_SPLIT = 4  # below this a split costs more in merging than it gains in parallelism
-
-
-def triton_available() -> bool:
-    """True when the kernels can run here: Triton is installed and a GPU (or Triton's CPU interpreter) is on."""
-    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @functools.cache

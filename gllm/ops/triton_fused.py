@@ -1,8 +1,9 @@
-"""Fused Triton kernels for the elementwise work of a decode step, with their torch references.
+"""Fused Triton kernels for the elementwise work of a decode step (their torch twins: ``gllm.ops.elementwise``).
 
 On CUDA a layer's RMSNorm, RoPE, SwiGLU and residual adds are otherwise ~30 tiny kernels; these three
 replace them, so a CUDA graph of a step holds a few nodes per layer. Each ``triton_*`` function has a
-``torch_*`` twin with the same contract (any device), so the model makes one call shape on both paths.
+``torch_*`` twin in ``gllm.ops.elementwise`` with the same contract (any device), so the model makes one call
+shape on both paths.
 
 * ``triton_add_rms_norm``: grid ``(T,)``, one program per row: the residual add (in place) and RMSNorm.
 * ``triton_rope_write_kv``: grid ``(T, heads + 2 * kv_heads)``, one program per head of a token's fused
@@ -26,7 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gllm.ops.attention import write_kv
 from gllm.ops.triton_attention import _jitted, tl
 
 try:
@@ -105,17 +105,6 @@ def triton_add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps:
     return out, residual
 
 
-def torch_add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The contract of ``triton_add_rms_norm`` in torch: ``RMSNorm.forward`` after an in-place residual add."""
-    if residual is None:
-        residual = x
-    else:
-        residual.add_(x)
-    xf = residual.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype), residual
-
-
 def _rope_write_kv_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slots_ptr,
     stride_t, stride_cos, stride_sin, stride_kv, stride_slot, stride_head, num_heads, rotated_heads,
@@ -174,21 +163,6 @@ def triton_rope_write_kv(
     return q
 
 
-def torch_rope_write_kv(
-    qkv: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, slot_mapping: Tensor, num_heads: int, num_kv_heads: int
-) -> Tensor:
-    """The contract of ``triton_rope_write_kv`` in torch (the queries come back as a view, not contiguous)."""
-    from gllm.model.rope import apply_rope  # here: gllm.model imports the model, which will import this module
-
-    n, head_dim = qkv.shape[0], kv_cache.shape[-1]
-    qk, v = qkv.split([(num_heads + num_kv_heads) * head_dim, num_kv_heads * head_dim], dim=-1)
-    cos, sin = cos.reshape(n, 1, head_dim // 2), sin.reshape(n, 1, head_dim // 2)
-    qk = apply_rope(qk.view(n, num_heads + num_kv_heads, head_dim), cos, sin)
-    q, k = qk.split([num_heads, num_kv_heads], dim=1)
-    write_kv(kv_cache, k, v.reshape(n, num_kv_heads, head_dim), slot_mapping)
-    return q
-
-
 def _silu_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_o, inter,
     TILE: tl.constexpr, DTYPE: tl.constexpr, ROUND: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
@@ -222,9 +196,3 @@ def triton_silu_mul(gate_up: Tensor) -> Tensor:
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return out
-
-
-def torch_silu_mul(gate_up: Tensor) -> Tensor:
-    """The contract of ``triton_silu_mul`` in torch."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up

@@ -67,6 +67,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-grace", type=float, default=limits.shutdown_grace_s, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, time in-flight requests get to finish (default "
                         f"{limits.shutdown_grace_s:g})")
+    p.add_argument("--shutdown-drain", type=float, default=limits.shutdown_drain_s, metavar="SECONDS",
+                   help="after the grace period, time clients get to read the replies still waiting for them; "
+                        f"the process exits sooner once none wait (default {limits.shutdown_drain_s:g})")
     p.add_argument("--slow-client-timeout", type=float, default=limits.slow_client_timeout_s, metavar="SECONDS",
                    help="a client that takes none of its waiting replies for this long gets 'slow_client' and "
                         f"loses its open requests (default {limits.slow_client_timeout_s:g})")
@@ -132,7 +135,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"gllm: error: cannot load the model {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace,
-                          slow_client_timeout_s=args.slow_client_timeout, max_outbox_bytes=args.max_outbox_size,
+                          shutdown_drain_s=args.shutdown_drain, slow_client_timeout_s=args.slow_client_timeout, max_outbox_bytes=args.max_outbox_size,
                           **{name: getattr(args, name) for name in COUNTED_LIMITS})
     try:
         server = Server(engine, args.bind, limits, curve=curve)

@@ -12,6 +12,10 @@ generation n and the n-th ``DISCONNECTED`` event on it closes generation n. libz
 before the connection can deliver a message, so reading the monitor before registering a new routing id
 always finds its connection's generation already counted.
 
+The same descriptors tell how much the runtime has written to a client that the client has not read yet
+(``unread_bytes``; Linux's ``TIOCOUTQ``), which a shutdown waits for: libzmq's own linger does not hold the
+process for ``ipc://`` connections, so replies handed to libzmq could otherwise be lost at exit.
+
 What this covers: a client closing its socket, a killed client process (the OS closes its connections),
 a message over ``MAXMSGSIZE`` (libzmq drops the connection), and, with ZMTP heartbeats enabled on the
 ROUTER, a peer that stops answering (host gone, network cut).
@@ -20,11 +24,19 @@ ROUTER, a peer that stops answering (host gone, network cut).
 from __future__ import annotations
 
 import collections
+import struct
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+try:
+    import fcntl
+    import termios
+except ImportError:  # not a POSIX system: unread bytes cannot be told
+    fcntl = termios = None
+
 Connection = tuple[int, int]  # (file descriptor, generation)
+
 
 class ConnectionTracker:
     """Maps routing ids to connections; ``gone()`` names the routing ids whose connection has ended."""
@@ -71,6 +83,13 @@ class ConnectionTracker:
         gone, self._gone = self._gone, []
         return gone
 
+    def unread_bytes(self) -> int:
+        """Bytes written to the open connections of known clients that those clients have not read yet, as far
+        as the OS tells (0 where it cannot): what is still in the kernel's queue, and so also a sign that
+        libzmq may hold more behind it."""
+        self._read_events()
+        return sum(_queued_bytes(fd) for fd, _ in self._peers_on)
+
     def close(self) -> None:
         self._router.disable_monitor()
         self.socket.close(linger=0)
@@ -89,3 +108,13 @@ class ConnectionTracker:
                 for peer in self._peers_on.pop((fd, self._closed[fd]), ()):
                     del self._connection_of[peer]
                     self._gone.append(peer)
+
+
+def _queued_bytes(fd: int) -> int:
+    """Bytes in the send queue of socket ``fd`` not yet taken by the other end (0 when unknown)."""
+    if fcntl is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

@@ -13,6 +13,7 @@ class ServerLimits:
     max_message_bytes: int = 1 << 20  # larger messages get a too_long error ...
     max_open_requests: int = 64  # per client connection; beyond it: overloaded
     shutdown_grace_s: float = 5.0  # in-flight requests may finish within this after SIGTERM
+    shutdown_drain_s: float = 5.0  # ... then the replies still waiting get this long to be read
     max_clients: int = 256  # connections that have spoken and are still open; a new one beyond it: overloaded
     max_nesting_depth: int = 8  # maps and arrays inside each other; deeper: bad_request
     max_prompt_tokens: int = 8192  # after tokenization (max_seq_len also applies); beyond it: too_long

@@ -43,6 +43,10 @@ class Outboxes:
         return bool(self._boxes)
 
     @property
+    def num_clients(self) -> int:
+        return len(self._boxes)
+
+    @property
     def num_replies(self) -> int:
         return sum(len(box.replies) for box in self._boxes.values())
 

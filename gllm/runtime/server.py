@@ -49,19 +49,30 @@ MIN_HEARTBEAT_TIMEOUT_MS = 3000
 SEND_HWM = 256  # above the replies one step makes for a client (one per open request)
 SEND_BUFFER_BYTES = 32 << 10
 FLUSH_RETRY_MS = 10  # how long an idle loop blocks while replies wait in outboxes
-CLOSE_LINGER_MS = 1000  # time given to the last replies to leave at shutdown
+CLOSE_LINGER_MS = 1000  # time given to the last replies to leave when the loop ends other than by a shutdown
 MAX_STEP_FAILURES = 3  # consecutive failed engine steps before the server gives up
 
 
 class Server:
-    """Serves one engine on one endpoint until ``stop`` is called (twice to skip the grace period)."""
+    """Serves one engine on one endpoint until ``stop`` is called.
+
+    Shutdown has two phases. The grace period (``shutdown_grace_s``): no new requests, the open ones run on;
+    at its end those still open are cancelled and their clients get ``shutting_down``. The drain
+    (``shutdown_drain_s`` more): nothing runs, but replies still waiting for clients (a slow reader's
+    backlog, then its ``done`` or error) are delivered as the clients read them. The loop ends as soon as
+    nothing is open and every reply has been read (or at least taken by the OS, where it cannot tell), and
+    at the latest when the drain ends. A second ``stop`` ends the grace period at once, a third the drain.
+    """
 
     def __init__(self, engine: LLMEngine, endpoint: str, limits: ServerLimits = ServerLimits(),
                  context: zmq.Context | None = None, curve: CurveServer | None = None):
         self.engine = engine
         self.limits = limits
         self.requests = OpenRequests()
-        context = context or zmq.Context.instance()
+        # A context of its own unless one is given: ending it at shutdown is what makes libzmq deliver the
+        # replies still queued in it (within the linger time) before the process leaves.
+        self._own_context = context is None
+        context = context or zmq.Context()
         self._authenticator = curve.start_authenticator(context) if curve else None
         self.socket = self._bind(context, endpoint, curve)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -71,7 +82,10 @@ class Server:
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self.connections.socket, zmq.POLLIN)
         self._stop_requests = 0
-        self._deadline: float | None = None
+        self._grace_end: float | None = None  # set by the first stop
+        self._drain_end: float | None = None
+        self._draining = False
+        self._quiet_checks = 0  # drain checks in a row that found nothing left to deliver
         self._step_failures = 0
         self._token_texts: dict[int, str] = {}
         self._counters: collections.Counter[str] = collections.Counter()
@@ -93,6 +107,8 @@ class Server:
             sock.close(linger=0)
             if self._authenticator:
                 self._authenticator.stop()
+            if self._own_context:
+                context.term()
             raise
         return sock
 
@@ -113,27 +129,52 @@ class Server:
                 self._flush()
         finally:
             self.connections.close()
-            self.socket.close(linger=CLOSE_LINGER_MS)
+            self.socket.close(linger=self._linger_ms())
             if self._authenticator:
                 self._authenticator.stop()
+            if self._own_context:
+                self.socket.context.term()  # returns once the queued replies are out or the linger is over
         log.info("stopped")
 
     def _keep_running(self) -> bool:
         if not self._stop_requests:
             return True
         now = time.monotonic()
-        if self._deadline is None:
-            self._deadline = now + self.limits.shutdown_grace_s
+        if self._grace_end is None:
+            self._grace_end = now + self.limits.shutdown_grace_s
+            self._drain_end = self._grace_end + self.limits.shutdown_drain_s
             log.info("shutting down: %d request(s) in flight, %.1f s to finish", self.requests.num_open,
                      self.limits.shutdown_grace_s)
         if self._stop_requests > 1:
-            self._deadline = min(self._deadline, now)
-        if self.requests.num_open and now >= self._deadline:
+            self._grace_end = min(self._grace_end, now)
+        if self._stop_requests > 2:
+            self._drain_end = min(self._drain_end, now)
+        if self.requests.num_open and now >= self._grace_end:
             for req in self.requests.orphan_all():
                 self.engine.abort(req.engine_id)
                 self._send(req.peer, protocol.error_message(
                     "shutting_down", "the runtime shut down before this request finished", req.client_id))
-        return self.requests.num_open > 0 or (self.outboxes.pending and now < self._deadline)
+        if self.requests.num_open:
+            return True
+        if not self._draining:
+            self._draining = True
+            log.info("grace period over; replies wait for %d client(s), for at most %.1f s",
+                     self.outboxes.num_clients, max(0.0, self._drain_end - now))
+        if now >= self._drain_end:
+            return False
+        if self.outboxes.pending or self.connections.unread_bytes():
+            self._quiet_checks = 0
+            return True
+        # Nothing in the outboxes nor in the OS's queues. libzmq hands its queue to the OS as soon as there is
+        # room, so a second look a turn later confirms that it holds nothing either.
+        self._quiet_checks += 1
+        return self._quiet_checks < 2
+
+    def _linger_ms(self) -> int:
+        """How long libzmq may still deliver queued replies once the loop has ended: until the drain ends."""
+        if self._drain_end is None:
+            return CLOSE_LINGER_MS
+        return max(0, int(1000 * (self._drain_end - time.monotonic())))
 
     def _wait_ms(self) -> int:
         """How long to block for messages: not at all while the engine has work. A ROUTER's POLLOUT means
