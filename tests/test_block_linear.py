@@ -107,7 +107,8 @@ def test_engine_matches_transformers_on_a_q4_k_m_file(q4_k_m: Path) -> None:
     effect = float(np.abs(rounded - plain).max())
     assert effect < 0.1  # a tame model: the rounding moves logprobs by hundredths
     for dtype, bound in ((torch.float32, 2 * effect + 0.01), (torch.bfloat16, 4 * effect + 0.02)):
-        engine = LLMEngine(str(q4_k_m), GeneratorParams(max_batch_size=2, max_seq_len=128), dtype=dtype)
+        loaded = load_model(q4_k_m, dtype, blocks=True)  # float32 by name alone would mean dense weights
+        engine = LLMEngine(loaded, GeneratorParams(max_batch_size=2, max_seq_len=128), dtype=dtype)
         assert isinstance(engine.model.head_kernel, BlockLinear)
         request = GenerationRequest(prompt_token_ids=prompt, max_new_tokens=1, prompt_logprobs=True)
         ours = np.array(engine.generate([request])[0].prompt_logprobs[1:])
@@ -128,10 +129,10 @@ def test_engine_matches_transformers_on_a_q4_k_m_file(q4_k_m: Path) -> None:
 
 
 def test_default_model_runs_from_its_blocks_and_matches_its_float32_weights() -> None:
-    """The default model (Q4_1 layers, Q8_0 embedding and tied head) from its blocks against the same
-    file dequantized to float32 dense weights: the same text for the first tokens, logprobs close."""
-    dense = LLMEngine(load_model("smollm2-135m-instruct", torch.float32), GeneratorParams(max_seq_len=128),
-                      dtype=torch.float32)  # fmt: skip
+    """The default model (Q4_1 layers, Q8_0 embedding and tied head) from its blocks (the default) against
+    the same file dequantized to float32 dense weights (float32 asked for by name): the same text for the
+    first tokens, logprobs close."""
+    dense = LLMEngine("smollm2-135m-instruct", GeneratorParams(max_seq_len=128), dtype=torch.float32)
     ours = LLMEngine("smollm2-135m-instruct", GeneratorParams(max_seq_len=128))
     assert ours.dtype == torch.bfloat16 and isinstance(ours.model.head_kernel, BlockLinear)
     assert not isinstance(dense.model.head_kernel, BlockLinear)

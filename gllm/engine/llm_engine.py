@@ -80,16 +80,19 @@ class LLMEngine(AsyncDriver):
         quantize: str | None = None,
         overlap: bool | None = None,
     ):
-        """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
-        ``torch.float32`` is exact against the reference. On the CPU a GGUF model's matrices stay in the
-        file's blocks (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K) and every product multiplies from them
-        (``gllm.ops.block_linear``). ``quantize="int8"`` (CPU, bfloat16) instead stores weight-only int8
-        copies of dequantized weights (``gllm.ops.linear``)."""
+        """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``). On the CPU
+        a GGUF model's matrices stay in the file's blocks (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K) and every
+        product multiplies from them (``gllm.ops.block_linear``, activations rounded to int8).
+        ``torch.float32`` asked for by name is exact against the reference: dense weights, dequantized
+        (a ``LoadedModel`` loaded with ``blocks=True`` still multiplies from its blocks, in float32).
+        ``quantize="int8"`` (CPU, bfloat16) instead stores weight-only int8 copies of dequantized weights
+        (``gllm.ops.linear``)."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
         blocks = self.device.type == "cpu" and quantize is None and block_linear.available()
         self.dtype = dtype = resolve_dtype(dtype, self.device, blocks and is_gguf(model))
+        blocks = blocks and (dtype != torch.float32 or isinstance(model, LoadedModel))
         packed = packing_supported(dtype, self.device)
         if quantize is not None and not packed:
             raise ValueError(f"quantize={quantize!r} needs dtype bfloat16 on a CPU with bfloat16 support "
