@@ -13,6 +13,8 @@ import torch
 from gllm.graphs import DecodeGraphs
 from gllm.model import LlamaModel
 from gllm.ops import AttentionMetadata
+from gllm.ops.invariant import RowPlan, invariant_products
+from gllm.ops.metadata import ExactRows
 
 
 @dataclass
@@ -23,6 +25,7 @@ class BatchChunk:
     start: int  # position of the first new token
     block_table: list[int]
     num_logits: int  # how many of the last new tokens need logits (1: sampling; all: logprobs of given tokens)
+    exact: bool = False  # batch-invariant: attention one query at a time, products under ``exact_plan``
 
 
 class ModelRunner:
@@ -32,6 +35,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphs | None = None
+        self.exact_plan: RowPlan | None = None  # products' shapes in steps with exact chunks (gllm.ops.invariant)
 
     def capture_graphs(self, scratch_block: int, max_batch: int, max_len: int) -> None:
         """Capture CUDA graphs for decode batches; ``scratch_block`` is a cache block no sequence owns."""
@@ -45,8 +49,12 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         query_lens, seq_lens = [], []
-        for c in chunks:
+        exact_rows, exact_seqs = [], []
+        for i, c in enumerate(chunks):
             n = len(c.token_ids)
+            if c.exact:
+                exact_rows += range(len(input_ids), len(input_ids) + n)
+                exact_seqs += [i] * n
             input_ids += c.token_ids
             span = range(c.start, c.start + n)
             positions += span
@@ -71,6 +79,11 @@ class ModelRunner:
             block_size=bs,
             query_starts=torch.tensor(starts, dtype=torch.int64, device=dev),
         )
+        if exact_rows:
+            lens = [positions[r] + 1 for r in exact_rows]
+            meta.exact = ExactRows(torch.tensor(exact_rows, device=dev),
+                                   meta.block_tables.index_select(0, torch.tensor(exact_seqs, device=dev)),
+                                   torch.tensor(lens, dtype=torch.int64, device=dev), lens)
         return (
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -79,7 +92,8 @@ class ModelRunner:
         )
 
     def _graphable(self, chunks: list[BatchChunk]) -> bool:
-        return self.graphs.fits(len(chunks)) and all(len(c.token_ids) == 1 and c.num_logits == 1 for c in chunks)
+        return self.graphs.fits(len(chunks)) and all(len(c.token_ids) == 1 and c.num_logits == 1 and not c.exact
+                                                     for c in chunks)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write of forked sequences) in every layer's cache."""
@@ -108,4 +122,5 @@ class ModelRunner:
                 [c.block_table + [0] * (width - len(c.block_table)) for c in chunks],
             )
         ids, positions, meta, logits_rows = self.prepare(chunks)
-        return self.model(ids if input_ids is None else input_ids, positions, self.kv_caches, meta, logits_rows)
+        with invariant_products(self.exact_plan if meta.exact is not None else None):
+            return self.model(ids if input_ids is None else input_ids, positions, self.kv_caches, meta, logits_rows)

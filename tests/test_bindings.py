@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIGS, build_tiny_llama
+from conftest import TINY_CONFIGS
+from tiny_chat import build_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BINDINGS = ROOT / "bindings"
@@ -102,8 +103,7 @@ def test_csharp_codec_offline(csharp_build: Path):
 
 
 def test_csharp_client_against_runtime(csharp_build: Path, tmp_path: Path):
-    model_dir = tmp_path / "tiny"
-    build_tiny_llama(model_dir, **TINY_CONFIGS["gqa_tied_llama3"])
+    model_dir = build_chat_model(tmp_path / "tiny", **TINY_CONFIGS["gqa_tied_llama3"])  # a tokenizer: structured output
     tokens, logprobs = engine_greedy(model_dir)
     port, dead_port = free_ports(2)
     result = run_mono([

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gllm.kv import BlockKey
 from gllm.sample import SamplingRow
+
+if TYPE_CHECKING:
+    from gllm.constrain import Constraint
+
+
+EXACT_SALT = 0x6578616374  # the first parent hash of exact sequences' blocks
 
 
 class Status(enum.Enum):
@@ -47,14 +55,16 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    constraint: Constraint | None = None  # structured output: follows every token, forced ones included
+    # Game state: pacing, deadlines, exact replay
+    token_interval: float = 0.0  # pacing: seconds from one token to the next (0 = as fast as possible)
+    next_due: float = 0.0  # the scheduler's clock time before which it does not run this sequence
+    deadline: float = math.inf  # perf_counter time wanted for the first token; earlier first within a priority
+    exact: bool = False  # attention per token (batch-invariant); its cached blocks use their own hash chain
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_remaining(self) -> int:
@@ -67,9 +77,23 @@ class Sequence:
         return self.num_tokens if self.logits_from is None else self.logits_from + 1
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        """Higher priority first, then first come first served."""
-        return (-self.priority, self.arrival)
+    def sort_key(self) -> tuple[int, float, int]:
+        """Higher priority first, then the earlier deadline, then first come first served."""
+        return (-self.priority, self.deadline, self.arrival)
+
+    @property
+    def cache_salt(self) -> int | None:
+        """Where its blocks' hash chain starts: exact sequences share blocks only among themselves."""
+        return EXACT_SALT if self.exact else None
+
+    def inject(self, token_ids: list[int], limit: int) -> bool:
+        """Append tokens to the context at the current position (they are computed before the next sample);
+        False, changing nothing, when they leave no room for a token under ``limit`` (``max_seq_len``)."""
+        if self.num_tokens + len(token_ids) >= limit:
+            return False
+        self.token_ids += token_ids
+        self.max_tokens = min(self.max_tokens + len(token_ids), limit)
+        return True
 
     def append(self, token_id: int) -> str | None:
         """Add a sampled token; return the finish reason it causes (``stop`` or ``length``), if any."""

@@ -24,8 +24,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gllm.ops import cpu_build
+from gllm.ops.invariant import current_plan
 
 ISAS = ("portable", "avx2", "avxvnni", "avx512vnni", "amx")
+AMX = ISAS.index("amx")
+AMX_MAX_ROWS = 64  # calls with more rows go to the vector kernels (quant_dispatch.cpp, amx_takes)
 ACTIVATION_GROUP = 16  # activation values that share one int8 step (quant_formats.h, QuantActs)
 BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # what the kernels read
 
@@ -126,6 +129,10 @@ class BlockLinear:
             flat = flat.float()
         flat = flat.contiguous()
         out_dtype = self.out_dtype or x.dtype
+        if self.isa == AMX and flat.shape[0] > AMX_MAX_ROWS and current_plan() is not None:
+            # batch-invariant: AMX takes calls of up to 64 rows, so every row goes through it
+            parts = [self(part) for part in flat.split(AMX_MAX_ROWS)]
+            return torch.cat(parts).view(*lead, self.out_features)
         y = torch.empty(flat.shape[0], self.out_features, dtype=out_dtype if out_dtype in FLOAT_DTYPES else torch.float32)
         done = self._matmul(flat.data_ptr(), flat.dtype == torch.bfloat16, flat.shape[0], self.in_features,
                             len(self.parts), self._types, self._weights, self._rows, y.data_ptr(),

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from gllm.ops.invariant import current_plan, invariant_rows
+
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 QUANTIZE_MODES = ("int8",)
@@ -55,6 +57,9 @@ class PackedLinear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant_rows(x, self._product)  # as usual unless a batch-invariant plan is on
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
         pad = padded_rows(rows) - rows
@@ -75,7 +80,7 @@ class Int8Linear:
         self.dense = PackedLinear(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] > INT8_MAX_ROWS:
+        if x.numel() // x.shape[-1] > INT8_MAX_ROWS or current_plan() is not None:
             return self.dense(x)
         lead = x.shape[:-1]
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.qweight, self.scales)
