@@ -51,6 +51,12 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// With one or two activation rows, a row's sums form one chain of dependent multiply-adds, each waiting
+// for the last (four cycles apiece), while the CPU could start two a cycle: such rows keep two chains
+// (even and odd parts), added at the end. With more rows, the rows' own chains fill the pipeline.
+template <int R>
+constexpr bool LATENCY_CHAINS = R <= 2;
+
 // Activation rows m, m + 1, ...: row r's values at q + r * k, its steps at d + r * k / 4, and so on.
 struct Rows {
     const int8_t* q;
@@ -83,9 +89,9 @@ template <class D, int T, int R>
 inline void rows_32(const QuantGemm& g, const uint8_t* w, int64_t m, float* out) {
     constexpr int bytes = block_bytes(T);
     const Rows a(g.a, m);
-    __m256 acc[R];
+    __m256 acc[R], odd[R];  // odd: the odd blocks' sums, a second chain (see LATENCY_CHAINS)
     float offsets[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = 0.0f;
+    for (int r = 0; r < R; ++r) acc[r] = odd[r] = _mm256_setzero_ps(), offsets[r] = 0.0f;
     for (int64_t b = 0; b < g.a.k / 32; ++b) {
         const uint8_t* blk = w + b * bytes;
         const __m256 d = _mm256_set1_ps(half(blk));
@@ -100,11 +106,12 @@ inline void rows_32(const QuantGemm& g, const uint8_t* w, int64_t m, float* out)
             __m256i x = load(a.values(r, b * 32));
             if (T == Q8_0) x = _mm256_sign_epi8(x, raw);
             const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(D::dot(q, x)), a.steps(r, b * 32));
-            acc[r] = _mm256_fmadd_ps(sum, d, acc[r]);
+            __m256& chain = LATENCY_CHAINS<R> && (b & 1) ? odd[r] : acc[r];
+            chain = _mm256_fmadd_ps(sum, d, chain);
             if (T != Q8_0) offsets[r] += offset * a.s32[r * (a.k / 32) + b];
         }
     }
-    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - offsets[r];
+    for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r], odd[r])) - offsets[r];
 }
 
 // Q4_K / Q5_K scales and minimums (eight 6-bit each, in 12 bytes): scales as int16 in lanes 0-7 of both
@@ -132,8 +139,8 @@ inline void rows_q45k(const QuantGemm& g, const uint8_t* w, int64_t m, float* ou
         __m256 mins;
         k_scale_vectors(blk + 4, scales, mins);
         const __m256i high = T == Q5_K ? load(blk + 16) : _mm256_setzero_si256();
-        __m256 part[R];
-        for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_ps();
+        __m256 part[R], high_part[R];  // high_part: the odd groups' sums, a second chain (LATENCY_CHAINS)
+        for (int r = 0; r < R; ++r) part[r] = high_part[r] = _mm256_setzero_ps();
         auto chunk = [&](auto c_) {  // values 64c..64c+63: groups 2c (low nibbles) and 2c + 1 (high)
             constexpr int c = decltype(c_)::value;
             const __m256i raw = load(blk + quants + 32 * c);
@@ -146,7 +153,8 @@ inline void rows_q45k(const QuantGemm& g, const uint8_t* w, int64_t m, float* ou
             for (int r = 0; r < R; ++r) {
                 const int64_t at = b * QK + 64 * c;
                 part[r] = _mm256_fmadd_ps(scaled_dot(lo, load(a.values(r, at)), s_lo), a.steps(r, at), part[r]);
-                part[r] = _mm256_fmadd_ps(scaled_dot(hi, load(a.values(r, at + 32)), s_hi), a.steps(r, at + 32), part[r]);
+                __m256& chain = LATENCY_CHAINS<R> ? high_part[r] : part[r];
+                chain = _mm256_fmadd_ps(scaled_dot(hi, load(a.values(r, at + 32)), s_hi), a.steps(r, at + 32), chain);
             }
         };
         chunk(std::integral_constant<int, 0>());
@@ -155,7 +163,7 @@ inline void rows_q45k(const QuantGemm& g, const uint8_t* w, int64_t m, float* ou
         chunk(std::integral_constant<int, 3>());
         const __m256 d = _mm256_set1_ps(half(blk)), low = _mm256_mul_ps(mins, _mm256_set1_ps(-half(blk + 2)));
         for (int r = 0; r < R; ++r) {  // d x the scaled sums, less dmin x each group's minimum x its sum
-            acc[r] = _mm256_fmadd_ps(part[r], d, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(part[r], high_part[r]), d, acc[r]);
             acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a.s32 + r * (a.k / 32) + b * 8), low, acc[r]);
         }
     }
@@ -175,8 +183,8 @@ inline void rows_q6k(const QuantGemm& g, const uint8_t* w, int64_t m, float* out
         const __m256i scales = _mm256_cvtepi8_epi16(sc8);
         const __m256i first = _mm256_permute2x128_si256(scales, scales, 0x00);  // scales 0-7 in both halves
         const __m256i second = _mm256_permute2x128_si256(scales, scales, 0x11);  // scales 8-15
-        __m256 part[R];
-        for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_ps();
+        __m256 part[R], odd[R];  // odd: the odd 32-value runs' sums, a second chain (LATENCY_CHAINS)
+        for (int r = 0; r < R; ++r) part[r] = odd[r] = _mm256_setzero_ps();
         auto half_block = [&](auto h_) {  // 64 bytes of nibbles and 32 of 2-bit pairs: values 128h..128h+127
             constexpr int h = decltype(h_)::value;
             const __m256i ql0 = load(blk + 64 * h), ql1 = load(blk + 64 * h + 32), qh = load(blk + 128 + 32 * h);
@@ -193,7 +201,8 @@ inline void rows_q6k(const QuantGemm& g, const uint8_t* w, int64_t m, float* out
             for (int s = 0; s < 4; ++s)
                 for (int r = 0; r < R; ++r) {
                     const int64_t at = b * QK + 128 * h + 32 * s;
-                    part[r] = _mm256_fmadd_ps(scaled_dot(q[s], load(a.values(r, at)), sc[s]), a.steps(r, at), part[r]);
+                    __m256& chain = LATENCY_CHAINS<R> && (s & 1) ? odd[r] : part[r];
+                    chain = _mm256_fmadd_ps(scaled_dot(q[s], load(a.values(r, at)), sc[s]), a.steps(r, at), chain);
                 }
         };
         half_block(std::integral_constant<int, 0>());
@@ -205,7 +214,7 @@ inline void rows_q6k(const QuantGemm& g, const uint8_t* w, int64_t m, float* out
         const __m256 d = _mm256_set1_ps(half(blk + 208));
         for (int r = 0; r < R; ++r) {
             const float* sums = a.s16 + r * (a.k / 16) + b * 16;
-            part[r] = _mm256_fmadd_ps(_mm256_loadu_ps(sums), off_lo, part[r]);
+            part[r] = _mm256_fmadd_ps(_mm256_loadu_ps(sums), off_lo, _mm256_add_ps(part[r], odd[r]));
             part[r] = _mm256_fmadd_ps(_mm256_loadu_ps(sums + 8), off_hi, part[r]);
             acc[r] = _mm256_fmadd_ps(part[r], d, acc[r]);
         }
