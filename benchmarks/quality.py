@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # this checkout's gllm
 from common import machine_info, markdown_table, write_results  # noqa: E402
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine  # noqa: E402

@@ -51,11 +51,10 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// With one or two activation rows, a row's sums form one chain of dependent multiply-adds, each waiting
-// for the last (four cycles apiece), while the CPU could start two a cycle: such rows keep two chains
-// (even and odd parts), added at the end. With more rows, the rows' own chains fill the pipeline.
-template <int R>
-constexpr bool LATENCY_CHAINS = R <= 2;
+// Every row's sums run in two chains of multiply-adds (even and odd parts), added at the end: with one
+// chain each multiply-add waits for the last (four cycles apiece) while the CPU could start two a cycle.
+// Every row count takes the same chains, so a row's result does not depend on the rows beside it
+// (batch invariance, gllm/ops/invariant.py).
 
 // Activation rows m, m + 1, ...: row r's values at q + r * k, its steps at d + r * k / 4, and so on.
 struct Rows {
@@ -89,7 +88,7 @@ template <class D, int T, int R>
 inline void rows_32(const QuantGemm& g, const uint8_t* w, int64_t m, float* out) {
     constexpr int bytes = block_bytes(T);
     const Rows a(g.a, m);
-    __m256 acc[R], odd[R];  // odd: the odd blocks' sums, a second chain (see LATENCY_CHAINS)
+    __m256 acc[R], odd[R];  // odd: the odd blocks' sums, a second chain
     float offsets[R];
     for (int r = 0; r < R; ++r) acc[r] = odd[r] = _mm256_setzero_ps(), offsets[r] = 0.0f;
     for (int64_t b = 0; b < g.a.k / 32; ++b) {
@@ -106,7 +105,7 @@ inline void rows_32(const QuantGemm& g, const uint8_t* w, int64_t m, float* out)
             __m256i x = load(a.values(r, b * 32));
             if (T == Q8_0) x = _mm256_sign_epi8(x, raw);
             const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(D::dot(q, x)), a.steps(r, b * 32));
-            __m256& chain = LATENCY_CHAINS<R> && (b & 1) ? odd[r] : acc[r];
+            __m256& chain = (b & 1) ? odd[r] : acc[r];
             chain = _mm256_fmadd_ps(sum, d, chain);
             if (T != Q8_0) offsets[r] += offset * a.s32[r * (a.k / 32) + b];
         }
@@ -139,7 +138,7 @@ inline void rows_q45k(const QuantGemm& g, const uint8_t* w, int64_t m, float* ou
         __m256 mins;
         k_scale_vectors(blk + 4, scales, mins);
         const __m256i high = T == Q5_K ? load(blk + 16) : _mm256_setzero_si256();
-        __m256 part[R], high_part[R];  // high_part: the odd groups' sums, a second chain (LATENCY_CHAINS)
+        __m256 part[R], high_part[R];  // high_part: the odd groups' sums, a second chain
         for (int r = 0; r < R; ++r) part[r] = high_part[r] = _mm256_setzero_ps();
         auto chunk = [&](auto c_) {  // values 64c..64c+63: groups 2c (low nibbles) and 2c + 1 (high)
             constexpr int c = decltype(c_)::value;
@@ -153,8 +152,8 @@ inline void rows_q45k(const QuantGemm& g, const uint8_t* w, int64_t m, float* ou
             for (int r = 0; r < R; ++r) {
                 const int64_t at = b * QK + 64 * c;
                 part[r] = _mm256_fmadd_ps(scaled_dot(lo, load(a.values(r, at)), s_lo), a.steps(r, at), part[r]);
-                __m256& chain = LATENCY_CHAINS<R> ? high_part[r] : part[r];
-                chain = _mm256_fmadd_ps(scaled_dot(hi, load(a.values(r, at + 32)), s_hi), a.steps(r, at + 32), chain);
+                high_part[r] =
+                    _mm256_fmadd_ps(scaled_dot(hi, load(a.values(r, at + 32)), s_hi), a.steps(r, at + 32), high_part[r]);
             }
         };
         chunk(std::integral_constant<int, 0>());
@@ -183,7 +182,7 @@ inline void rows_q6k(const QuantGemm& g, const uint8_t* w, int64_t m, float* out
         const __m256i scales = _mm256_cvtepi8_epi16(sc8);
         const __m256i first = _mm256_permute2x128_si256(scales, scales, 0x00);  // scales 0-7 in both halves
         const __m256i second = _mm256_permute2x128_si256(scales, scales, 0x11);  // scales 8-15
-        __m256 part[R], odd[R];  // odd: the odd 32-value runs' sums, a second chain (LATENCY_CHAINS)
+        __m256 part[R], odd[R];  // odd: the odd 32-value runs' sums, a second chain
         for (int r = 0; r < R; ++r) part[r] = odd[r] = _mm256_setzero_ps();
         auto half_block = [&](auto h_) {  // 64 bytes of nibbles and 32 of 2-bit pairs: values 128h..128h+127
             constexpr int h = decltype(h_)::value;
@@ -201,7 +200,7 @@ inline void rows_q6k(const QuantGemm& g, const uint8_t* w, int64_t m, float* out
             for (int s = 0; s < 4; ++s)
                 for (int r = 0; r < R; ++r) {
                     const int64_t at = b * QK + 128 * h + 32 * s;
-                    __m256& chain = LATENCY_CHAINS<R> && (s & 1) ? odd[r] : part[r];
+                    __m256& chain = (s & 1) ? odd[r] : part[r];
                     chain = _mm256_fmadd_ps(scaled_dot(q[s], load(a.values(r, at)), sc[s]), a.steps(r, at), chain);
                 }
         };
