@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gllm.engine.scheduler import Scheduler
 from gllm.engine.sequence import Sequence, Status
-from gllm.kv import BlockManager, BlockPool, NoFreeBlocksError
+from gllm.kv import BlockManager, BlockPool, NoFreeBlocksError, allocate_kv_cache
 from gllm.sample import SamplingRow
 
 
@@ -155,3 +157,19 @@ def test_scheduler_finishes_everything_without_leaks(arrivals, abort_every, num_
     for s in seqs:
         if s.finish_reason == "length":
             assert s.num_tokens == s.max_tokens
+
+
+def test_cpu_kv_cache_is_zero_and_takes_memory_only_where_written() -> None:
+    """A 1 GiB CPU cache adds to resident memory only the pages written to (then read back as written)."""
+    def resident_mib() -> float:
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    cfg = SimpleNamespace(num_layers=8, num_kv_heads=4, head_dim=64)  # 8 x 128 MiB in bfloat16
+    before = resident_mib()
+    caches = allocate_kv_cache(cfg, 2048, 16, torch.bfloat16, "cpu")
+    assert [tuple(c.shape) for c in caches] == [(2, 2048, 16, 4, 64)] * 8 and caches[0].dtype == torch.bfloat16
+    assert all(c.is_contiguous() and not c.any() for c in caches)  # zero everywhere
+    caches[2][1, 7].fill_(1.5)
+    assert float(caches[2].sum()) == 1.5 * 16 * 4 * 64 and float(caches[3].sum()) == 0.0
+    assert resident_mib() - before < 64  # far from the 1,024 MiB allocated

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gllm.model.rope import RotaryEmbedding
-from gllm.ops import cpu_kernels, reference_attention
+from gllm.ops import cpu_build, cpu_kernels, reference_attention
 from gllm.ops.attention import decode_attention, paged_attention
 from gllm.ops.backend import select_backend
 from gllm.ops.elementwise import torch_add_rms_norm, torch_gelu_tanh_mul, torch_rope_write_kv, torch_silu_mul
@@ -162,15 +162,15 @@ def test_unsupported_shapes_fall_back_to_torch() -> None:
 
 
 def test_a_failed_build_is_reported_not_raised(tmp_path) -> None:
-    assert cpu_kernels._build("false", tmp_path) is None  # a "compiler" that always fails
+    assert cpu_build.build("false", tmp_path) is None  # a "compiler" that always fails
     assert not list(tmp_path.glob("*.so"))
 
 
 def test_a_damaged_build_in_the_cache_is_built_again(tmp_path) -> None:
-    compiler = cpu_kernels._compiler()
-    built = cpu_kernels._build(compiler, tmp_path)
+    compiler = cpu_build.compiler()
+    built = cpu_build.build(compiler, tmp_path)
     built.write_bytes(b"not a library")
-    lib = cpu_kernels._load(compiler, tmp_path)
+    lib = cpu_build.load(compiler, tmp_path)
     assert lib is not None and lib.silu_mul_f32 is not None
     assert built.read_bytes() != b"not a library"
 

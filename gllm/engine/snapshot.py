@@ -10,8 +10,9 @@ A state is a safetensors file (so no code ever runs on load, and any safetensors
   state is refused rather than restored into wrong attention.
 
 The fingerprint says which model computed the K/V: the architecture (every ``ModelConfig`` field), the
-dtype, the block size, the weight-only quantization, and a sample of the weights (64 evenly spaced values
-of every tensor, with its name and shape). Sampling keeps it cheap at start-up (a few milliseconds, where
+dtype, the block size, the weight-only quantization, whether products read the GGUF blocks, and a sample
+of the weights (64 evenly spaced values of every tensor, or bytes of a matrix kept in blocks, with its
+name and shape). Sampling keeps it cheap at start-up (a few milliseconds, where
 hashing every weight would read gigabytes) while another checkpoint of the same shape, a fine-tune
 included, still changes it.
 """
@@ -29,6 +30,7 @@ import safetensors.torch
 import torch
 
 from gllm.config import ModelConfig
+from gllm.ops.block_linear import BlockWeight
 
 FORMAT = "gllm-kv-state"
 VERSION = 1
@@ -41,10 +43,12 @@ class StateError(ValueError):
 
 
 def model_fingerprint(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                      block_size: int, quantize: str | None) -> str:
+                      block_size: int, quantize: str | None, blocks: dict[str, BlockWeight] | None = None) -> str:
     """A short hex digest of what decides the K/V values a prompt gets (see the module docstring)."""
     digest = hashlib.blake2b(digest_size=16)
-    described = {**dataclasses.asdict(config), "dtype": str(dtype), "block_size": block_size, "quantize": quantize}
+    described = {**dataclasses.asdict(config), "dtype": str(dtype), "block_size": block_size, "quantize": quantize,
+                 "blocks": bool(blocks)}
+    weights = {**weights, **{name: block.blocks for name, block in (blocks or {}).items()}}
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for name in sorted(weights):
         flat = weights[name].detach().reshape(-1)

@@ -29,8 +29,8 @@ class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]  # Hugging Face Llama names; lm_head.weight absent when tied
     tokenizer: Tokenizer | None  # None when a folder ships weights only
-    # GGUF matrices stored in llama.cpp blocks the CPU can multiply from (gllm.ops.linear.BlockWeight),
-    # by the same names as ``weights``; empty for other sources
+    # GGUF matrices kept in llama.cpp blocks the CPU multiplies from (gllm.ops.block_linear.BlockWeight),
+    # Hugging Face names, absent from ``weights``; empty for other sources
     blocks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,12 +71,22 @@ def check_shape(source: str | os.PathLike[str], name: str, got: tuple[int, ...],
         raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(got)}, expected {tuple(want)}")
 
 
+def is_gguf(model: str | os.PathLike[str] | LoadedModel) -> bool:
+    """Whether ``model`` names a GGUF file (a registered name or a ``.gguf`` path), or was loaded from one
+    with its blocks kept."""
+    from gllm.loader import registry
+
+    if isinstance(model, LoadedModel):
+        return bool(model.blocks)
+    return (isinstance(model, str) and registry.is_registered(model)) or Path(model).suffix.lower() == ".gguf"
+
+
 def load_model(model: str | os.PathLike[str], dtype: torch.dtype = torch.float32, blocks: bool = False) -> LoadedModel:
     """Load a registered model name, a Hugging Face Llama folder or a ``.gguf`` file.
 
     Weights are converted to ``dtype`` (GGUF quantized tensors are dequantized first). With ``blocks``,
-    a GGUF file's block-quantized matrices are also kept as they are, where this CPU can multiply from
-    them (``LoadedModel.blocks``).
+    a GGUF file's matrices in a block type the CPU kernels read stay in their blocks instead
+    (``LoadedModel.blocks``, mapped from the file).
     """
     # Imported here because these modules import ModelLoadError and weight_shapes from this one.
     from gllm.loader import gguf_file, hf, registry

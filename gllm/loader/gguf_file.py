@@ -1,7 +1,10 @@
-"""Load a llama.cpp GGUF file: metadata becomes a `ModelConfig`, tensors become dequantized HF-named weights.
+"""Load a llama.cpp GGUF file: metadata becomes a `ModelConfig`, tensors become HF-named weights.
 
-What each architecture's names and metadata mean is in `gllm.loader.gguf_config`. Named ``gguf_file`` so
-that it does not shadow the ``gguf`` package it reads with.
+Matrices stored in a block type the CPU kernels read (``gllm.ops.block_linear``) can stay in their blocks,
+mapped from the file: no copy is made and nothing is dequantized, so a loaded model takes about its
+file's size in memory. Everything else is dequantized. What each architecture's names and metadata mean
+is in `gllm.loader.gguf_config`. Named ``gguf_file`` so that it does not shadow the ``gguf`` package it
+reads with.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from gllm.config import ModelConfig
 from gllm.loader import LoadedModel, ModelLoadError, cache, check_shape, weight_shapes
 from gllm.loader.gguf_config import Architecture, architecture, read_config
 from gllm.loader.gguf_index import GGUFIndex, TensorEntry
-from gllm.ops.linear import BLOCK_TYPES, BlockWeight, block_products_supported
+from gllm.ops import block_linear
+from gllm.ops.block_linear import BlockWeight
 from gllm.tokenizer import Tokenizer
 
 
 
 def load_gguf(path: Path, dtype: torch.dtype, name: str | None = None, blocks: bool = False) -> LoadedModel:
     """Read config, weights and (when the file has one) tokenizer from one GGUF file; with ``blocks``,
-    also the raw blocks of the matrices this CPU can multiply from (in bfloat16).
+    the matrices this CPU can multiply from stay in their blocks (``LoadedModel.blocks``), and only the
+    rest is dequantized into ``LoadedModel.weights``.
 
     The file's index and tokenizer are cached after the first load (`gllm.loader.cache`).
     """
@@ -93,32 +98,35 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _read_weights(
     index: GGUFIndex, arch: Architecture, config: ModelConfig, path: Path, dtype: torch.dtype, with_blocks: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, BlockWeight]]:
-    """Every weight dequantized to ``dtype``; and, ``with_blocks`` in bfloat16 on a CPU that can multiply
-    from them, the raw blocks of the matrices stored in a block type it reads (``BLOCK_TYPES``), rows in
-    the same order as the dequantized weights."""
+    """Every weight dequantized to ``dtype``, except, ``with_blocks``, the matrices in a block type the
+    kernels read: those come as blocks, rows in the same order as the dequantized weights would be."""
     by_hf_name = {hf: t for t in index.tensors if (hf := arch.hf_name(t.name)) is not None}
     weights: dict[str, torch.Tensor] = {}
     blocks: dict[str, BlockWeight] = {}
-    keep_blocks = with_blocks and dtype == torch.bfloat16 and block_products_supported()
-    shapes = weight_shapes(config)
-    for name, shape in tqdm(shapes.items(), desc="loading weights", unit="tensor", disable=None):
+    keep_blocks = with_blocks and block_linear.available()
+    for name, shape in tqdm(weight_shapes(config).items(), desc="loading weights", unit="tensor", disable=None):
         tensor = by_hf_name.get(name)
         if tensor is None:
             raise ModelLoadError(f"{path}: missing tensor {name} ({arch.gguf_name(name)} in GGUF)")
         check_shape(path, f"{tensor.name} ({name})", tuple(int(d) for d in reversed(tensor.shape)), shape)
-        weight = _dequantize(index, tensor, path)
-        kind = tensor.tensor_type.name
-        raw = None
-        if keep_blocks and kind in BLOCK_TYPES and len(shape) == 2:
-            raw = torch.from_numpy(np.array(index.data(tensor))).view(shape[0], shape[1] // 32, BLOCK_TYPES[kind][1])
+        heads = None
         if arch.permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
-            weight = unpermute_qk(weight, heads)
-            raw = None if raw is None else unpermute_qk(raw.reshape(shape[0], -1), heads).view(raw.shape)
-        weights[name] = weight.to(dtype)
-        if raw is not None:
-            blocks[name] = BlockWeight(kind, raw)
+        kind = tensor.tensor_type.name
+        if keep_blocks and len(shape) == 2 and block_linear.kernel_type(kind):
+            blocks[name] = BlockWeight(kind, _block_rows(index, tensor, heads))
+            continue
+        weight = _dequantize(index, tensor, path)
+        weights[name] = (weight if heads is None else unpermute_qk(weight, heads)).to(dtype)
     return weights, blocks
+
+
+def _block_rows(index: GGUFIndex, tensor: TensorEntry, heads: int | None) -> torch.Tensor:
+    """The tensor's blocks ``[rows, row bytes]``: a view of the mapped file, or for Q and K (whose rows
+    are reordered, ``unpermute_qk``) a copy read from the file without mapping its pages."""
+    if heads is None:
+        return torch.from_numpy(index.data(tensor))
+    return unpermute_qk(torch.from_numpy(index.read(tensor)), heads)
 
 
 def _dequantize(index: GGUFIndex, tensor: TensorEntry, path: Path) -> torch.Tensor:

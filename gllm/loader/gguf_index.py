@@ -66,10 +66,21 @@ class GGUFIndex:
         return cls(path, dict(value["meta"]), tensors)
 
     def data(self, tensor: TensorEntry) -> np.ndarray:
-        """The tensor's bytes, memory-mapped read-only, shaped as `GGUFReader` gives them."""
+        """The tensor's bytes, memory-mapped copy-on-write (pages are read from the file when touched and
+        shared with the page cache), shaped as `GGUFReader` gives them."""
         if self._map is None:
-            self._map = np.memmap(self.path, mode="r")
+            self._map = np.memmap(self.path, mode="c")
         dtype = np.dtype(tensor.dtype)
-        size = int(np.prod(tensor.data_shape)) * dtype.itemsize
-        raw = np.asarray(self._map[tensor.offset : tensor.offset + size])  # a plain array: slices of a
-        return raw.view(dtype).reshape(tensor.data_shape)  # memmap each cost a Python-level finalizer
+        raw = np.asarray(self._map[tensor.offset : tensor.offset + self._size(tensor)])  # a plain array: slices
+        return raw.view(dtype).reshape(tensor.data_shape)  # of a memmap each cost a Python-level finalizer
+
+    def read(self, tensor: TensorEntry) -> np.ndarray:
+        """A copy of the tensor's bytes read from the file (its pages are not mapped into this process)."""
+        with open(self.path, "rb") as f:
+            f.seek(tensor.offset)
+            raw = np.fromfile(f, dtype=np.uint8, count=self._size(tensor))
+        return raw.view(np.dtype(tensor.dtype)).reshape(tensor.data_shape)
+
+    @staticmethod
+    def _size(tensor: TensorEntry) -> int:
+        return int(np.prod(tensor.data_shape)) * np.dtype(tensor.dtype).itemsize

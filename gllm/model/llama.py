@@ -18,6 +18,8 @@ measurable part of a single stream's step on the CPU (``benchmarks/cpu_step.py``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -25,8 +27,9 @@ from gllm.config import ModelConfig
 from gllm.model.rope import RotaryEmbedding, query_scales, rotary_row_order
 from gllm.ops import AttentionMetadata
 from gllm.ops.backend import BACKENDS, AttentionBackend
+from gllm.ops.block_linear import BlockEmbedding, BlockLinear, BlockWeight
 from gllm.ops.invariant import Product, dense
-from gllm.ops.linear import BlockLinear, BlockWeight, Kernel, block_products_supported, make_kernel
+from gllm.ops.linear import Kernel, make_kernel
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -187,6 +190,7 @@ class LlamaModel(nn.Module):
         self._position_tables(max_positions)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head_kernel: Kernel | None = None
+        self.embed_kernel: BlockEmbedding | None = None
 
     def _position_tables(self, max_positions: int) -> None:
         """What is computed from positions, never loaded: RoPE tables and Ministral 3's query scales."""
@@ -195,12 +199,19 @@ class LlamaModel(nn.Module):
 
     @classmethod
     def empty(
-        cls, cfg: ModelConfig, max_positions: int, attn: AttentionBackend, dtype: torch.dtype, device: torch.device
-    ) -> LlamaModel:
+        cls, cfg: ModelConfig, max_positions: int, attn: AttentionBackend, dtype: torch.dtype, device: torch.device,
+        blocks: dict[str, BlockWeight] | None = None,
+    ) -> LlamaModel:  # fmt: skip
         """A model in ``dtype`` on ``device`` whose parameters are allocated but not initialised, for
-        ``load_weights`` to fill: no random initialisation and no float32 copy of every weight first."""
+        ``load_weights`` to fill: no random initialisation and no float32 copy of every weight first.
+
+        ``blocks`` (Hugging Face names, as ``LoadedModel.blocks``; CPU only): each matrix whose every part
+        is among them multiplies straight from them (``BlockLinear``), and a block-quantized embedding is
+        looked up from its blocks: those get no dense weight at all."""
         with torch.device("meta"):
             net = cls(cfg, max_positions, attn).to(dtype)
+        if blocks:
+            net._use_blocks(blocks, dtype)
         net.to_empty(device=device)
         net._position_tables(max_positions)  # computed, not loaded
         net.ropes.to(device, dtype)
@@ -218,7 +229,8 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Run ``T`` packed tokens through the network; return float32 logits for ``logits_indices`` only."""
-        x, residual = self.embed_tokens(input_ids), None
+        x = self.embed_tokens(input_ids) if self.embed_kernel is None else self.embed_kernel(input_ids)
+        residual = None
         if self.config.embedding_multiplier != 1.0:  # in the model's dtype, as Gemma does
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         tables = {kind: rope.tables(positions, x.dtype) for kind, rope in self.ropes.items()}
@@ -240,53 +252,65 @@ class LlamaModel(nn.Module):
     def products(self) -> list[tuple[Product, int, torch.dtype]]:
         """One of each kind and shape of matrix product the model runs, with its input width and dtype
         (for ``gllm.ops.invariant.probe_mode``)."""
-        dtype, found = self.embed_tokens.weight.dtype, {}
+        dtype, found = self.norm.weight.dtype, {}
         for module in self.modules():
             if isinstance(module, Linear):
                 found.setdefault((type(module.kernel), module.in_features, module.out_features), module)
         return [(product, key[1], dtype) for key, product in found.items()] + [(self.head, self.config.hidden_size, dtype)]
 
-    def pack_weights(self, quantize: str | None = None, blocks: dict[str, BlockWeight] | None = None) -> None:
-        """Repack every matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after loading).
-
-        The dense copies of the layers' weights are dropped; the embedding stays (a tied head packs a copy).
-        ``blocks`` (Hugging Face names, as ``LoadedModel.blocks``) are the block-quantized originals of
-        those weights: where the CPU can multiply from them, decode steps read those instead.
-        """
-        sources = self._block_sources(blocks or {}) if blocks and block_products_supported() else {}
-        for name, module in self.named_modules():
-            if isinstance(module, Linear):
+    def pack_weights(self, quantize: str | None = None) -> None:
+        """Repack every dense matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after
+        loading, bfloat16). The dense copies of the layers' weights are dropped; the embedding stays (a
+        tied head packs a copy). Matrices that multiply from blocks are left as they are."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.weight is not None:
                 module.kernel = make_kernel(module.weight.detach(), quantize)
                 module.weight = None
-                if (source := sources.get(name)) is not None:
-                    module.kernel = BlockLinear(source, module.kernel)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.head_kernel = make_kernel(head.detach(), quantize)
-        if self.lm_head is not None:
-            self.lm_head.weight = None
-        if (source := sources.get("head")) is not None:
-            self.head_kernel = BlockLinear(source, self.head_kernel)
+        if self.head_kernel is None:
+            head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            self.head_kernel = make_kernel(head.detach(), quantize)
+            if self.lm_head is not None:
+                self.lm_head.weight = None
 
-    def _block_sources(self, blocks: dict[str, BlockWeight]) -> dict[str, BlockWeight]:
-        """This model's matrices (module names, ``head``) whose every part comes in blocks of one kind."""
+    def _use_blocks(self, blocks: dict[str, BlockWeight], dtype: torch.dtype) -> None:
+        """Hand matrices whose parts all come in blocks to ``BlockLinear`` (the head returns float32
+        logits straight away), and a block-quantized embedding to ``BlockEmbedding``; drop their weights."""
+        for module_name, parts in self._block_sources(blocks).items():
+            if module_name == "head":
+                self.head_kernel = BlockLinear(parts, out_dtype=torch.float32)
+                if self.lm_head is not None:
+                    self.lm_head.weight = None
+            else:
+                module = self.get_submodule(module_name)
+                module.kernel, module.weight = BlockLinear(parts), None
+        if (embedding := blocks.get("model.embed_tokens.weight")) is not None:
+            self.embed_kernel = BlockEmbedding(embedding, dtype)
+            self.embed_tokens.weight = None
+
+    def _block_sources(self, blocks: dict[str, BlockWeight]) -> dict[str, list[BlockWeight]]:
+        """This model's matrices (module names, ``head``) whose every part comes in blocks, as the parts
+        ``BlockLinear`` concatenates (rows in this model's order; the parts may differ in type)."""
         raw = {name: b.blocks for name, b in blocks.items()}
-        kinds = {name: b.kind for name, b in blocks.items()}
         head = "model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
         sources = {"head": [blocks[head]]} if head in blocks else {}
         for i in range(self.config.num_layers):
             p, ours = f"model.layers.{i}.", f"layers.{i}."
-            matrices = {
-                "self_attn.qkv_proj": (self._qkv_names(p, "weight"), self._qkv_rows),
-                "self_attn.o_proj": ([p + "self_attn.o_proj.weight"], None),
-                "mlp.gate_up_proj": (self._gate_up_names(p), self._gate_up_rows),
-                "mlp.down_proj": ([p + "mlp.down_proj.weight"], None),
-            }
-            for module, (names, rows) in matrices.items():
-                if all(n in raw for n in names) and len({kinds[n] for n in names}) == 1:
+            for module, (names, rows) in self._matrices(p).items():
+                if all(n in raw for n in names):
                     parts = rows(raw, names) if rows else [raw[n] for n in names]
-                    sources[ours + module] = [BlockWeight(kinds[names[0]], part) for part in parts]
-        joined = {module: BlockWeight.cat(parts) for module, parts in sources.items()}
-        return {module: w for module, w in joined.items() if w is not None and w.blocks.shape[0] % 16 == 0}
+                    kinds = [blocks[n].kind for n in names] if len(names) == len(parts) else [blocks[names[0]].kind] * len(parts)
+                    sources[ours + module] = [BlockWeight(kind, part) for kind, part in zip(kinds, parts)]
+        return sources
+
+    def _matrices(self, p: str) -> dict[str, tuple[list[str], Callable | None]]:
+        """A layer's matrix products (``p``: its Hugging Face prefix): the checkpoint names each joins, and
+        how their rows become this model's (None: as they are)."""
+        return {
+            "self_attn.qkv_proj": (self._qkv_names(p, "weight"), self._qkv_rows),
+            "self_attn.o_proj": ([p + "self_attn.o_proj.weight"], None),
+            "mlp.gate_up_proj": (self._gate_up_names(p), self._gate_up_rows),
+            "mlp.down_proj": ([p + "mlp.down_proj.weight"], None),
+        }
 
     def _qkv_names(self, p: str, suffix: str) -> list[str]:
         if self.config.fused_checkpoint:
@@ -318,26 +342,38 @@ class LlamaModel(nn.Module):
         order = rotary_row_order(cfg.head_dim, cfg.rotary_dim).to(rows.device)
         return rows.reshape(heads, cfg.head_dim, *rows.shape[1:]).index_select(1, order).reshape(rows.shape)
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take Hugging Face-named tensors (``gllm.loader.weight_shapes``), fusing Q/K/V and gate/up."""
-        own = self.state_dict()
-        cfg = self.config
+    def load_weights(self, weights: dict[str, torch.Tensor], blocks: dict[str, BlockWeight] | None = None) -> None:
+        """Take Hugging Face-named tensors (``gllm.loader.weight_shapes``), fusing Q/K/V and gate/up. Matrices
+        that multiply from ``blocks`` have no dense weight to fill; a part that came in blocks but whose
+        matrix is dense (its other parts are not in blocks) is dequantized here."""
+        own, cfg = self.state_dict(), self.config
+        source = _Dense(weights, blocks or {})
         for i in range(cfg.num_layers):
             p, ours = f"model.layers.{i}.", f"layers.{i}."
-            for part in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-                qkv = self._qkv_rows(weights, self._qkv_names(p, part))
-                own[f"{ours}self_attn.qkv_proj.{part}"].copy_(torch.cat(qkv))
-            own[ours + "self_attn.o_proj.weight"].copy_(weights[p + "self_attn.o_proj.weight"])
-            gate_up = self._gate_up_names(p)
-            own[ours + "mlp.gate_up_proj.weight"].copy_(torch.cat(self._gate_up_rows(weights, gate_up)))
-            own[ours + "mlp.down_proj.weight"].copy_(weights[p + "mlp.down_proj.weight"])
+            for module, (names, rows) in self._matrices(p).items():
+                if ours + module + ".weight" in own:
+                    parts = rows(source, names) if rows else [source[n] for n in names]
+                    own[ours + module + ".weight"].copy_(torch.cat(parts))
+            if cfg.qkv_bias:
+                own[ours + "self_attn.qkv_proj.bias"].copy_(torch.cat(self._qkv_rows(weights, self._qkv_names(p, "bias"))))
             for norm in cfg.layer_norms():
                 weight = weights[p + norm + ".weight"]
                 if norm.startswith("self_attn."):  # q/k norms act on head dimensions
                     weight = self._rotary_rows(weight, 1)
                 own[ours + norm + ".weight"].copy_(weight)
-        own["embed_tokens.weight"].copy_(weights["model.embed_tokens.weight"])
+        if "embed_tokens.weight" in own:
+            own["embed_tokens.weight"].copy_(source["model.embed_tokens.weight"])
         own["norm.weight"].copy_(weights["model.norm.weight"])
-        if self.lm_head is not None:
-            own["lm_head.weight"].copy_(weights["lm_head.weight"])
+        if "lm_head.weight" in own:
+            own["lm_head.weight"].copy_(source["lm_head.weight"])
 
+
+class _Dense(dict):
+    """Weights by name; one that came only in blocks is dequantized when asked for (and not kept)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], blocks: dict[str, BlockWeight]):
+        super().__init__(weights)
+        self.blocks = blocks
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        return self.blocks[name].dequantize()

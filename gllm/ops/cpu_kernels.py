@@ -7,45 +7,24 @@ place and do each element-wise step in one pass. Their contracts are those of th
 ``gllm.ops.elementwise`` and of ``gllm.ops.attention.decode_attention``; they take float32 and bfloat16
 tensors (anything else goes to the torch function).
 
-The sources (this file's ``cpu_kernels.cpp`` and ``block_matmul.cpp``, the products from llama.cpp
-blocks that ``gllm.ops.linear.BlockLinear`` calls) are compiled on first use with the system's C++
-compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this machine's CPU, about 9 s, and kept in
-the cache folder of ``gllm.loader.cache`` (a folder in the temporary directory when caching is off), so
-later processes load them at once. Without a compiler, or when the build fails, ``available()`` is
-False and the engine's ``auto`` backend uses plain torch. ``GLLM_CPU_KERNELS=0`` turns them off.
+The library (``cpu_build``: compiled on first use for this machine's CPU and kept in the cache folder)
+also holds the quantized matrix products of ``gllm.ops.block_linear``. Without a compiler, or when the
+build fails, ``available()`` is False and the engine's ``auto`` backend uses plain torch.
+``GLLM_CPU_KERNELS=0`` turns them off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import getpass
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from gllm.loader.cache import cache_dir
+from gllm.ops import cpu_build
 from gllm.ops.attention import decode_attention, decode_rows_one_by_one, paged_attention
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.elementwise import torch_add_rms_norm, torch_gelu_tanh_mul, torch_rope_write_kv, torch_silu_mul
 
-log = logging.getLogger(__name__)
-
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "block_matmul.cpp")]
-FLAG_SETS = (  # tried in turn: the first that builds wins
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3", "-march=native"],
-    ["-O3"],
-)
-COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # those decode_attention is compiled for
 
@@ -57,79 +36,14 @@ SIGNATURES = {  # name: argument types, result type, dtypes it is compiled for
     "rope_write_kv": ([_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT], None, SUFFIX),
     "decode_attention": ([_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _I64, _FLOAT, _INT], _INT, SUFFIX),
     "argmax_logsumexp": ([_PTR] + [_I64] * 3 + [_PTR, _PTR, _INT], None, [torch.float32]),
-    "block_matmul": ([_INT, _PTR] + [_I64] * 3 + [_PTR] * 4 + [_INT], _INT, [torch.bfloat16]),
 }
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags (Linux), else the platform."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine() + platform.processor()
-    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
-
-
-def _build(compiler: str, folder: Path) -> Path | None:
-    """Compile the sources into ``folder``, named by a hash of sources, compiler, flags and CPU (a cache
-    folder shared by several machines keeps one build per kind of CPU); None on failure."""
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
-    for flags in FLAG_SETS:
-        text = "\0".join([compiler, *flags, *COMMON_FLAGS, _cpu()])
-        key = hashlib.sha256(source + text.encode()).hexdigest()[:16]
-        target = folder / f"cpu_kernels-{key}.so"
-        if target.exists():
-            return target
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{target.name}.{os.getpid()}"
-        cmd = [compiler, *flags, *COMMON_FLAGS, *map(str, SOURCES), "-o", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, target)  # whole or not at all: another process may be loading it
-            return target
-        tmp.unlink(missing_ok=True)
-        log.debug("building CPU kernels with %s failed:\n%s", " ".join(cmd), done.stderr)
-    return None
-
-
-def _load(compiler: str, folder: Path) -> ctypes.CDLL | None:
-    """The built library, loaded; a cached build that does not load (a damaged file) is built again once."""
-    path = _build(compiler, folder)
-    if path is None:
-        return None
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-        path = _build(compiler, folder)
-        return None if path is None else ctypes.CDLL(str(path))
 
 
 @functools.cache
 def kernels() -> dict[tuple[str, torch.dtype | None], ctypes._CFuncPtr]:
     """The compiled kernels by (name, dtype), built on first call; empty when they are off or cannot be built."""
-    if os.environ.get("GLLM_CPU_KERNELS", "1") == "0":
-        return {}
-    compiler = _compiler()
-    if compiler is None:
-        log.warning("no C++ compiler found: the CPU runs plain torch ops (slower); set CXX to enable its kernels")
-        return {}
-    folder = cache_dir()  # with caching off, one folder per user in the temporary directory
-    folder = Path(tempfile.gettempdir()) / f"gllm-kernels-{getpass.getuser()}" if folder is None else folder / "kernels"
-    try:
-        lib = _load(compiler, folder)
-    except OSError as err:
-        log.warning("the CPU kernels could not be built or loaded (%s): using plain torch ops", err)
-        return {}
+    lib = cpu_build.library()
     if lib is None:
-        log.warning("building the CPU kernels with %s failed: using plain torch ops", compiler)
         return {}
     table = {}
     for name, (args, result, dtypes) in SIGNATURES.items():
@@ -137,8 +51,6 @@ def kernels() -> dict[tuple[str, torch.dtype | None], ctypes._CFuncPtr]:
             fn = getattr(lib, f"{name}_{SUFFIX[dtype]}")
             fn.argtypes, fn.restype = args, result
             table[name, dtype] = fn
-    if lib.block_matmul_ready():  # AMX compiled in and allowed: products from block-quantized weights
-        table["block_matmul_ready", None] = lib.block_matmul_ready
     return table
 
 

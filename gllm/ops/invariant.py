@@ -14,9 +14,9 @@ count (checked up to 2,100 rows). So a ``RowPlan`` fixes the shapes of the calls
 
 ``probe_plan`` tries them in that order on the model's own products with random rows, and keeps the first
 under which a row computed alone, and first or last in calls of other sizes, gives the same bits.
-Products from llama.cpp blocks are invariant by construction (each output sums its blocks in one order,
-whatever the rows) as long as every call goes to the block kernel: under any plan they run in slices of
-at most 64 rows instead of handing long inputs to the dense kernel.
+Products from llama.cpp blocks (``gllm.ops.block_linear``) are invariant by construction: each row's
+activations are quantized alone and each output sums its blocks in one order, whatever the other rows;
+on AMX, whose tiles take calls of up to 64 rows, a plan slices longer inputs so every row takes that path.
 """
 
 from __future__ import annotations

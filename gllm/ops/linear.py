@@ -5,10 +5,8 @@ single row. Packing the weight once into oneDNN's blocked layout lets every late
 AMX / AVX512-BF16 kernels: on a 2-core Xeon (SmolLM2-135M shapes) about 1.5x faster than ``F.linear`` for
 one row and 2x for 16 rows. The results are those of ``F.linear`` in bfloat16.
 
-Weights that come as llama.cpp blocks (Q4_0, Q4_1, Q8_0 in a GGUF file) can stay in them: on a CPU with
-AMX, ``BlockLinear`` multiplies steps of up to 64 rows straight from the blocks (``block_matmul.cpp``),
-reading a third to a half of the bytes of bfloat16 weights for the same bfloat16 results; larger steps
-(prompts) use the packed bfloat16 copy.
+Weights that come as llama.cpp blocks (a GGUF file) are not packed here: ``gllm.ops.block_linear``
+multiplies straight from the blocks.
 
 Weight-only int8 (``quantize="int8"``) keeps a per-output-channel int8 copy of each weight and uses
 torch's int8 matrix-vector kernel when a step has only a few rows (one stream decoding: reading the
@@ -19,11 +17,9 @@ that kernel is slower. Values change slightly: ``benchmarks/quality.py`` measure
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from gllm.ops import cpu_kernels
 from gllm.ops.invariant import current_plan, invariant_rows
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -89,78 +85,6 @@ class Int8Linear:
         lead = x.shape[:-1]
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.qweight, self.scales)
         return y.view(*lead, self.qweight.shape[0])
-
-
-# llama.cpp block types a decode step can read in place: kernel id, bytes per block of 32 values, and
-# where its parts lie in a block (float16 scale, float16 minimum for Q4_1, then the quants).
-BLOCK_TYPES = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q8_0": (2, 34)}
-BLOCK_MAX_ROWS = 64
-
-
-@dataclass
-class BlockWeight:
-    """A weight in llama.cpp's blocks: ``blocks [rows, cols / 32, bytes per block]`` uint8, as in the file."""
-
-    kind: str
-    blocks: torch.Tensor
-
-    @staticmethod
-    def cat(parts: list[BlockWeight]) -> BlockWeight | None:
-        """The blocks of the row-wise concatenation (a fused Q/K/V or gate/up), or None if the kinds differ."""
-        if len({p.kind for p in parts}) != 1:
-            return None
-        return BlockWeight(parts[0].kind, torch.cat([p.blocks for p in parts]))
-
-
-def block_products_supported() -> bool:
-    """Whether this CPU and build can multiply straight from block-quantized weights (AMX)."""
-    return ("block_matmul_ready", None) in cpu_kernels.kernels()
-
-
-class BlockLinear:
-    """``x @ weight.T`` from a ``BlockWeight`` for steps of up to 64 rows; ``dense`` for larger ones (in a
-    batch-invariant plan, ``gllm.ops.invariant``, larger ones go to the blocks too, 64 rows at a time).
-
-    The blocks are regrouped once, tile by tile (16 rows by one block), so that the kernel streams them
-    in order: quants ``[tiles, blocks, 16, bytes]``, scales and minimums ``[tiles, blocks, 16]`` float16.
-    """
-
-    def __init__(self, weight: BlockWeight, dense: Kernel):
-        self.kind, bytes_per_block = BLOCK_TYPES[weight.kind]
-        rows, cols, width = weight.blocks.shape
-        assert width == bytes_per_block and rows % 16 == 0
-        self.out_features, self.in_features = rows, cols * 32
-        tiles = weight.blocks.reshape(rows // 16, 16, cols, width).transpose(1, 2)  # [tiles, blocks, 16, bytes]
-        quant_start = 4 if weight.kind == "Q4_1" else 2
-
-        def halves(start: int) -> torch.Tensor:  # a float16 field of every block, as raw int16
-            return tiles[..., start : start + 2].contiguous().view(torch.int16).squeeze(-1).contiguous()
-
-        self.scales = halves(0)
-        self.mins = halves(2) if weight.kind == "Q4_1" else self.scales
-        self.quants = tiles[..., quant_start:].contiguous()
-        self.dense = dense
-        self.matmul = cpu_kernels.kernels()["block_matmul", torch.bfloat16]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        rows = flat.shape[0]
-        if rows == 0 or x.dtype != torch.bfloat16:
-            return self.dense(x)
-        if rows > BLOCK_MAX_ROWS:  # batch-invariant: every row through the blocks, in slices
-            if current_plan() is None:
-                return self.dense(x)
-            return torch.cat([self._product(part) for part in flat.split(BLOCK_MAX_ROWS)]).view(*lead, -1)
-        return self._product(flat).view(*lead, self.out_features)
-
-    def _product(self, flat: torch.Tensor) -> torch.Tensor:
-        rows = flat.shape[0]
-        flat = flat.contiguous()
-        y = torch.empty(rows, self.out_features, dtype=torch.bfloat16)
-        done = self.matmul(self.kind, flat.data_ptr(), rows, self.in_features, self.out_features, self.quants.data_ptr(),
-                           self.scales.data_ptr(), self.mins.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
-        assert done, "block_matmul refused a shape it was built for"
-        return y
 
 
 def make_kernel(weight: torch.Tensor, quantize: str | None) -> Kernel:
