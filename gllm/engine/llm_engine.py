@@ -21,6 +21,7 @@ from gllm.engine.streaming import AsyncDriver
 from gllm.kv import BlockManager, allocate_kv_cache, bytes_per_block
 from gllm.loader import LoadedModel, load_model
 from gllm.loader.registry import DEFAULT_MODEL
+from gllm.lora import AdapterRegistry, LoraAdapter
 from gllm.model import LlamaModel
 from gllm.ops.backend import select_backend
 from gllm.ops.linear import packing_supported
@@ -76,12 +77,14 @@ class LLMEngine(AsyncDriver):
         cuda_graphs: bool = True,
         quantize: str | None = None,
         overlap: bool | None = None,
+        adapters: dict[str, str | Path] | None = None,
     ):
         """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
         ``torch.float32`` is exact against the reference. ``quantize="int8"`` (CPU, bfloat16) stores
         weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``). Without it, on a
         CPU with AMX in bfloat16, a GGUF model's Q4_0 / Q4_1 / Q8_0 matrices are kept in their blocks and
-        decode steps multiply from them (same results as the dequantized weights, a third of the bytes)."""
+        decode steps multiply from them (same results as the dequantized weights, a third of the bytes).
+        ``adapters``: LoRA adapters to load at start, ``{name: path}`` (see ``load_adapter``)."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
@@ -110,6 +113,9 @@ class LLMEngine(AsyncDriver):
         # One block more than the pool hands out: the scratch block that CUDA graphs' padding rows write to.
         kv = allocate_kv_cache(cfg, num_blocks + 1, params.block_size, dtype, self.device)
         self.runner = ModelRunner(self.model, kv, params.block_size, self.device)
+        self.adapters = self.runner.adapters = AdapterRegistry(self.model, cfg, dtype, self.device)
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, path)
         if cuda_graphs and self.device.type == "cuda":
             self.runner.capture_graphs(num_blocks, params.max_batch_size, self.max_seq_len)
         # Queue each decode step before reading the last one's tokens (``step``); it pays where the device
@@ -174,9 +180,22 @@ class LLMEngine(AsyncDriver):
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
+    def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """Load a LoRA adapter (a PEFT folder or a GGUF LoRA file) that requests can then name. A file
+        that does not fit the model raises ``gllm.lora.AdapterError`` (a ``ValueError``), changing nothing."""
+        return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter: new requests can no longer name it; running ones finish with it."""
+        self.adapters.unload(name)
+
+    def _adapter(self, name: str | None) -> LoraAdapter | None:
+        return None if name is None else self.adapters.get(name)
+
     def add_request(self, req: GenerationRequest) -> str:
         """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
         req.validate()
+        adapter = self._adapter(req.adapter)
         ids = self.prompt_ids(req)
         max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
         self._check_room(max_tokens)
@@ -196,6 +215,7 @@ class LLMEngine(AsyncDriver):
                 eos_token_ids=eos,
                 fork_index=i,
                 logits_from=0 if req.prompt_logprobs else None,
+                adapter=adapter,
             ))
         seqs[0].pending_forks = seqs[1:]
         self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs))
@@ -204,6 +224,7 @@ class LLMEngine(AsyncDriver):
     def add_score(self, req: ScoreRequest) -> str:
         """Validate and queue a score request; returns its id. See ``gllm.engine.scoring`` for tokenization."""
         req.validate()
+        adapter = self._adapter(req.adapter)
         prompt = self.prompt_ids(req)
         targets, texts = [], []
         for c in req.candidates:
@@ -223,7 +244,7 @@ class LLMEngine(AsyncDriver):
         self._check_room(longest)
         request_id = self._new_request_id(req.request_id)
         common = dict(num_prompt_tokens=len(prompt), max_tokens=longest, sampling=SamplingRow(0.0),
-                      priority=req.priority, samples=False)
+                      priority=req.priority, samples=False, adapter=adapter)
         parent = Sequence(request_id=request_id, token_ids=list(prompt), arrival=next(self._arrivals), **common)
         cands = [
             Sequence(request_id=f"{request_id}#{i}", token_ids=prompt + t[:-1], arrival=next(self._arrivals),
@@ -281,7 +302,8 @@ class LLMEngine(AsyncDriver):
         for c in plan.chunks:
             c.seq.scheduled_time = c.seq.scheduled_time or now
         chunks = [
-            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits)
+            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table,
+                       c.num_logits, c.seq.adapter)
             for c in plan.chunks
         ]
         self._counters["steps"] += 1

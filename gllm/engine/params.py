@@ -51,6 +51,7 @@ class GenerationRequest:
     n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
     request_id: str | None = None  # assigned by the engine when missing
+    adapter: str | None = None  # name of a loaded LoRA adapter to apply (``LLMEngine.load_adapter``)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is wrong."""
@@ -75,6 +76,8 @@ class GenerationRequest:
             not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)
         ):
             raise ValueError("stop must be a list of non-empty strings")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError("adapter must be the name of a loaded adapter (a string)")
 
 
 @dataclass

@@ -96,7 +96,8 @@ class Scheduler:
                 i += 1
         if not plan.preempted:
             budget = self._admit(plan, budget)
-        plan.chunks.sort(key=lambda c: c.num_tokens > 1)
+        # decodes first; rows of one LoRA adapter side by side, so that they form one group (gllm.lora)
+        plan.chunks.sort(key=lambda c: (c.num_tokens > 1, c.seq.cache_namespace))
         return plan
 
     def plan_ahead(self, plan: SchedulePlan) -> SchedulePlan | None:
@@ -130,7 +131,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0][1]
             if seq.num_computed_tokens == 0 and not seq.block_table:
-                seq.block_table, seq.block_keys = self.blocks.match_prefix(seq.token_ids[: seq.cache_limit])
+                seq.block_table, seq.block_keys = self.blocks.match_prefix(
+                    seq.token_ids[: seq.cache_limit], seq.cache_namespace
+                )
                 seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
                 if seq.num_tokens == seq.num_prompt_tokens:  # cache hits count only for a fresh prompt
                     seq.num_cached_tokens = seq.num_computed_tokens
@@ -171,7 +174,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # finished by an abort during the step
             seq.num_computed_tokens += chunk.num_tokens
-            self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens)
+            self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens, seq.cache_namespace)
             if not chunk.completes:
                 continue
             for child in seq.pending_forks:

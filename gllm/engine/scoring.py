@@ -22,6 +22,7 @@ class ScoreRequest:
     candidates: list[str | list[int]] = field(default_factory=list)
     priority: int = 0
     request_id: str | None = None
+    adapter: str | None = None  # name of a loaded LoRA adapter to score under
 
     def validate(self) -> None:
         given = [n for n in ("prompt", "messages", "prompt_token_ids") if getattr(self, n) is not None]
@@ -35,6 +36,8 @@ class ScoreRequest:
                     raise ValueError(f"candidate {i} is an empty string")
             elif not isinstance(c, list) or not c or not all(isinstance(t, int) for t in c):
                 raise ValueError(f"candidate {i} must be a non-empty string or a non-empty list of token ids")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError("adapter must be the name of a loaded adapter (a string)")
 
 
 @dataclass

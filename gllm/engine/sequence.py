@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from gllm.kv import BlockKey
+from gllm.lora import LoraAdapter
 from gllm.sample import SamplingRow
 
 
@@ -44,6 +45,7 @@ class Sequence:
     pending_forks: list["Sequence"] = field(default_factory=list)  # start from this one's state once its prompt is done
     samples: bool = True  # False for scoring: the sequence only computes logprobs of given tokens
     logits_from: int | None = None  # every position from here on needs logits (prompt logprobs, scoring)
+    adapter: LoraAdapter | None = None  # the LoRA adapter applied to this sequence's rows
     arrival_time: float = field(default_factory=time.perf_counter)
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -65,6 +67,11 @@ class Sequence:
     def cache_limit(self) -> int:
         """How many leading tokens may come from the prefix cache (positions needing logits must run)."""
         return self.num_tokens if self.logits_from is None else self.logits_from + 1
+
+    @property
+    def cache_namespace(self) -> int:
+        """Prefix-cache namespace: K/V computed under an adapter is shared only with the same adapter."""
+        return 0 if self.adapter is None else self.adapter.uid
 
     @property
     def sort_key(self) -> tuple[int, int]:

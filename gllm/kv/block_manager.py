@@ -20,11 +20,12 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[BlockKey]]:
+    def match_prefix(self, token_ids: list[int], namespace: int = 0) -> tuple[list[int], list[BlockKey]]:
         """Take (reference) the cached blocks of the longest cached prefix of ``token_ids``.
 
         The match covers at most ``len(token_ids) - 1`` tokens, so the last token is always computed and
-        yields logits. Returns the blocks and their keys; the caller owns one reference to each block.
+        yields logits. Only blocks cached under ``namespace`` match (see ``BlockKey``). Returns the blocks
+        and their keys; the caller owns one reference to each block.
         """
         if not self.enable_prefix_caching:
             return [], []
@@ -32,7 +33,7 @@ class BlockManager:
         keys: list[BlockKey] = []
         parent = None
         for start in range(0, len(token_ids) - 1 - self.block_size + 1, self.block_size):
-            key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]))
+            key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]), namespace)
             block = self.pool.lookup(key)
             if block is None:
                 break
@@ -78,14 +79,17 @@ class BlockManager:
             self.pool.incref(block)
         into[:] = block_table
 
-    def commit(self, block_table: list[int], keys: list[BlockKey], token_ids: list[int], num_computed: int) -> None:
-        """Hash and cache every block that is now full of computed tokens (``keys`` grows in place)."""
+    def commit(
+        self, block_table: list[int], keys: list[BlockKey], token_ids: list[int], num_computed: int, namespace: int = 0
+    ) -> None:
+        """Hash and cache every block that is now full of computed tokens (``keys`` grows in place), under
+        ``namespace``."""
         if not self.enable_prefix_caching:
             return
         while (len(keys) + 1) * self.block_size <= num_computed:
             i = len(keys)
             parent = keys[-1].hash if keys else None
-            key = BlockKey(parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
+            key = BlockKey(parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]), namespace)
             self.pool.register(block_table[i], key)
             keys.append(key)
 

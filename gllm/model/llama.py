@@ -7,6 +7,8 @@ gate/up projections are fused into single matrices so each layer does two large 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,14 +34,19 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """A bias-free ``nn.Linear`` whose product can be handed to a repacked kernel (``gllm.ops.linear``)."""
+    """A bias-free ``nn.Linear`` whose product can be handed to a repacked kernel (``gllm.ops.linear``).
+
+    ``lora``, when adapters are loaded (``gllm.lora``), adds per-row low-rank updates beside the base
+    product, whatever kernel computed it: ``lora(x, y)`` returns ``y`` plus the step's updates."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.kernel: Kernel | None = None
+        self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        y = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class Attention(nn.Module):
