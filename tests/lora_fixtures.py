@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 
+import gguf
+import numpy as np
 import peft
+import safetensors.torch
 import torch
 import transformers
 
@@ -48,3 +53,34 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]
     tokens = out.sequences[0, len(prompt) :].tolist()
     logits = torch.cat(out.logits).float()
     return tokens, logits.log_softmax(-1)[torch.arange(len(tokens)), tokens].tolist()
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}  # fmt: skip
+
+
+def llama_cpp_row_order(b: torch.Tensor, heads: int) -> torch.Tensor:
+    """The row order llama.cpp's converters give Q and K projections (and the B of their LoRA pairs):
+    within each head, the two rotary halves interleaved."""
+    rows = b.shape[0]
+    return b.reshape(heads, 2, rows // heads // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
+
+
+def peft_to_gguf(folder: Path, out: Path, heads: int, kv_heads: int, dtype=np.float32, arch: str = "llama") -> None:
+    """Write a PEFT adapter as llama.cpp's GGUF LoRA format (what its convert_lora_to_gguf.py produces)."""
+    alpha = json.loads((folder / "adapter_config.json").read_text())["lora_alpha"]
+    writer = gguf.GGUFWriter(out, arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(alpha))
+    tensors = safetensors.torch.load_file(folder / "adapter_model.safetensors")
+    for name, tensor in sorted(tensors.items()):
+        layer, module, half = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight", name).groups()
+        if half == "B" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+            tensor = llama_cpp_row_order(tensor, heads if module.endswith("q_proj") else kv_heads)
+        writer.add_tensor(f"blk.{layer}.{GGUF_NAMES[module]}.weight.lora_{half.lower()}", tensor.numpy().astype(dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -94,3 +94,23 @@ def test_score_under_an_adapter(gqa_model, tmp_path):
         want = logits.log_softmax(-1)[len(prompt) - 1 : -1].gather(1, torch.tensor(cand)[:, None]).sum().item()
         assert abs(got.logprob - want) < 1e-4
         assert abs(base.logprob - got.logprob) > 1e-3
+
+
+def test_prefix_cache_never_crosses_adapters(gqa_model, tmp_path):
+    folder, hf = gqa_model
+    make_adapter(hf, tmp_path / "a", seed=6)
+    make_adapter(hf, tmp_path / "b", seed=7)
+    prompt = PROMPTS[2]  # 40 tokens: 4 full blocks of 8 can come from the cache (the last token must run)
+    fresh = {name: engine(folder, a=tmp_path / "a", b=tmp_path / "b").generate([greedy(prompt, name)])[0]
+             for name in ("a", "b", None)}  # fmt: skip
+    e = engine(folder, a=tmp_path / "a", b=tmp_path / "b")
+    runs = [(name, e.generate([greedy(prompt, name)])[0]) for name in ("a", "b", None, "a", "b", None)]
+    assert [r.num_cached_tokens for _, r in runs] == [0, 0, 0, 32, 32, 32]
+    for name, result in runs:
+        assert result.token_ids == fresh[name].token_ids  # each its own result, from the cache or not
+    assert e.stats()["cached_prompt_tokens"] == 96
+    # an adapter loaded again under the same name is another adapter: nothing cached before is reused
+    e.unload_adapter("a")
+    e.load_adapter("a", tmp_path / "b")
+    again = e.generate([greedy(prompt, "a")])[0]
+    assert again.num_cached_tokens == 0 and again.token_ids == fresh["b"].token_ids
