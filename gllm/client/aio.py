@@ -69,13 +69,13 @@ class AsyncClient:
                  prompt_token_ids: list[int] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
-                 priority: int | None = None, ignore_eos: bool | None = None,
+                 priority: int | None = None, ignore_eos: bool | None = None, adapter: str | None = None,
                  timeout: float | None = None) -> AsyncStream:
         """A stream of the generation's tokens; the request is sent when the stream is first awaited."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("generate", next(self._ids), **fields, max_tokens=max_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                                  logprobs=logprobs, priority=priority, ignore_eos=ignore_eos)
+                                  logprobs=logprobs, priority=priority, ignore_eos=ignore_eos, adapter=adapter)
         return AsyncStream(self, message, self.timeout if timeout is None else timeout)
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -84,10 +84,11 @@ class AsyncClient:
 
     async def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
                     messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-                    priority: int | None = None, timeout: float | None = None) -> Scores:
+                    priority: int | None = None, adapter: str | None = None, timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        message = request_message("score", next(self._ids), **fields, candidates=candidates, priority=priority)
+        message = request_message("score", next(self._ids), **fields, candidates=candidates, priority=priority,
+                                  adapter=adapter)
         return parse_scores(await self._request(message, timeout))
 
     async def cancel(self, request_id: ClientId) -> None:
@@ -100,6 +101,16 @@ class AsyncClient:
 
     async def info(self, timeout: float | None = None) -> Info:
         return parse_info(await self._request(request_message("info", next(self._ids)), timeout))
+
+    async def load_adapter(self, name: str, path: str, timeout: float | None = None) -> list[str]:
+        """Make the runtime load a LoRA adapter from ``path`` *on its machine*; returns the adapters loaded."""
+        message = request_message("load_adapter", next(self._ids), name=name, path=str(path))
+        return expect(await self._request(message, timeout), "adapters")["adapters"]
+
+    async def unload_adapter(self, name: str, timeout: float | None = None) -> list[str]:
+        """Unload an adapter (running requests finish with it); returns the adapters still loaded."""
+        message = request_message("unload_adapter", next(self._ids), name=name)
+        return expect(await self._request(message, timeout), "adapters")["adapters"]
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip time to the runtime, in seconds."""

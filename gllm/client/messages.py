@@ -98,6 +98,7 @@ class Info:
     protocol_version: int
     stats: dict[str, Any]  # engine and runtime statistics (kv_blocks_in_use, running, waiting, ...)
     limits: dict[str, Any]
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters loaded, by name
 
 
 def prompt_fields(prompt: str | None, messages: list[dict[str, str]] | None,
@@ -172,4 +173,4 @@ def parse_scores(msg: dict[str, Any]) -> Scores:
 def parse_info(msg: dict[str, Any]) -> Info:
     msg = expect(msg, "info")
     return Info(msg["model"], msg["vocab_size"], msg["max_seq_len"], msg["protocol_version"], msg["stats"],
-                msg.get("limits", {}))
+                msg.get("limits", {}), msg.get("adapters") or [])

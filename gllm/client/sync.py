@@ -71,13 +71,13 @@ class Client:
                  prompt_token_ids: list[int] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
-                 priority: int | None = None, ignore_eos: bool | None = None,
+                 priority: int | None = None, ignore_eos: bool | None = None, adapter: str | None = None,
                  timeout: float | None = None) -> Stream:
         """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
-                                ignore_eos=ignore_eos)
+                                ignore_eos=ignore_eos, adapter=adapter)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -86,10 +86,10 @@ class Client:
 
     def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
               messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-              priority: int | None = None, timeout: float | None = None) -> Scores:
+              priority: int | None = None, adapter: str | None = None, timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority)
+        request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority, adapter=adapter)
         return parse_scores(self._reply(request_id, timeout))
 
     def cancel(self, request_id: ClientId) -> None:
@@ -102,6 +102,15 @@ class Client:
     def info(self, timeout: float | None = None) -> Info:
         """Model, limits and live statistics of the runtime."""
         return parse_info(self._reply(self._open("info", timeout), timeout))
+
+    def load_adapter(self, name: str, path: str, timeout: float | None = None) -> list[str]:
+        """Make the runtime load a LoRA adapter from ``path`` *on its machine*; returns the adapters loaded."""
+        return expect(self._reply(self._open("load_adapter", timeout, name=name, path=str(path)), timeout),
+                      "adapters")["adapters"]
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> list[str]:
+        """Unload an adapter (running requests finish with it); returns the adapters still loaded."""
+        return expect(self._reply(self._open("unload_adapter", timeout, name=name), timeout), "adapters")["adapters"]
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time to the runtime, in seconds."""

@@ -46,6 +46,14 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def adapter_arg(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` of ``--adapter``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a PEFT folder or a GGUF LoRA file), got {text!r}")
+    return name, path
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     from gllm.cli import add_model_args
     from gllm.runtime.limits import ServerLimits
@@ -86,6 +94,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         help="client public keys: a file of keys, one a line, or a folder of *.pub files")
     access.add_argument("--insecure", action="store_true",
                         help="serve a non-loopback address without CurveZMQ: anyone who reaches it can use it")
+    p.add_argument("--adapter", type=adapter_arg, action="append", default=[], metavar="NAME=PATH",
+                   help="load a LoRA adapter (PEFT folder or GGUF LoRA file) that requests can name; repeatable")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -127,7 +137,7 @@ def serve(args: argparse.Namespace) -> int:
     params = GeneratorParams(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                              num_kv_blocks=args.kv_blocks, kv_memory=args.kv_memory)
     try:
-        engine = LLMEngine(args.model, params, **engine_options(args))
+        engine = LLMEngine(args.model, params, **engine_options(args), adapters=dict(args.adapter))
     except (ValueError, OSError):
         raise  # they name the file and what is wrong with it; gllm.cli.main prints them as one line
     except Exception as exc:  # anything else while loading (torch, memory): one line too, not a traceback

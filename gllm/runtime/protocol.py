@@ -23,7 +23,7 @@ import msgpack
 PROTOCOL_VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback only, unless the user binds elsewhere
 ERROR_CODES = ("bad_request", "unknown_type", "too_long", "overloaded", "shutting_down", "internal",
-               "slow_client")
+               "slow_client", "forbidden")
 FINISH_REASONS = ("stop", "length", "cancelled")
 # Counters an ``info`` reply's ``stats`` always carries (0 until they first count); more may come with them.
 INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "running", "waiting", "open_requests",
@@ -31,6 +31,8 @@ INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "runnin
               "generated_tokens", "steps", "preemptions")
 
 MAX_ID_CHARS = 256
+MAX_ADAPTER_NAME_CHARS = 64
+MAX_PATH_CHARS = 4096
 MAX_LOGPROBS = 20  # top alternatives per token
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
@@ -178,6 +180,7 @@ class Generate:
     logprobs: int = 0
     priority: int = 0
     ignore_eos: bool = False
+    adapter: str | None = None
 
 
 @dataclass
@@ -188,6 +191,7 @@ class Score:
     prompt_token_ids: list[int] | None = None
     candidates: list[str | list[int]] = field(default_factory=list)
     priority: int = 0
+    adapter: str | None = None
 
 
 @dataclass
@@ -205,7 +209,20 @@ class Ping:
     id: ClientId | None = None
 
 
-Request = Union[Generate, Score, Cancel, Info, Ping]
+@dataclass
+class LoadAdapter:
+    name: str
+    path: str
+    id: ClientId | None = None
+
+
+@dataclass
+class UnloadAdapter:
+    name: str
+    id: ClientId | None = None
+
+
+Request = Union[Generate, Score, Cancel, Info, Ping, LoadAdapter, UnloadAdapter]
 
 _PROMPT_CHECKS: dict[str, Check] = {
     "prompt": string(),
@@ -213,6 +230,7 @@ _PROMPT_CHECKS: dict[str, Check] = {
     "prompt_token_ids": token_ids,
 }
 _PRIORITY = integer(-INT32_MAX - 1, INT32_MAX)
+_ADAPTER = string(MAX_ADAPTER_NAME_CHARS, nonempty=True)
 
 # type -> (dataclass, {field: check}, required fields). Every field a type knows is listed here.
 SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
@@ -228,16 +246,21 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "logprobs": integer(0, MAX_LOGPROBS),
         "priority": _PRIORITY,
         "ignore_eos": boolean,
+        "adapter": _ADAPTER,
     }, ("id",)),
     "score": (Score, {
         "id": client_id,
         **_PROMPT_CHECKS,
         "candidates": array_of(candidate, nonempty=True),
         "priority": _PRIORITY,
+        "adapter": _ADAPTER,
     }, ("id", "candidates")),
     "cancel": (Cancel, {"id": client_id}, ("id",)),
     "info": (Info, {"id": client_id}, ()),
     "ping": (Ping, {"id": client_id}, ()),
+    "load_adapter": (LoadAdapter, {"id": client_id, "name": _ADAPTER, "path": string(MAX_PATH_CHARS, nonempty=True)},
+                     ("name", "path")),
+    "unload_adapter": (UnloadAdapter, {"id": client_id, "name": _ADAPTER}, ("name",)),
 }
 # The envelope field every message carries besides its schema's fields.
 _ENVELOPE = "type"
@@ -355,9 +378,14 @@ def error_message(code: str, message: str, request_id: ClientId | None = None) -
 
 
 def info_message(request_id: ClientId | None, model: str, vocab_size: int, max_seq_len: int,
-                 stats: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+                 stats: dict[str, Any], limits: dict[str, Any], adapters: list[str] = ()) -> dict[str, Any]:
     return {"type": "info", "id": request_id, "model": model, "vocab_size": vocab_size, "max_seq_len": max_seq_len,
-            "protocol_version": PROTOCOL_VERSION, "stats": stats, "limits": limits}
+            "protocol_version": PROTOCOL_VERSION, "stats": stats, "limits": limits, "adapters": list(adapters)}
+
+
+def adapters_message(request_id: ClientId | None, adapters: list[str]) -> dict[str, Any]:
+    """The reply to ``load_adapter`` and ``unload_adapter``: the adapters loaded now, by name."""
+    return {"type": "adapters", "id": request_id, "adapters": adapters}
 
 
 def pong_message(request_id: ClientId | None) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 import zmq
 
 from gllm.engine import GenerationRequest, GenerationResult, LLMEngine, ScoreRequest, ScoreResult, TokenDelta
-from gllm.runtime import admission, protocol
-from gllm.runtime.access import CurveServer
+from gllm.runtime import adapters, admission, protocol
+from gllm.runtime.access import CurveServer, is_local
 from gllm.runtime.connections import ConnectionTracker
 from gllm.runtime.limits import ServerLimits
 from gllm.runtime.outbox import Outboxes
@@ -68,6 +68,7 @@ class Server:
                  context: zmq.Context | None = None, curve: CurveServer | None = None):
         self.engine = engine
         self.limits = limits
+        self.adapter_loading = curve is not None or is_local(endpoint)  # clients make the runtime read files
         self.requests = OpenRequests()
         # A context of its own unless one is given: ending it at shutdown is what makes libzmq deliver the
         # replies still queued in it (within the linger time) before the process leaves.
@@ -245,6 +246,8 @@ class Server:
             self._send(peer, protocol.pong_message(req.id))
         elif isinstance(req, protocol.Info):
             self._send(peer, self._info(req.id))
+        elif isinstance(req, (protocol.LoadAdapter, protocol.UnloadAdapter)):
+            self._send(peer, adapters.handle(self.engine, req, self.adapter_loading))
         elif isinstance(req, protocol.Cancel):
             open_req = self.requests.find(peer, req.id)
             if open_req is not None:  # unknown or finished ids are fine: cancel is idempotent
@@ -268,12 +271,13 @@ class Server:
                 self.engine.add_request(self._tokenized(GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
-                    ignore_eos=req.ignore_eos, request_id=open_req.engine_id), req.id))
+                    ignore_eos=req.ignore_eos, request_id=open_req.engine_id, adapter=req.adapter), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
                 self._check_candidates(req)
                 self.engine.add_score(self._tokenized(ScoreRequest(
-                    **prompt, candidates=req.candidates, priority=req.priority, request_id=open_req.engine_id), req.id))
+                    **prompt, candidates=req.candidates, priority=req.priority, request_id=open_req.engine_id,
+                    adapter=req.adapter), req.id))
         except ValueError as exc:
             raise ProtocolError(engine_error_code(exc), str(exc), req.id) from None
         self.requests.add(open_req)
@@ -306,7 +310,8 @@ class Server:
                  "disconnects": self._counters["disconnects"], "queued_replies": self.outboxes.num_replies,
                  "slow_clients": self._counters["slow_clients"], "gc_frozen_objects": gc.get_freeze_count()}
         return protocol.info_message(request_id, self.engine.model_name, self.engine.config.vocab_size,
-                                     self.engine.max_seq_len, stats, admission.reported(self.limits))
+                                     self.engine.max_seq_len, stats, admission.reported(self.limits),
+                                     adapters.loaded(self.engine))
 
     # ---------------------------------------------------------------------------------- engine output
     def _on_token(self, delta: TokenDelta) -> None:
