@@ -112,27 +112,29 @@ namespace Gllm
             return Generate(Prompt.Chat(messages), options);
         }
 
-        /// <summary>Log-probability of each candidate text as a continuation of the prompt.</summary>
-        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<string> candidates, int? priority = null)
+        /// <summary>Log-probability of each candidate text as a continuation of the prompt (under a loaded
+        /// LoRA adapter when <paramref name="adapter"/> names one).</summary>
+        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<string> candidates, int? priority = null, string adapter = null)
         {
-            return Score(prompt, new List<object>(candidates), priority);
+            return Score(prompt, new List<object>(candidates), priority, adapter);
         }
 
         /// <summary>Log-probability of each candidate, given as token ids.</summary>
-        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<int[]> candidates, int? priority = null)
+        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<int[]> candidates, int? priority = null, string adapter = null)
         {
             var list = new List<object>();
             foreach (int[] ids in candidates) list.Add(ids);
-            return Score(prompt, list, priority);
+            return Score(prompt, list, priority, adapter);
         }
 
-        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority)
+        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority, string adapter)
         {
             long id = NewId();
             var message = Request("score", id);
             prompt.AddTo(message);
             message["candidates"] = candidates;
             if (priority.HasValue) message["priority"] = priority.Value;
+            if (adapter != null) message["adapter"] = adapter;
             var reply = new SingleReply<ScoreResult>("scores", ScoreResult.From, events);
             Open(id, reply, message);
             return reply.Task;

@@ -90,6 +90,8 @@ namespace Gllm
         public int? Logprobs;
         public int? Priority;
         public bool? IgnoreEos;
+        /// <summary>Name of a LoRA adapter loaded in the runtime (a personality, a faction); null: the base model.</summary>
+        public string Adapter;
 
         internal void AddTo(Dictionary<string, object> m)
         {
@@ -102,6 +104,7 @@ namespace Gllm
             Put(m, "logprobs", Logprobs);
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
+            if (Adapter != null) m["adapter"] = Adapter;
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct

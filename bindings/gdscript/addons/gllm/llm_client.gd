@@ -12,7 +12,9 @@ extends Node
 ## for the connection (up to request_timeout_sec). A lost connection fails the open requests with
 ## "disconnected" (the runtime cancels them) and the client reconnects with back-off by itself.
 ## Options are the protocol's own field names (docs/protocol.md): max_tokens, temperature, top_k,
-## top_p, seed, stop, logprobs, priority, ignore_eos.
+## top_p, seed, stop, logprobs, priority, ignore_eos, and adapter (the name of a LoRA adapter the
+## runtime has loaded, e.g. {"adapter": "guard"}; generate and score). info()'s result lists the
+## loaded adapters in result["adapters"].
 ##
 ## Loopback only: this client speaks only to a runtime on this machine. ZMTP's NULL mechanism has
 ## no encryption or authentication (no CurveZMQ), so other hosts are refused unless
@@ -108,7 +110,7 @@ func score(prompt: Variant, candidates: Array, options: Dictionary = {}) -> LlmR
 	return _start(msg)
 
 
-## Model, limits and live statistics of the runtime.
+## Model, limits, live statistics and loaded LoRA adapters of the runtime.
 func info() -> LlmRequest:
 	return _start(_new_message("info"))
 
