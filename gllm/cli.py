@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     add_model_args(gen)
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    gen.add_argument("--thinking", action="store_true",
+                     help="with --chat: let a thinking model (Qwen3, SmolLM3) reason before it answers")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-k", type=int, default=0)
@@ -71,6 +73,7 @@ def generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        thinking=args.thinking,
     )
     engine.add_request(req)
     start, count, result = time.perf_counter(), 0, None

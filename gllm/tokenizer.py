@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # Any of these in a folder means it carries a tokenizer that `AutoTokenizer` can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -37,29 +37,36 @@ class Tokenizer:
         """Load the tokenizer of a model folder, or of ``gguf_file`` inside it.
 
         Returns ``None`` for a folder without tokenizer files, so that weights-only checkpoints still load.
-        Never touches the network.
+        Never touches the network. A GGUF file's tokenizer is built by the fast tokenizer class itself:
+        ``AutoTokenizer`` would first read the file as a model config, which transformers refuses for
+        architectures it cannot run (``smollm3``, ``mistral3``), although the vocabulary is the same kind.
         """
         folder = Path(folder)
-        if gguf_file is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            return None
-        kwargs: dict[str, Any] = {"local_files_only": True}
         if gguf_file is not None:
-            kwargs["gguf_file"] = gguf_file
-        return cls(AutoTokenizer.from_pretrained(str(folder), **kwargs))
+            return cls(PreTrainedTokenizerFast.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True))
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``, with the special tokens (e.g. BOS) the model's tokenizer adds unless told not to."""
         return cast("list[int]", self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat prompt that ends where the assistant's reply begins."""
+    def apply_chat_template(self, messages: list[dict[str, str]], thinking: bool = False) -> list[int]:
+        """Token ids of a chat prompt that ends where the assistant's reply begins.
+
+        ``thinking`` is handed to the template as ``enable_thinking``, the switch of Qwen3's and SmolLM3's
+        templates: off (the default, what a game wants: an answer now) they open the reply with an empty
+        think block; on, the model reasons first. Templates without the switch ignore it.
+        """
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
         _check_messages(messages)
         try:
             out = cast(
                 BatchEncoding,
-                self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True),
+                self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            enable_thinking=thinking),
             )
         except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
             raise ValueError(f"chat template rejected the messages: {exc}") from exc

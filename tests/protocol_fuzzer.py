@@ -32,7 +32,7 @@ NASTY = [None, True, False, 0, -1, 1, 2**31, -(2**31) - 1, 2**63, -(2**63), 2**6
          math.inf, -math.inf, 1e308, "", "x", "x" * 300, "é\u0000\U0001F409", b"", b"bin", [], {}, [1, 2], {"a": 1},
          [[[[[[[[[[1]]]]]]]]]], msgpack.ExtType(1, b"x"), msgpack.Timestamp(1, 0), ["a"] * 20, list(range(300))]
 FIELDS = ["type", "id", "prompt", "messages", "prompt_token_ids", "max_tokens", "temperature", "top_k", "top_p",
-          "seed", "stop", "logprobs", "priority", "ignore_eos", "candidates", "max_token", "", "ID"]
+          "seed", "stop", "logprobs", "priority", "ignore_eos", "thinking", "candidates", "max_token", "", "ID"]
 
 
 class FuzzFailure(AssertionError):
@@ -77,7 +77,7 @@ class MessageMaker:
             if r.random() < 0.5:
                 msg.update(temperature=r.choice([0, 0.7, 1.5]), top_k=r.randint(0, 50), top_p=r.choice([0.5, 1.0]),
                            seed=r.randrange(2**64), logprobs=r.randint(0, 20), priority=r.randint(-3, 3),
-                           ignore_eos=r.random() < 0.5)
+                           ignore_eos=r.random() < 0.5, thinking=r.random() < 0.5)
         elif kind == "score":
             msg.update(prompt_token_ids=self.tokens(1, 30),
                        candidates=[self.tokens(1, 6) for _ in range(r.randint(1, 8))])

@@ -81,3 +81,45 @@ def test_short_chunks_batched_like_score_candidates(chunks, others, decodes, kv_
     q, cache, meta = build_batch(seqs, kv_heads, group, 16, 4, torch.float32, seed)
     torch.testing.assert_close(paged_attention(q, cache, meta, 0.25), reference_attention(q, cache, meta, 0.25),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_reference_window_sees_the_last_window_positions():
+    """A sliding window of 3: the query at position p averages the values of positions p-2..p (equal scores)."""
+    q, cache, meta = build_batch([(6, 6)], 1, 1, 4, 4, torch.float32, 0)
+    q.zero_()  # every score 0: attention is the mean of the visible values
+    values = cache[1, meta.block_tables[0]].reshape(-1, 1, 4)[:6]  # positions 0..5 in order
+    out = reference_attention(q, cache, meta, 1.0, window=3)
+    for p in range(6):
+        torch.testing.assert_close(out[p], values[max(0, p - 2) : p + 1].mean(0))
+
+
+def test_reference_softcap_squashes_scores():
+    """With a soft-cap of 1, a key scored 100 weighs e^tanh(100) times one scored 0, not e^100 times."""
+    q, cache, meta = build_batch([(2, 1)], 1, 1, 4, 4, torch.float32, 0)
+    block = meta.block_tables[0, 0]
+    cache[0, block, 0, 0] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # key of position 0: score 0
+    cache[0, block, 1, 0] = torch.tensor([100.0, 0.0, 0.0, 0.0])  # key of position 1: score 100
+    q[0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    values = cache[1, block, :2, 0]
+    out = reference_attention(q, cache, meta, 1.0, softcap=1.0)
+    weight = torch.tensor(100.0).tanh().exp()  # the weight of position 1 against position 0's e^0
+    torch.testing.assert_close(out[0, 0], (weight * values[1] + values[0]) / (weight + 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seqs=st.lists(st.one_of(seq_st, st.integers(1, 70).map(lambda c: (c, 1))), min_size=1, max_size=6),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 3]),
+    block_size=st.sampled_from([4, 16]),
+    window=st.sampled_from([None, 1, 5, 16]),
+    softcap=st.sampled_from([None, 2.0]),
+    seed=st.integers(0, 1000),
+)
+def test_windows_and_softcaps_match_reference(seqs, kv_heads, group, block_size, window, softcap, seed):
+    """Sliding-window layers (windows shorter and longer than a block) and soft-capped scores, on every
+    path of the torch backend: decodes, short chunks batched together, long chunks after a prefix."""
+    q, cache, meta = build_batch(seqs, kv_heads, group, 8, block_size, torch.float32, seed)
+    expected = reference_attention(q * 4, cache, meta, 0.5, window=window, softcap=softcap)
+    got = paged_attention(q * 4, cache, meta, 0.5, window=window, softcap=softcap)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -15,8 +15,9 @@ from gllm.sample import SamplingRow
 
 
 def check_pool(pool: BlockPool, tables: list[list[int]]) -> None:
-    """Every block's reference count equals its number of holders; free blocks are exactly those unheld."""
-    holders = Counter(b for table in tables for b in table)
+    """Every block's reference count equals its number of holders; free blocks are exactly those unheld.
+    (A released block leaves the scratch block's id, ``pool.num_blocks``, which no one holds.)"""
+    holders = Counter(b for table in tables for b in table if b != pool.num_blocks)
     for block in range(pool.num_blocks):
         assert pool.ref_counts[block] == holders[block], f"block {block}"
     assert pool.num_in_use == len(holders)
@@ -113,14 +114,19 @@ def test_block_manager_invariants(ops, caching):
     abort_every=st.integers(0, 7),
     num_blocks=st.integers(7, 30),
     budget=st.integers(4, 64),
+    window=st.sampled_from([None, None, 1, 5, 9]),
 )
-def test_scheduler_finishes_everything_without_leaks(arrivals, abort_every, num_blocks, budget):
-    """Random arrivals, aborts and a small pool (forcing preemption): every request ends, no block leaks."""
-    manager = BlockManager(num_blocks=num_blocks, block_size=4)
+def test_scheduler_finishes_everything_without_leaks(arrivals, abort_every, num_blocks, budget, window):
+    """Random arrivals, aborts and a small pool (forcing preemption): every request ends, no block leaks.
+    With a window (a model whose every layer is local), blocks behind it are released as sequences pass
+    them, prefix-cache hits included, and every block the window still reaches is held."""
+    manager = BlockManager(num_blocks=num_blocks, block_size=4, window=window)
     scheduler = Scheduler(manager, max_batch_size=4, token_budget=budget)
     seqs = []
     for i, (prompt_len, new, prio) in enumerate(arrivals):
-        max_tokens = min(prompt_len + new, num_blocks * 4)
+        max_tokens = prompt_len + new
+        while manager.peak_blocks(max_tokens, budget) > num_blocks:  # what the engine admits
+            max_tokens -= 1
         if prompt_len >= max_tokens:
             continue
         seq = Sequence(f"r{i}", [i % 3] * prompt_len, prompt_len, max_tokens, SamplingRow(0.0), prio, arrival=i)
@@ -139,6 +145,9 @@ def test_scheduler_finishes_everything_without_leaks(arrivals, abort_every, num_
         check_pool(manager.pool, [s.block_table for s in scheduler.running])
         for s in scheduler.running:
             assert len(s.block_table) * 4 >= s.num_computed_tokens
+            first_seen = 0 if window is None else max(0, s.num_computed_tokens - window + 1)
+            released = [i for i, b in enumerate(s.block_table) if b == manager.released]
+            assert released == list(range((first_seen // 4) if window else 0))
         if not pending and not scheduler.has_work():
             break
     assert all(s.status is Status.FINISHED for s in seqs)

@@ -11,7 +11,7 @@ from gllm.model.rope import RotaryEmbedding
 from gllm.ops import cpu_kernels, reference_attention
 from gllm.ops.attention import decode_attention, paged_attention
 from gllm.ops.backend import select_backend
-from gllm.ops.elementwise import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
+from gllm.ops.elementwise import torch_add_rms_norm, torch_gelu_tanh_mul, torch_rope_write_kv, torch_silu_mul
 
 from test_attention import build_batch
 
@@ -95,21 +95,40 @@ def test_silu_mul_matches_torch(dtype: torch.dtype, inter: int) -> None:
         _assert_close(cpu_kernels.cpu_silu_mul(gate_up), torch_silu_mul(gate_up))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [64, 1536])
+def test_gelu_tanh_mul_matches_torch(dtype: torch.dtype, inter: int) -> None:
+    """GELU as ``x sigmoid(2u)`` (one ``exp``) against torch's ``0.5 x (1 + tanh(u))``: where tanh rounds to -1
+    torch gives exactly 0 and the kernel a value below 1e-5, hence the absolute tolerance in float32."""
+    gen = torch.Generator().manual_seed(inter)
+    for tokens in (1, 3, 17):
+        gate_up = _randn(tokens, 2 * inter, dtype=dtype, gen=gen, scale=4.0)
+        out, expected = cpu_kernels.cpu_gelu_tanh_mul(gate_up), torch_gelu_tanh_mul(gate_up)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        else:
+            _assert_close(out, expected)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     lens=st.lists(st.integers(1, 150), min_size=1, max_size=9),
     kv_heads=st.sampled_from([1, 2, 3]),
     group=st.sampled_from([1, 2, 3, 4, 5, 8]),
-    dim=st.sampled_from([16, 32, 64, 128]),
+    dim=st.sampled_from([16, 32, 64, 96, 128, 256]),
     block_size=st.sampled_from([1, 5, 16, 32]),
+    window=st.sampled_from([None, None, 1, 7, 40]),
+    softcap=st.sampled_from([None, None, 3.0]),
     seed=st.integers(0, 1000),
 )
-def test_decode_attention_matches_reference(lens, kv_heads, group, dim, block_size, seed):
+def test_decode_attention_matches_reference(lens, kv_heads, group, dim, block_size, window, softcap, seed):
     """Every supported head size, group sizes that split into chunks of query heads, blocks smaller and
-    larger than the kernel's tile of 32 tokens, contexts that end anywhere in a block."""
+    larger than the kernel's tile of 32 tokens, contexts that end anywhere in a block; sliding windows
+    (which start anywhere in a block) and soft-capped scores."""
     q, cache, meta = build_batch([(n, 1) for n in lens], kv_heads, group, dim, block_size, torch.float32, seed)
-    expected = reference_attention(q, cache, meta, dim**-0.5)
-    got = cpu_kernels.cpu_paged_attention(q, cache, meta, dim**-0.5)
+    q = q * 3  # scores of a few units, so that the soft-cap bends them
+    expected = reference_attention(q, cache, meta, dim**-0.5, window=window, softcap=softcap)
+    got = cpu_kernels.cpu_paged_attention(q, cache, meta, dim**-0.5, window=window, softcap=softcap)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 

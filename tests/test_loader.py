@@ -220,8 +220,10 @@ def test_hf_errors(tmp_path: Path) -> None:
     _edit_weights(folder, "reshape")
     fails(folder, "model.safetensors", "model.layers.1.self_attn.k_proj.weight", "(64, 64)", "(32, 64)")
     weights.write_bytes(original)
-    _edit_config(folder, model_type="mistral", architectures=["MistralForCausalLM"])
-    fails(folder, "config.json", "MistralForCausalLM")
+    _edit_config(folder, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    fails(folder, "config.json", "unsupported model family 'gpt2'", "qwen3")
+    _edit_config(folder, model_type="made_up", architectures=["MadeUpForCausalLM"])
+    fails(folder, "config.json", "unknown model_type 'made_up'")
 
     sharded = save_hf(tiny_model(tie=True), tmp_path / "sharded", "40KB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

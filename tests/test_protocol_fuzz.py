@@ -71,6 +71,17 @@ def test_maps_with_known_field_names_are_parsed_or_refused(kind, fields):
 def test_nil_fields_count_as_absent_and_defaults_apply():
     req = parse_request(encode({"type": "generate", "id": 3, "prompt": "hi", "seed": None, "max_tokens": None}))
     assert isinstance(req, protocol.Generate) and req.seed is None and req.max_tokens == 64 and req.temperature == 1.0
+    assert req.thinking is False
+
+
+def test_thinking_is_a_boolean_of_generate_and_score():
+    chat = [{"role": "user", "content": "hi"}]
+    assert parse_request(encode({"type": "generate", "id": 1, "messages": chat, "thinking": True})).thinking is True
+    score = parse_request(encode({"type": "score", "id": 2, "messages": chat, "candidates": ["a"], "thinking": True}))
+    assert score.thinking is True
+    for wrong in ("yes", 1, [True]):
+        with pytest.raises(ProtocolError, match="thinking"):
+            parse_request(encode({"type": "generate", "id": 3, "prompt": "hi", "thinking": wrong}))
 
 
 # -------------------------------------------------------------------------------------- test vectors

@@ -52,15 +52,20 @@ def _decode_batch(
     return q.to(DEVICE), cache.to(DEVICE), meta
 
 
-def _check(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, num_splits: int | None = None) -> None:
+def _check(
+    q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, num_splits: int | None = None,
+    window: int | None = None, softcap: float | None = None,
+) -> None:  # fmt: skip
     scale = q.shape[-1] ** -0.5
     max_len = max(meta.seq_lens_list)
-    out = triton_decode_attention(q, cache, meta.block_tables, meta.seq_lens, max_len, scale, num_splits=num_splits)
+    masks = {"window": window, "softcap": softcap}
+    out = triton_decode_attention(q, cache, meta.block_tables, meta.seq_lens, max_len, scale, **masks,
+                                  num_splits=num_splits)  # fmt: skip
     assert out.shape == q.shape and out.dtype == q.dtype
     tol = TOLERANCE[q.dtype]
-    expected = reference_attention(q.cpu(), cache.cpu(), _meta_on_cpu(meta), scale)
+    expected = reference_attention(q.cpu(), cache.cpu(), _meta_on_cpu(meta), scale, **masks)
     torch.testing.assert_close(out.cpu().float(), expected.float(), atol=tol, rtol=tol)
-    torch_path = decode_attention(q, cache, meta.block_tables, meta.seq_lens, max_len, scale)
+    torch_path = decode_attention(q, cache, meta.block_tables, meta.seq_lens, max_len, scale, **masks)
     torch.testing.assert_close(out.float(), torch_path.float(), atol=tol, rtol=tol)
 
 
@@ -103,3 +108,17 @@ def test_decode_odd_head_dim_and_group() -> None:
 def test_decode_split_sequences(dtype: torch.dtype, num_splits: int) -> None:
     """Flash-decoding: sequences cut into token ranges, including ranges past a short sequence's end."""
     _check(*_decode_batch([200, 1, 70], kv_heads=1, group=4, head_dim=64, dtype=dtype), num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [1, 20])
+def test_decode_sliding_window_and_softcap(num_splits: int, window: int) -> None:
+    """Sliding-window layers (windows that start inside a block, splits wholly before the window) and
+    Gemma 2's soft-capped scores."""
+    q, cache, meta = _decode_batch([200, 1, 70, 21], kv_heads=2, group=2, head_dim=64, dtype=torch.float32)
+    _check(q * 4, cache, meta, num_splits=num_splits, window=window, softcap=5.0)
+
+
+@pytest.mark.parametrize("head_dim", [96, 256])
+def test_decode_head_dims_of_phi_and_gemma(head_dim: int) -> None:
+    _check(*_decode_batch(LENGTHS, kv_heads=1, group=2, head_dim=head_dim, dtype=torch.float32), window=30)

@@ -13,10 +13,16 @@ pytest.importorskip("triton")
 
 from gllm.model.rope import RotaryEmbedding  # noqa: E402
 from gllm.ops.backend import triton_available  # noqa: E402
-from gllm.ops.elementwise import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul  # noqa: E402
+from gllm.ops.elementwise import (  # noqa: E402
+    torch_add_rms_norm,
+    torch_gelu_tanh_mul,
+    torch_rope_write_kv,
+    torch_silu_mul,
+)
 from gllm.ops.triton_fused import (  # noqa: E402
     triton_add_rms_norm,
     triton_rope_write_kv,
+    triton_gelu_tanh_mul,
     triton_silu_mul,
 )
 
@@ -141,6 +147,18 @@ def test_silu_mul_matches_torch(dtype: torch.dtype, inter: int) -> None:
     gate_ups = [_randn(tokens, 2 * inter, dtype=dtype, gen=gen, scale=4.0) for tokens in (1, 3, 17)]
     outs = torch.cat([triton_silu_mul(gate_up) for gate_up in gate_ups])
     _assert_nearly_exact(outs, torch.cat([torch_silu_mul(gate_up) for gate_up in gate_ups]))  # exact on CUDA
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [64, 2048])
+def test_gelu_tanh_mul_matches_torch(dtype: torch.dtype, inter: int) -> None:
+    """Gemma's gate, in torch's order of operations (libdevice's tanh on CUDA, tanh from exp in the interpreter)."""
+    gen = torch.Generator().manual_seed(inter)
+    gate_ups = [_randn(tokens, 2 * inter, dtype=dtype, gen=gen, scale=4.0) for tokens in (1, 3, 17)]
+    outs = torch.cat([triton_gelu_tanh_mul(gate_up) for gate_up in gate_ups])
+    expected = torch.cat([torch_gelu_tanh_mul(gate_up) for gate_up in gate_ups])
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    torch.testing.assert_close(outs.float(), expected.float(), rtol=tol, atol=tol)
 
 
 def test_empty_batches_launch_nothing() -> None:

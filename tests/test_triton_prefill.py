@@ -31,13 +31,13 @@ MIXES = {
 }
 
 
-def check(seqs, kv_heads, group, head_dim, dtype, block_size=16, seed=0):
+def check(seqs, kv_heads, group, head_dim, dtype, block_size=16, seed=0, window=None, softcap=None):
     q, cache, meta = build_batch(seqs, kv_heads, group, head_dim, block_size, dtype, seed)
     scale = head_dim**-0.5
-    expected = reference_attention(q.float(), cache.float(), meta, scale)
+    expected = reference_attention(q.float(), cache.float(), meta, scale, window=window, softcap=softcap)
     on = lambda t: t.to(DEVICE)  # noqa: E731
     meta.slot_mapping, meta.block_tables, meta.seq_lens = on(meta.slot_mapping), on(meta.block_tables), on(meta.seq_lens)
-    got = triton_paged_attention(on(q), on(cache), meta, scale)
+    got = triton_paged_attention(on(q), on(cache), meta, scale, window=window, softcap=softcap)
     assert got.shape == q.shape and got.dtype == dtype
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got.cpu().float(), expected, atol=tol, rtol=tol)
@@ -61,3 +61,16 @@ def test_chunks_16bit(dtype):
 
 def test_long_chunk_spans_many_query_tiles():
     check([(300, 200), (7, 1)], kv_heads=1, group=4, head_dim=64, dtype=torch.float32, block_size=16, seed=3)
+
+
+@pytest.mark.parametrize("window", [1, 9, 40])
+def test_chunks_sliding_window_and_softcap(window):
+    """Sliding-window layers: rows whose window starts after the program's first keys see no key in the
+    first tiles (their running maximum stays -inf there); Gemma 2's soft-capped scores."""
+    check(MIXES["prefixes"] + [(300, 200)], kv_heads=2, group=2, head_dim=64, dtype=torch.float32, window=window,
+          softcap=5.0)
+
+
+def test_chunks_head_dims_of_phi_and_gemma():
+    check(MIXES["with_decodes"], kv_heads=1, group=2, head_dim=96, dtype=torch.float32, window=12)
+    check(MIXES["prompts"], kv_heads=1, group=2, head_dim=256, dtype=torch.float32)

@@ -32,7 +32,7 @@ VECTORS: dict[str, dict[str, Any]] = {
         "messages": [{"role": "system", "content": "You are Brom, the village blacksmith."},
                      {"role": "user", "content": "Où est la forge ? 🔨"}],
         "max_tokens": 128, "temperature": 0.7, "top_k": 40, "top_p": 0.9, "seed": 12345678901,
-        "stop": ["\n\n", "Player:"], "logprobs": 2, "priority": -1, "ignore_eos": False,
+        "stop": ["\n\n", "Player:"], "logprobs": 2, "priority": -1, "ignore_eos": False, "thinking": False,
     },
     "to_runtime_generate_token_ids": {"type": "generate", "id": 4294967296, "prompt_token_ids": [1, 127, 128, 255,
                                       256, 49151], "max_tokens": 16, "temperature": 0, "ignore_eos": True},

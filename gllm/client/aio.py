@@ -69,13 +69,15 @@ class AsyncClient:
                  prompt_token_ids: list[int] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
-                 priority: int | None = None, ignore_eos: bool | None = None, adapter: str | None = None,
+                 priority: int | None = None, ignore_eos: bool | None = None, thinking: bool | None = None,
+                 adapter: str | None = None,
                  timeout: float | None = None) -> AsyncStream:
         """A stream of the generation's tokens; the request is sent when the stream is first awaited."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("generate", next(self._ids), **fields, max_tokens=max_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                                  logprobs=logprobs, priority=priority, ignore_eos=ignore_eos, adapter=adapter)
+                                  logprobs=logprobs, priority=priority, ignore_eos=ignore_eos, thinking=thinking,
+                                  adapter=adapter)
         return AsyncStream(self, message, self.timeout if timeout is None else timeout)
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -84,11 +86,12 @@ class AsyncClient:
 
     async def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
                     messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-                    priority: int | None = None, adapter: str | None = None, timeout: float | None = None) -> Scores:
+                    priority: int | None = None, thinking: bool | None = None, adapter: str | None = None,
+                    timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("score", next(self._ids), **fields, candidates=candidates, priority=priority,
-                                  adapter=adapter)
+                                  thinking=thinking, adapter=adapter)
         return parse_scores(await self._request(message, timeout))
 
     async def cancel(self, request_id: ClientId) -> None:

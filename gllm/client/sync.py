@@ -71,13 +71,14 @@ class Client:
                  prompt_token_ids: list[int] | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
-                 priority: int | None = None, ignore_eos: bool | None = None, adapter: str | None = None,
+                 priority: int | None = None, ignore_eos: bool | None = None, thinking: bool | None = None,
+                 adapter: str | None = None,
                  timeout: float | None = None) -> Stream:
         """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
-                                ignore_eos=ignore_eos, adapter=adapter)
+                                ignore_eos=ignore_eos, thinking=thinking, adapter=adapter)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -86,10 +87,12 @@ class Client:
 
     def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
               messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-              priority: int | None = None, adapter: str | None = None, timeout: float | None = None) -> Scores:
+              priority: int | None = None, thinking: bool | None = None, adapter: str | None = None,
+              timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority, adapter=adapter)
+        request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority,
+                                thinking=thinking, adapter=adapter)
         return parse_scores(self._reply(request_id, timeout))
 
     def cancel(self, request_id: ClientId) -> None:

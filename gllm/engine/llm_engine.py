@@ -109,7 +109,9 @@ class LLMEngine(AsyncDriver):
         self.quantize = quantize
         self.model = net.eval()
         num_blocks = self._num_kv_blocks(dtype)
-        self.block_manager = BlockManager(num_blocks, params.block_size, params.enable_prefix_caching)
+        # A model whose every layer is local needs no block behind the window: those are released as it passes.
+        window = cfg.sliding_window if cfg.all_local else None
+        self.block_manager = BlockManager(num_blocks, params.block_size, params.enable_prefix_caching, window)
         # One block more than the pool hands out: the scratch block that CUDA graphs' padding rows write to.
         kv = allocate_kv_cache(cfg, num_blocks + 1, params.block_size, dtype, self.device)
         self.runner = ModelRunner(self.model, kv, params.block_size, self.device)
@@ -156,7 +158,7 @@ class LLMEngine(AsyncDriver):
         elif req.messages is not None:
             if not req.messages:
                 raise ValueError("messages is empty")
-            ids = self.tokenizer.apply_chat_template(req.messages)
+            ids = self.tokenizer.apply_chat_template(req.messages, thinking=req.thinking)
         else:
             ids = self.tokenizer.encode(req.prompt) if req.prompt else []
         if not ids:
@@ -168,7 +170,7 @@ class LLMEngine(AsyncDriver):
         return ids
 
     def _check_room(self, max_tokens: int) -> None:
-        if self.block_manager.blocks_needed(max_tokens) > self.block_manager.pool.num_blocks:
+        if self.block_manager.peak_blocks(max_tokens, self.params.token_budget) > self.block_manager.pool.num_blocks:
             raise ValueError(
                 f"the KV cache ({self.block_manager.pool.num_blocks} blocks) cannot hold {max_tokens} tokens; "
                 "give the engine more KV blocks or ask for fewer tokens"

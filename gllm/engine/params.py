@@ -50,6 +50,7 @@ class GenerationRequest:
     ignore_eos: bool = False  # for benchmarks: run to max_new_tokens
     n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
+    thinking: bool = False  # with messages: let a thinking model (Qwen3, SmolLM3) reason before it answers
     request_id: str | None = None  # assigned by the engine when missing
     adapter: str | None = None  # name of a loaded LoRA adapter to apply (``LLMEngine.load_adapter``)
 
@@ -68,6 +69,8 @@ class GenerationRequest:
             raise ValueError(f"top_k must be an integer >= 0, 0 meaning off (got {self.top_k})")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not isinstance(self.thinking, bool):
+            raise ValueError(f"thinking must be true or false (got {self.thinking!r})")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1 (got {self.n})")
         if self.logprobs < 0:

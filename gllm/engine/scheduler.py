@@ -135,6 +135,7 @@ class Scheduler:
                     seq.token_ids[: seq.cache_limit], seq.cache_namespace
                 )
                 seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
+                self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)  # cached hits behind a window
                 if seq.num_tokens == seq.num_prompt_tokens:  # cache hits count only for a fresh prompt
                     seq.num_cached_tokens = seq.num_computed_tokens
             n = min(seq.num_remaining, budget)
@@ -175,6 +176,7 @@ class Scheduler:
                 continue  # finished by an abort during the step
             seq.num_computed_tokens += chunk.num_tokens
             self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens, seq.cache_namespace)
+            self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)
             if not chunk.completes:
                 continue
             for child in seq.pending_forks:

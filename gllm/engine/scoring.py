@@ -21,6 +21,7 @@ class ScoreRequest:
     prompt_token_ids: list[int] | None = None
     candidates: list[str | list[int]] = field(default_factory=list)
     priority: int = 0
+    thinking: bool = False  # with messages: the chat template's thinking switch (see GenerationRequest)
     request_id: str | None = None
     adapter: str | None = None  # name of a loaded LoRA adapter to score under
 

@@ -4,6 +4,13 @@ A sequence owns a *block table* (list of block ids): token ``i`` of the sequence
 ``table[i // block_size]`` at offset ``i % block_size``. Full blocks whose tokens are all computed get a
 chained hash (``hash(parent_hash, token_ids)``) and enter the prefix cache, so a later sequence starting
 with the same tokens takes them instead of recomputing them.
+
+With a ``window`` (a model whose every layer attends to its last ``window`` positions only, as Mistral
+7B v0.1), blocks that have fallen wholly behind the window of a sequence's next position are needed by no
+layer: ``release_passed`` gives them back to the pool (where a full block stays in the prefix cache until
+its memory is reused), and the table keeps the scratch block's id in their place, so that positions still
+index it and a gather of the whole table reads a real block. In a model with any global layer a block
+holds that layer's keys too, so nothing is released (the one-pool design: a block is every layer's).
 """
 
 from __future__ import annotations
@@ -12,13 +19,21 @@ from gllm.kv.block_pool import BlockKey, BlockPool
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None):
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
+        self.released = num_blocks  # the id a released block leaves in a table: the cache's scratch block
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def peak_blocks(self, num_tokens: int, chunk: int) -> int:
+        """The most blocks a sequence of ``num_tokens`` holds at once, computed in chunks of up to ``chunk``
+        tokens: all of them, or with a window the blocks from the window's start to the chunk's end."""
+        whole = self.blocks_needed(num_tokens)
+        return whole if self.window is None else min(whole, (self.window - 1 + chunk) // self.block_size + 2)
 
     def match_prefix(self, token_ids: list[int], namespace: int = 0) -> tuple[list[int], list[BlockKey]]:
         """Take (reference) the cached blocks of the longest cached prefix of ``token_ids``.
@@ -76,7 +91,8 @@ class BlockManager:
     def share(self, block_table: list[int], into: list[int]) -> None:
         """Give ``into`` (empty) the same blocks as ``block_table``, one more reference each."""
         for block in block_table:
-            self.pool.incref(block)
+            if block != self.released:
+                self.pool.incref(block)
         into[:] = block_table
 
     def commit(
@@ -93,8 +109,22 @@ class BlockManager:
             self.pool.register(block_table[i], key)
             keys.append(key)
 
+    def release_passed(self, block_table: list[int], num_computed: int) -> None:
+        """Give back the blocks the next position's window no longer reaches (only with a ``window``).
+
+        The next position ``p = num_computed`` sees ``p - window < k <= p``: block ``i`` is passed when
+        ``(i + 1) * block_size <= p - window + 1``. Call after ``commit``, so that full blocks stay cached.
+        """
+        if self.window is None:
+            return
+        for i in range(max(0, (num_computed - self.window + 1) // self.block_size)):
+            if block_table[i] != self.released:
+                self.pool.free(block_table[i])
+                block_table[i] = self.released
+
     def free(self, block_table: list[int]) -> None:
         """Release a sequence's blocks, last first, so that a prefix's tail is evicted before its head."""
         for block in reversed(block_table):
-            self.pool.free(block)
+            if block != self.released:
+                self.pool.free(block)
         block_table.clear()

@@ -35,21 +35,30 @@ class LoadedModel:
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor a Llama model with ``config`` needs, in Hugging Face layout."""
+    """Name and shape of every tensor a model with ``config`` needs, as its family's Hugging Face
+    checkpoints name and lay them out (Phi-3 fuses Q/K/V and gate/up; Qwen2 adds Q/K/V biases; Gemma
+    norms both sub-layers' outputs; Qwen3 and Gemma 3 norm query and key heads)."""
     hidden, ffn, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_rows, kv_rows = config.num_heads * head_dim, config.num_kv_heads * head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "self_attn.q_proj.weight"] = (q_rows, hidden)
-        shapes[p + "self_attn.k_proj.weight"] = (kv_rows, hidden)
-        shapes[p + "self_attn.v_proj.weight"] = (kv_rows, hidden)
+        if config.fused_checkpoint:
+            shapes[p + "self_attn.qkv_proj.weight"] = (q_rows + 2 * kv_rows, hidden)
+        else:
+            for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+                shapes[p + f"self_attn.{name}_proj.weight"] = (rows, hidden)
+                if config.qkv_bias:
+                    shapes[p + f"self_attn.{name}_proj.bias"] = (rows,)
         shapes[p + "self_attn.o_proj.weight"] = (hidden, q_rows)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-        shapes[p + "mlp.gate_proj.weight"] = (ffn, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (ffn, hidden)
+        if config.fused_checkpoint:
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * ffn, hidden)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (ffn, hidden)
+            shapes[p + "mlp.up_proj.weight"] = (ffn, hidden)
         shapes[p + "mlp.down_proj.weight"] = (hidden, ffn)
+        for norm in config.layer_norms():
+            shapes[p + norm + ".weight"] = (head_dim,) if norm.startswith("self_attn.") else (hidden,)
     shapes["model.norm.weight"] = (hidden,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, hidden)

@@ -1,4 +1,10 @@
-"""Load a Hugging Face Llama folder: ``config.json`` plus one or several ``.safetensors`` files."""
+"""Load a Hugging Face model folder: ``config.json`` plus one or several ``.safetensors`` files.
+
+Multimodal checkpoints (Gemma 3 4B and up, Ministral 3) keep their language model's tensors under
+``language_model.`` (or ``model.language_model.``); those are read under the plain names, the rest is
+left alone. Gemma's norms multiply by ``1 + weight``: the 1 is added here, so that every source hands the
+model the factor itself (Gemma's GGUF files already hold it).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ SHARD_INDEX = "model.safetensors.index.json"
 def load_hf_folder(folder: Path, dtype: torch.dtype) -> LoadedModel:
     """Read config, weights (validated name by name, shape by shape) and tokenizer from ``folder``."""
     config = read_config(folder)
-    weights = _read_weights(folder, weight_shapes(config), dtype)
+    weights = _read_weights(folder, weight_shapes(config), dtype, config.norm_offset)
     try:
         tokenizer = Tokenizer.from_folder(folder)
     except Exception as exc:  # transformers raises many types for broken tokenizer files
@@ -66,26 +72,52 @@ def _describe(exc: Exception) -> str:
     return f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
 
 
-def _files_by_tensor(folder: Path, names: list[str]) -> dict[str, Path]:
-    """Which safetensors file holds each expected tensor."""
+# Where a multimodal checkpoint keeps its language model, tried in turn for names under ``model.`` and
+# for ``lm_head``.
+MODEL_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+HEAD_PREFIXES = ("lm_head.", "language_model.lm_head.")
+
+
+def _stored_names(folder: Path) -> dict[str, Path]:
+    """Every tensor name in the folder's safetensors and the file holding it."""
     if (folder / SINGLE_FILE).is_file():
-        return {name: folder / SINGLE_FILE for name in names}
+        try:
+            with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
+                return dict.fromkeys(f.keys(), folder / SINGLE_FILE)
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"{folder / SINGLE_FILE}: unreadable safetensors file (truncated or corrupt?): {exc}"
+            ) from exc
     index_path = folder / SHARD_INDEX
     if not index_path.is_file():
         raise ModelLoadError(f"{folder}: no {SINGLE_FILE} or {SHARD_INDEX}; only safetensors weights are supported")
     weight_map = _read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ModelLoadError(f"{index_path}: no 'weight_map' object")
-    for name in names:
-        if name not in weight_map:
-            raise ModelLoadError(f"{index_path}: missing tensor {name}")
-    return {name: folder / weight_map[name] for name in names}
+    return {name: folder / file for name, file in weight_map.items()}
 
 
-def _read_weights(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, path in _files_by_tensor(folder, list(shapes)).items():
-        by_file[path].append(name)
+def _stored_name(name: str, stored: dict[str, Path]) -> str:
+    """The name ``name`` has in this checkpoint (itself, or under a multimodal model's prefix)."""
+    stem, prefixes = ("model.", MODEL_PREFIXES) if name.startswith("model.") else ("lm_head.", HEAD_PREFIXES)
+    for prefix in prefixes:
+        candidate = prefix + name[len(stem) :]
+        if candidate in stored:
+            return candidate
+    return name
+
+
+def _read_weights(
+    folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, norm_offset: float
+) -> dict[str, torch.Tensor]:
+    stored = _stored_names(folder)
+    by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
+    for name in shapes:
+        key = _stored_name(name, stored)
+        if key not in stored:
+            where = folder / SINGLE_FILE if (folder / SINGLE_FILE).is_file() else folder / SHARD_INDEX
+            raise ModelLoadError(f"{where}: missing tensor {name}")
+        by_file[stored[key]].append((name, key))
     weights: dict[str, torch.Tensor] = {}
     with tqdm(total=len(shapes), desc="loading weights", unit="tensor", disable=None) as bar:
         for path, names in by_file.items():
@@ -94,11 +126,14 @@ def _read_weights(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torch
             try:
                 with safe_open(str(path), framework="pt") as f:
                     present = set(f.keys())
-                    for name in names:
-                        if name not in present:
-                            raise ModelLoadError(f"{path}: missing tensor {name}")
-                        check_shape(path, name, tuple(f.get_slice(name).get_shape()), shapes[name])
-                        weights[name] = f.get_tensor(name).to(dtype)
+                    for name, key in names:
+                        if key not in present:
+                            raise ModelLoadError(f"{path}: missing tensor {key}")
+                        check_shape(path, key, tuple(f.get_slice(key).get_shape()), shapes[name])
+                        tensor = f.get_tensor(key)
+                        if norm_offset and name.endswith("norm.weight"):  # in float32, as the reference does
+                            tensor = tensor.float() + norm_offset
+                        weights[name] = tensor.to(dtype)
                         bar.update()
             except (SafetensorError, OSError) as exc:
                 raise ModelLoadError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc

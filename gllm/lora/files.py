@@ -29,6 +29,7 @@ from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 
 from gllm.config import ModelConfig
+from gllm.loader.gguf_config import ARCHITECTURES
 from gllm.loader.gguf_file import unpermute_qk
 
 PEFT_CONFIG = "adapter_config.json"
@@ -38,9 +39,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # PEFT options that change what an adapter computes beyond plain LoRA; an adapter that sets one is refused.
 UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "modules_to_save", "alora_invocation_tokens", "layer_replication",
                        "trainable_token_indices", "target_parameters", "use_qalora", "use_bdlora")  # fmt: skip
-GGUF_TARGETS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}  # fmt: skip
 
 
 class AdapterError(ValueError):
@@ -146,25 +144,26 @@ def read_gguf_lora(path: Path, config: ModelConfig) -> LoraTensors:
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
         raise AdapterError(f"{path}: not a LoRA adapter (general.type {meta.get('general.type')!r}, "
                            f"adapter.type {meta.get('adapter.type')!r}); a model file goes in --model")  # fmt: skip
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise AdapterError(f"{path}: adapter for architecture {arch!r}; this model is 'llama'")
+    arch = ARCHITECTURES.get(meta.get("general.architecture"))
+    if arch is None or arch.family != config.family:
+        raise AdapterError(f"{path}: adapter for architecture {meta.get('general.architecture')!r}; "
+                           f"this model is a {config.family!r} model")  # fmt: skip
     alpha = float(meta.get("adapter.lora.alpha", 0.0))
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for t in reader.tensors:
-        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight\.lora_([ab])", t.name)
-        if match is None or match.group(2) not in GGUF_TARGETS:
+        base, _, half = t.name.rpartition(".lora_")
+        module = (arch.hf_name(base) or "").removesuffix(".weight")
+        if half not in ("a", "b") or not module.endswith(TARGETS):
             raise AdapterError(f"{path}: tensor {t.name} is not a LoRA matrix of {', '.join(TARGETS)}")
-        module = f"model.layers.{match.group(1)}.{GGUF_TARGETS[match.group(2)]}"
         array = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest first
-        halves.setdefault(module, {})[match.group(3)] = torch.from_numpy(array.reshape(shape))
+        halves.setdefault(module, {})[half] = torch.from_numpy(array.reshape(shape))
     out = LoraTensors(str(path))
     for module, ab in halves.items():
         if set(ab) != {"a", "b"}:
             raise AdapterError(f"{path}: {module} has lora_{''.join(ab)} but not both lora_a and lora_b")
         a, b = ab["a"], ab["b"]
-        if module.endswith(("q_proj", "k_proj")):
+        if arch.permuted and module.endswith(("q_proj", "k_proj")):
             heads = config.num_heads if module.endswith("q_proj") else config.num_kv_heads
             b = _unpermute_rows(b, heads, path, module)
         rank = a.shape[0]

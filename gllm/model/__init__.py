@@ -1,6 +1,6 @@
-"""The Llama network (from scratch) and its rotary embeddings."""
+"""The decoder every supported family runs on (from scratch) and its rotary embeddings."""
 
 from gllm.model.llama import LlamaModel
-from gllm.model.rope import RotaryEmbedding, rope_inv_freq
+from gllm.model.rope import RotaryEmbedding, rope_frequencies
 
-__all__ = ["LlamaModel", "RotaryEmbedding", "rope_inv_freq"]
+__all__ = ["LlamaModel", "RotaryEmbedding", "rope_frequencies"]

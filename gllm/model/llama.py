@@ -1,4 +1,11 @@
-"""The Llama network, from scratch: embedding, RMSNorm, RoPE, grouped-query attention, SwiGLU, output head.
+"""The decoder every supported family runs on, from scratch: embedding, RMSNorm, RoPE, grouped-query
+attention, a gated MLP, output head.
+
+Llama is the base; each other family is a few named switches of its ``ModelConfig`` (`gllm.config`):
+Q/K/V bias (Qwen2.5), per-head q/k norm (Qwen3, Gemma 3), norms around both sub-layers, GeGLU, scaled
+embeddings and soft-capped scores and logits (Gemma 2 / 3), sliding-window layers with their own RoPE
+base (Gemma, Mistral), partial rotary (Phi-4-mini) or none at all on some layers (SmolLM3). The
+attention kernels are the same for all: a layer hands its window and soft-cap to the backend.
 
 It works on packed batches: ``T`` new tokens of many sequences in one flat tensor, their positions, and an
 ``AttentionMetadata`` that says where each sequence's context lives in the paged KV cache. Q/K/V and the
@@ -14,15 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from gllm.config import ModelConfig
-from gllm.model.rope import RotaryEmbedding
+from gllm.model.rope import RotaryEmbedding, query_scales, rotary_row_order
 from gllm.ops import AttentionMetadata
 from gllm.ops.backend import BACKENDS, AttentionBackend
 from gllm.ops.linear import BlockLinear, BlockWeight, Kernel, block_products_supported, make_kernel
 
+Rope = tuple[torch.Tensor, torch.Tensor]
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 like the reference implementation. It is applied with
-    the residual add before it (the backend's ``add_rms_norm``): ``(norm(x + residual), x + residual)``."""
+    the residual add before it (the backend's ``add_rms_norm``): ``(norm(x + residual), x + residual)``;
+    with ``residual`` None it norms ``x`` alone."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -34,75 +44,141 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """A bias-free ``nn.Linear`` whose product can be handed to a repacked kernel (``gllm.ops.linear``).
+    """An ``nn.Linear`` whose product can be handed to a repacked kernel (``gllm.ops.linear``); the bias,
+    if any, is added after it.
 
     ``lora``, when adapters are loaded (``gllm.lora``), adds per-row low-rank updates beside the base
     product, whatever kernel computed it: ``lora(x, y)`` returns ``y`` plus the step's updates."""
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         self.kernel: Kernel | None = None
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight) if self.kernel is None else self.kernel(x)
+        if self.kernel is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = self.kernel(x)
+            y = y if self.bias is None else y + self.bias
         return y if self.lora is None else self.lora(x, y)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
+        self.scale = cfg.attention_scale
+        self.window, self.softcap = cfg.window(layer), cfg.attn_logit_softcap
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         attn: AttentionBackend,
+        q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``rope``: this step's cos / sin tables; queries and keys are rotated, and K/V stored, in one go."""
-        q = attn.rope_write_kv(self.qkv_proj(x), *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
-        out = attn.attend(q, kv_cache, meta, self.scale)
+        """``rope``: this step's cos / sin tables for this layer; queries and keys are rotated, and K/V
+        stored, in one go. ``q_scale``: a multiplier per query token (``[T, 1, 1]``), if the family has one."""
+        qkv = self.qkv_proj(x)
+        if self.q_norm is not None:
+            qkv = self._norm_heads(qkv, attn)
+        q = attn.rope_write_kv(qkv, *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
+        if q_scale is not None:
+            q = q * q_scale
+        out = attn.attend(q, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap)
         return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def _norm_heads(self, qkv: torch.Tensor, ops: AttentionBackend) -> torch.Tensor:
+        """RMSNorm over each query and key head of the fused ``qkv [T, (H + 2 KV) * D]`` (values untouched)."""
+        n, dim = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, _ = self.q_norm(q.reshape(-1, dim), None, ops)
+        k, _ = self.k_norm(k.reshape(-1, dim), None, ops)
+        return torch.cat([q.view(n, -1), k.view(n, -1), v], dim=-1)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up in one matmul."""
+    """Gated feed-forward ``down(act(gate(x)) * up(x))``, gate and up in one matmul; ``act`` is SiLU
+    (SwiGLU) or tanh-approximated GELU (GeGLU)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.gelu = cfg.hidden_act == "gelu_tanh"
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ops: AttentionBackend) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(ops.gelu_tanh_mul(gate_up) if self.gelu else ops.silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm attention and MLP; with ``sandwich_norms`` (Gemma) each sub-layer's output is normed too.
+
+    Module names follow Hugging Face's per family: ``post_attention_layernorm`` is the norm before the MLP
+    in Llama and the norm of the attention output in Gemma (whose norm before the MLP is
+    ``pre_feedforward_layernorm``)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.rope_kind = rope_kind(cfg, layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, meta, ops) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, residual, rope, kv_cache, meta, ops, q_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: the last sub-layer's output, not yet added to ``residual`` (``None`` before the first layer).
         Returns this layer's MLP output and the residual stream before it."""
         h, residual = self.input_layernorm(x, residual, ops)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, kv_cache, meta, ops), residual, ops)
-        return self.mlp(h, ops), residual
+        h = self.self_attn(h, rope, kv_cache, meta, ops, q_scale)
+        if not self.sandwich:
+            h, residual = self.post_attention_layernorm(h, residual, ops)
+            return self.mlp(h, ops), residual
+        h, _ = self.post_attention_layernorm(h, None, ops)
+        h, residual = self.pre_feedforward_layernorm(h, residual, ops)
+        h, _ = self.post_feedforward_layernorm(self.mlp(h, ops), None, ops)
+        return h, residual
+
+
+def rope_kind(cfg: ModelConfig, layer: int) -> str:
+    """Which RoPE table a layer uses: ``none`` (SmolLM3's layers without RoPE), ``local`` (Gemma 3's
+    sliding-window layers, with their own base) or ``global``."""
+    if layer in cfg.nope_layers:
+        return "none"
+    if cfg.local_rope_theta is not None and layer in cfg.local_layers:
+        return "local"
+    return "global"
+
+
+def rope_tables(cfg: ModelConfig, max_positions: int) -> nn.ModuleDict:
+    """The RoPE tables the layers of ``cfg`` use, by ``rope_kind``."""
+    kinds = {rope_kind(cfg, i) for i in range(cfg.num_layers)}
+    dim, rotary = cfg.head_dim, cfg.rotary_dim
+    tables = {
+        "global": lambda: RotaryEmbedding(dim, max_positions, cfg.rope_theta, cfg.rope_scaling, rotary),
+        "local": lambda: RotaryEmbedding(dim, max_positions, cfg.local_rope_theta, None, rotary),
+        "none": lambda: RotaryEmbedding(dim, max_positions, cfg.rope_theta, None, rotary_dim=0),
+    }
+    return nn.ModuleDict({kind: make() for kind, make in tables.items() if kind in kinds})
 
 
 class LlamaModel(nn.Module):
-    """A Llama causal LM over the paged KV cache; ``attn`` picks the attention kernels (default: torch)."""
+    """A causal LM of any supported family over the paged KV cache; ``attn`` picks the attention kernels
+    (default: torch)."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int, attn: AttentionBackend | None = None):
         super().__init__()
@@ -112,11 +188,16 @@ class LlamaModel(nn.Module):
         # device where ``empty`` builds, would import torch._dynamo and with it Triton into every CPU run.
         embedding = torch.empty(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=embedding)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self._position_tables(max_positions)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head_kernel: Kernel | None = None
+
+    def _position_tables(self, max_positions: int) -> None:
+        """What is computed from positions, never loaded: RoPE tables and Ministral 3's query scales."""
+        self.ropes = rope_tables(self.config, max_positions)
+        self.query_scales = query_scales(self.config.rope_scaling, max_positions)
 
     @classmethod
     def empty(
@@ -127,8 +208,10 @@ class LlamaModel(nn.Module):
         with torch.device("meta"):
             net = cls(cfg, max_positions, attn).to(dtype)
         net.to_empty(device=device)
-        # the RoPE tables are computed, not loaded
-        net.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(device, dtype)
+        net._position_tables(max_positions)  # computed, not loaded
+        net.ropes.to(device, dtype)
+        if net.query_scales is not None:
+            net.query_scales = net.query_scales.to(device)
         return net
 
     @torch.inference_mode()
@@ -142,14 +225,21 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Run ``T`` packed tokens through the network; return float32 logits for ``logits_indices`` only."""
         x, residual = self.embed_tokens(input_ids), None
-        rope = self.rope.tables(positions, x.dtype)
+        if self.config.embedding_multiplier != 1.0:  # in the model's dtype, as Gemma does
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
+        tables = {kind: rope.tables(positions, x.dtype) for kind, rope in self.ropes.items()}
+        q_scale = None if self.query_scales is None else self.query_scales[positions].to(x.dtype)[:, None, None]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope, kv_cache, meta, self.attn)
+            x, residual = layer(x, residual, tables[layer.rope_kind], kv_cache, meta, self.attn, q_scale)
         x, _ = self.norm(x[logits_indices], residual[logits_indices], self.attn)
         if self.head_kernel is not None:
-            return self.head_kernel(x).float()
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+            logits = self.head_kernel(x).float()
+        else:
+            head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(x, head).float()
+        if (cap := self.config.final_logit_softcap) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def pack_weights(self, quantize: str | None = None, blocks: dict[str, BlockWeight] | None = None) -> None:
         """Repack every matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after loading).
@@ -174,37 +264,75 @@ class LlamaModel(nn.Module):
 
     def _block_sources(self, blocks: dict[str, BlockWeight]) -> dict[str, BlockWeight]:
         """This model's matrices (module names, ``head``) whose every part comes in blocks of one kind."""
-        parts = {"head": ["model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"]}
+        raw = {name: b.blocks for name, b in blocks.items()}
+        kinds = {name: b.kind for name, b in blocks.items()}
+        head = "model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
+        sources = {"head": [blocks[head]]} if head in blocks else {}
         for i in range(self.config.num_layers):
             p, ours = f"model.layers.{i}.", f"layers.{i}."
-            parts[ours + "self_attn.qkv_proj"] = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
-            parts[ours + "self_attn.o_proj"] = [p + "self_attn.o_proj.weight"]
-            parts[ours + "mlp.gate_up_proj"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-            parts[ours + "mlp.down_proj"] = [p + "mlp.down_proj.weight"]
-        sources = {}
-        for module, names in parts.items():
-            if all(n in blocks for n in names) and (joined := BlockWeight.cat([blocks[n] for n in names])):
-                if joined.blocks.shape[0] % 16 == 0:
-                    sources[module] = joined
-        return sources
+            matrices = {
+                "self_attn.qkv_proj": (self._qkv_names(p, "weight"), self._qkv_rows),
+                "self_attn.o_proj": ([p + "self_attn.o_proj.weight"], None),
+                "mlp.gate_up_proj": (self._gate_up_names(p), self._gate_up_rows),
+                "mlp.down_proj": ([p + "mlp.down_proj.weight"], None),
+            }
+            for module, (names, rows) in matrices.items():
+                if all(n in raw for n in names) and len({kinds[n] for n in names}) == 1:
+                    parts = rows(raw, names) if rows else [raw[n] for n in names]
+                    sources[ours + module] = [BlockWeight(kinds[names[0]], part) for part in parts]
+        joined = {module: BlockWeight.cat(parts) for module, parts in sources.items()}
+        return {module: w for module, w in joined.items() if w is not None and w.blocks.shape[0] % 16 == 0}
+
+    def _qkv_names(self, p: str, suffix: str) -> list[str]:
+        if self.config.fused_checkpoint:
+            return [f"{p}self_attn.qkv_proj.{suffix}"]
+        return [f"{p}self_attn.{n}_proj.{suffix}" for n in "qkv"]
+
+    def _gate_up_names(self, p: str) -> list[str]:
+        if self.config.fused_checkpoint:
+            return [p + "mlp.gate_up_proj.weight"]
+        return [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+
+    def _qkv_rows(self, source: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+        """Q, K and V rows (fused or not in the checkpoint), Q and K heads' dimensions in this model's order."""
+        cfg = self.config
+        if len(names) == 1:
+            q, k, v = source[names[0]].split([cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2])
+        else:
+            q, k, v = (source[n] for n in names)
+        return [self._rotary_rows(q, cfg.num_heads), self._rotary_rows(k, cfg.num_kv_heads), v]
+
+    def _gate_up_rows(self, source: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+        return list(source[names[0]].chunk(2)) if len(names) == 1 else [source[n] for n in names]
+
+    def _rotary_rows(self, rows: torch.Tensor, heads: int) -> torch.Tensor:
+        """Reorder each head's rows for partial rotary (``gllm.model.rope.rotary_row_order``); any rank."""
+        cfg = self.config
+        if cfg.rotary_dim is None:
+            return rows
+        order = rotary_row_order(cfg.head_dim, cfg.rotary_dim).to(rows.device)
+        return rows.reshape(heads, cfg.head_dim, *rows.shape[1:]).index_select(1, order).reshape(rows.shape)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take Hugging Face-named tensors, fusing Q/K/V and gate/up into this model's matrices."""
+        """Take Hugging Face-named tensors (``gllm.loader.weight_shapes``), fusing Q/K/V and gate/up."""
         own = self.state_dict()
-        for i in range(self.config.num_layers):
-            p = f"model.layers.{i}."
-            attn, mlp = p + "self_attn.", p + "mlp."
-            own[f"layers.{i}.self_attn.qkv_proj.weight"].copy_(
-                torch.cat([weights[attn + f"{n}_proj.weight"] for n in "qkv"])
-            )
-            own[f"layers.{i}.self_attn.o_proj.weight"].copy_(weights[attn + "o_proj.weight"])
-            own[f"layers.{i}.mlp.gate_up_proj.weight"].copy_(
-                torch.cat([weights[mlp + "gate_proj.weight"], weights[mlp + "up_proj.weight"]])
-            )
-            own[f"layers.{i}.mlp.down_proj.weight"].copy_(weights[mlp + "down_proj.weight"])
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                own[f"layers.{i}.{norm}.weight"].copy_(weights[p + norm + ".weight"])
+        cfg = self.config
+        for i in range(cfg.num_layers):
+            p, ours = f"model.layers.{i}.", f"layers.{i}."
+            for part in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                qkv = self._qkv_rows(weights, self._qkv_names(p, part))
+                own[f"{ours}self_attn.qkv_proj.{part}"].copy_(torch.cat(qkv))
+            own[ours + "self_attn.o_proj.weight"].copy_(weights[p + "self_attn.o_proj.weight"])
+            gate_up = self._gate_up_names(p)
+            own[ours + "mlp.gate_up_proj.weight"].copy_(torch.cat(self._gate_up_rows(weights, gate_up)))
+            own[ours + "mlp.down_proj.weight"].copy_(weights[p + "mlp.down_proj.weight"])
+            for norm in cfg.layer_norms():
+                weight = weights[p + norm + ".weight"]
+                if norm.startswith("self_attn."):  # q/k norms act on head dimensions
+                    weight = self._rotary_rows(weight, 1)
+                own[ours + norm + ".weight"].copy_(weight)
         own["embed_tokens.weight"].copy_(weights["model.embed_tokens.weight"])
         own["norm.weight"].copy_(weights["model.norm.weight"])
         if self.lm_head is not None:
             own["lm_head.weight"].copy_(weights["lm_head.weight"])
+

@@ -8,6 +8,11 @@ A step first writes the new tokens' K/V into their slots, then attends:
 * short-chunk attention: chunks of a few tokens (the candidates of a score request, short prompt
   tails) padded to the longest of them and run in one batched call, like decodes;
 * context attention: each longer prompt chunk attends to its cached prefix and causally among itself.
+
+Every path takes a layer's ``window`` (a sliding-window layer sees the last ``window`` positions, its own
+included: key ``k`` is visible from query ``p`` when ``p - window < k <= p``) and ``softcap`` (scores
+become ``softcap * tanh(score / softcap)`` before the mask and softmax, Gemma 2). SDPA has no soft-cap, so
+soft-capped attention runs as plain products (``_attention``).
 """
 
 from __future__ import annotations
@@ -40,9 +45,30 @@ def _gather(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int)
     return blocks[0], blocks[1]
 
 
-def decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
 ) -> torch.Tensor:
+    """``softmax(q k^T scale) v`` over ``q [B, Hq, Q, D]``, ``k``/``v [B, Hk, L, D]`` (``Hk`` divides ``Hq``)
+    with a boolean ``mask`` broadcastable to ``[B, Hq, Q, L]``; SDPA unless scores are soft-capped."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+def _visible(keys: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which key positions ``keys`` each query position sees (broadcast): causal, within the window."""
+    seen = keys <= query_pos
+    return seen if window is None else seen & (keys > query_pos - window)
+
+
+def decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+    scale: float, window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """One query token per sequence: ``q [B, H, D]`` over each sequence's first ``seq_lens`` cached tokens.
 
     The query heads that share a KV head become the "query length" of one attention call per KV head
@@ -51,27 +77,35 @@ def decode_attention(
     batch, num_heads, dim = q.shape
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     k, v = _gather(kv_cache, block_tables, -(-max_len // block_size))
-    valid = torch.arange(k.shape[2], device=q.device) < seq_lens.unsqueeze(1)  # [B, L]: padding bias
+    keys = torch.arange(k.shape[2], device=q.device)
+    valid = _visible(keys, seq_lens.unsqueeze(1) - 1, window)  # [B, L]: padding and window
     grouped = q.view(batch, kv_heads, num_heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    out = _attention(grouped, k, v, valid[:, None, None, :], scale, softcap)
     return out.reshape(batch, num_heads, dim)
 
 
 def context_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float
-) -> torch.Tensor:
-    """A prompt chunk ``q [Q, H, D]`` at the end of a ``seq_len``-token context: causal, offset by the prefix."""
+    q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float,
+    window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A prompt chunk ``q [Q, H, D]`` at the end of a ``seq_len``-token context: causal, offset by the prefix.
+
+    With a window, only the blocks from the first one the chunk's first query sees are gathered.
+    """
     q_len = q.shape[0]
     block_size = kv_cache.shape[2]
-    k, v = _gather(kv_cache, block_table.unsqueeze(0), -(-seq_len // block_size))
-    k, v = k[:, :, :seq_len], v[:, :, :seq_len]
+    first = 0 if window is None else max(0, seq_len - q_len - window + 1) // block_size
+    blocks = -(-seq_len // block_size) - first
+    k, v = _gather(kv_cache, block_table[first:].unsqueeze(0), blocks)
+    start = first * block_size  # position of the first gathered key
+    k, v = k[:, :, : seq_len - start], v[:, :, : seq_len - start]
     qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
-    if q_len == seq_len:
+    if q_len == seq_len and window is None and softcap is None:
         out = F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
         query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= query_pos  # causal bias with prefix
-        out = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        mask = _visible(torch.arange(start, seq_len, device=q.device).unsqueeze(0), query_pos, window)
+        out = _attention(qt, k, v, mask, scale, softcap)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -79,7 +113,8 @@ SHORT_CHUNK = 16  # prompt chunks up to this many tokens are batched together (s
 
 
 def short_chunk_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int], starts: list[int], scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int], starts: list[int], scale: float,
+    window: int | None = None, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Several short chunks in one call: sequences ``seqs`` of ``meta`` whose new tokens start at packed
     rows ``starts``. Returns the attention output of their rows and the packed row index of each.
@@ -102,9 +137,9 @@ def short_chunk_attention(
     grouped = qp.view(batch, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
     seq_lens, lens = meta.seq_lens.index_select(0, index), torch.tensor(q_lens, device=dev)
     last = seq_lens[:, None] - lens[:, None] + torch.arange(width, device=dev).clamp(max=lens[:, None] - 1)
-    mask = torch.arange(k.shape[2], device=dev) <= last[:, :, None]  # [B, W, L]
+    mask = _visible(torch.arange(k.shape[2], device=dev), last[:, :, None], window)  # [B, W, L]
     mask = mask[:, None].expand(batch, group, width, k.shape[2]).reshape(batch, 1, group * width, k.shape[2])
-    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
+    out = _attention(grouped, k, v, mask, scale, softcap)
     out = out.view(batch, kv_heads, group, width, dim).permute(0, 3, 1, 2, 4).reshape(batch * width, num_heads, dim)
     keep = [b * width + j for b, n in enumerate(q_lens) for j in range(n)]
     rows = [start + j for start, n in zip(starts, q_lens) for j in range(n)]
@@ -112,19 +147,21 @@ def short_chunk_attention(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, decode=decode_attention
-) -> torch.Tensor:
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None = None, softcap: float | None = None, decode=decode_attention,
+) -> torch.Tensor:  # fmt: skip
     """Attention for a whole packed batch ``q [T, H, D]``: decodes in one call, then each prompt chunk.
 
-    ``decode`` is the kernel for the one-token part (``decode_attention`` or a GPU kernel of that signature).
+    ``decode`` is the kernel for the one-token part (``decode_attention`` or a kernel of that signature).
     """
     nd = meta.num_decodes
+    masks = {"window": window, "softcap": softcap}
     if nd == meta.num_seqs:
-        return decode(q, kv_cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_list), scale)
+        return decode(q, kv_cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_list), scale, **masks)
     out = torch.empty_like(q)
     if nd:
         out[:nd] = decode(
-            q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_list[:nd]), scale
+            q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_list[:nd]), scale, **masks
         )
     start, short, short_starts = nd, [], []
     for i in range(nd, meta.num_seqs):
@@ -134,14 +171,16 @@ def paged_attention(
             short_starts.append(start)
         else:
             out[start : start + q_len] = context_attention(
-                q[start : start + q_len], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale
+                q[start : start + q_len], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale, **masks
             )
         start += q_len
     if len(short) == 1:
         i, s0 = short[0], short_starts[0]
         n = meta.query_lens_list[i]
-        out[s0 : s0 + n] = context_attention(q[s0 : s0 + n], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale)
+        out[s0 : s0 + n] = context_attention(
+            q[s0 : s0 + n], kv_cache, meta.block_tables[i], meta.seq_lens_list[i], scale, **masks
+        )
     elif short:
-        values, rows = short_chunk_attention(q, kv_cache, meta, short, short_starts, scale)
+        values, rows = short_chunk_attention(q, kv_cache, meta, short, short_starts, scale, **masks)
         out[rows] = values
     return out

@@ -7,7 +7,7 @@
   fallback without a C++ compiler).
 * ``triton``: Triton kernels for attention (decodes and prompt chunks, reading the paged cache in place:
   ``gllm.ops.triton_attention``, ``gllm.ops.triton_prefill``) and the fused element-wise steps (add +
-  RMSNorm, RoPE + KV write, SiLU * up: ``gllm.ops.triton_fused``); the choice on a CUDA GPU with Triton.
+  RMSNorm, RoPE + KV write, SiLU or GELU * up: ``gllm.ops.triton_fused``); the choice on a CUDA GPU with Triton.
   Imported only when chosen.
 * ``reference``: the slow attention oracle, for tests.
 """
@@ -23,11 +23,13 @@ import torch
 
 from gllm.ops import cpu_kernels
 from gllm.ops.attention import paged_attention
-from gllm.ops.elementwise import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
+from gllm.ops.elementwise import torch_add_rms_norm, torch_gelu_tanh_mul, torch_rope_write_kv, torch_silu_mul
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.reference import reference_attention
 
-AttendFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+# attend(q, kv_cache, meta, scale, window=None, softcap=None): a layer's sliding window and score soft-cap
+# (``gllm.ops.attention``) go to every backend's attention.
+AttendFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,17 @@ class AttentionBackend:
     rope_write_kv: Callable[..., torch.Tensor] = torch_rope_write_kv
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch_add_rms_norm
     silu_mul: Callable[[torch.Tensor], torch.Tensor] = torch_silu_mul
+    gelu_tanh_mul: Callable[[torch.Tensor], torch.Tensor] = torch_gelu_tanh_mul
 
 
 def _triton_backend() -> AttentionBackend:
     """Imported only when chosen: Triton is a large library, and loading it on a CPU run costs start-up time
     and prints nanobind's leak report at every exit."""
-    from gllm.ops.triton_fused import triton_add_rms_norm, triton_rope_write_kv, triton_silu_mul
+    from gllm.ops import triton_fused as fused
     from gllm.ops.triton_prefill import triton_paged_attention
 
-    return AttentionBackend("triton", triton_paged_attention, triton_rope_write_kv, triton_add_rms_norm,
-                            triton_silu_mul)
+    return AttentionBackend("triton", triton_paged_attention, fused.triton_rope_write_kv, fused.triton_add_rms_norm,
+                            fused.triton_silu_mul, fused.triton_gelu_tanh_mul)
 
 
 BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
@@ -60,6 +63,7 @@ BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
         cpu_kernels.cpu_rope_write_kv,
         cpu_kernels.cpu_add_rms_norm,
         cpu_kernels.cpu_silu_mul,
+        cpu_kernels.cpu_gelu_tanh_mul,
     ),
     "triton": _triton_backend,
 }

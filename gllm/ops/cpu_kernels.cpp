@@ -1,6 +1,6 @@
-// gLLM's CPU kernels: decode attention that reads the paged KV cache in place, the fused element-wise
-// steps of a Llama layer (add + RMSNorm, RoPE + KV write, SiLU * up), and the sampler's argmax and
-// log-sum-exp. Plain C++ that the compiler vectorizes (-O3 -march=native), OpenMP across rows or
+// gLLM's CPU kernels: decode attention that reads the paged KV cache in place (with a layer's sliding
+// window and score soft-cap), the fused element-wise steps of a layer (add + RMSNorm, RoPE + KV write,
+// SiLU * up, tanh-GELU * up), and the sampler's argmax and log-sum-exp. Plain C++ that the compiler vectorizes (-O3 -march=native), OpenMP across rows or
 // (sequence, KV head) pairs. Built and loaded by gllm/ops/cpu_kernels.py, which states each contract.
 //
 // The layer kernels exist for float32 (suffix _f32) and bfloat16 (suffix _bf16, raw uint16 bits). Math
@@ -84,8 +84,10 @@ void add_rms_norm(const T* x, T* res, const T* weight, T* out, int64_t rows, int
     }
 }
 
-template <typename T>
-void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter, int64_t sg, int64_t so, int threads) {
+// gate * sigmoid(k * gate) * up, the shape of both gates: SiLU (k = 1) and GELU's tanh approximation
+// (0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)).
+template <typename T, bool GELU>
+void gate_mul(const T* gate_up, T* out, int64_t rows, int64_t inter, int64_t sg, int64_t so, int threads) {
 #pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN)
     for (int64_t t = 0; t < rows; ++t) {
         const T* g = gate_up + t * sg;
@@ -94,7 +96,8 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter, int64_t sg,
 #pragma omp simd
         for (int64_t i = 0; i < inter; ++i) {
             float gate = load(g[i]);
-            store(o + i, round_to<T>(gate / (1.0f + exp_approx(-gate))) * load(u[i]));
+            float z = GELU ? 1.5957691216057308f * (gate + 0.044715f * gate * gate * gate) : gate;
+            store(o + i, round_to<T>(gate / (1.0f + exp_approx(-z))) * load(u[i]));
         }
     }
 }
@@ -170,7 +173,8 @@ constexpr int bit_reverse4(int i) { return ((i & 1) << 3) | ((i & 2) << 1) | ((i
 // dispatcher splits larger groups into such chunks). Online softmax in float32, TILE tokens at a time.
 template <typename T, int DIM, int G>
 void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t* table, int64_t len, T* out,
-                  int kvh, int block_size, int64_t s_token, int64_t s_block, float scale) {
+                  int kvh, int block_size, int64_t s_token, int64_t s_block, float scale, int64_t window,
+                  float softcap) {
     constexpr int V = DIM / 16;
     f32x16 qv[G][V], acc[G][V], partial[G][TILE / 16][16];
     float scores[G][TILE], best[G], total[G];
@@ -180,7 +184,9 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
         best[g] = -std::numeric_limits<float>::infinity();
         total[g] = 0.0f;
     }
-    int64_t block = 0, offset = 0;  // the cache position of the next row to locate
+    // A sliding-window layer sees the last `window` positions only: the blocks before them are not read.
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    int64_t block = first / block_size, offset = first % block_size;  // the cache position of the next row
     auto locate = [&](int64_t* out, int count) {  // the next rows, as offsets into either plane
         for (int j = 0; j < count; ++j) {
             out[j] = table[block] * s_block + offset * s_token + kvh * DIM;
@@ -196,9 +202,9 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
                 __builtin_prefetch(reinterpret_cast<const char*>(cache_v + offsets[j]) + byte);
             }
     };
-    locate(next, int(std::min<int64_t>(TILE, len)));
-    prefetch(next, int(std::min<int64_t>(TILE, len)));
-    for (int64_t start = 0; start < len; start += TILE) {
+    locate(next, int(std::min<int64_t>(TILE, len - first)));
+    prefetch(next, int(std::min<int64_t>(TILE, len - first)));
+    for (int64_t start = first; start < len; start += TILE) {
         const int n = int(std::min<int64_t>(TILE, len - start));
         std::copy(next, next + n, rows);
         const int ahead = int(std::clamp<int64_t>(len - start - TILE, 0, TILE));
@@ -218,6 +224,9 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
                 f32x16 sums = sum16x16(partial[g][half]);
                 __builtin_memcpy(scores[g] + 16 * half, &sums, sizeof sums);
             }
+        if (softcap > 0.0f)  // Gemma 2: scores squashed into (-softcap, softcap)
+            for (int g = 0; g < G; ++g)
+                for (int j = 0; j < n; ++j) scores[g][j] = softcap * std::tanh(scores[g][j] / softcap);
         for (int g = 0; g < G; ++g) {
             float peak = best[g];
             for (int j = 0; j < n; ++j) peak = std::max(peak, scores[g][j]);
@@ -244,13 +253,14 @@ void attend_heads(const T* q, const T* cache_k, const T* cache_v, const int64_t*
     }
 }
 
-// A chunk of query heads: at most 4, and at most 256 / DIM (2 of head dimension 128): what fits in registers.
-constexpr int chunk_heads(int dim) { return std::min(4, 256 / dim); }
+// A chunk of query heads: at most 4, and at most 256 / DIM (2 of head dimension 128, 1 of 256): what fits
+// in registers.
+constexpr int chunk_heads(int dim) { return std::max(1, std::min(4, 256 / dim)); }
 
 template <typename T, int DIM>
 void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int64_t* tables, const int64_t* lens,
                       T* out, int batch, int heads, int kv_heads, int block_size, int64_t s_table,
-                      int64_t s_block, float scale, int threads) {
+                      int64_t s_block, float scale, int64_t window, float softcap, int threads) {
     const int group = heads / kv_heads, chunks = (group + chunk_heads(DIM) - 1) / chunk_heads(DIM);
     const int64_t s_token = int64_t(kv_heads) * DIM;
 #pragma omp parallel for collapse(3) schedule(dynamic) num_threads(threads)
@@ -260,7 +270,7 @@ void decode_attention(const T* q, const T* cache_k, const T* cache_v, const int6
                 const int first = chunk * chunk_heads(DIM), count = std::min(chunk_heads(DIM), group - first);
                 const int64_t at = (int64_t(b) * heads + kvh * group + first) * DIM;
                 const auto args = std::make_tuple(q + at, cache_k, cache_v, tables + b * s_table, lens[b], out + at,
-                                                  kvh, block_size, s_token, s_block, scale);
+                                                  kvh, block_size, s_token, s_block, scale, window, softcap);
                 if (count == 1) std::apply(attend_heads<T, DIM, 1>, args);
                 if constexpr (chunk_heads(DIM) >= 2)
                     if (count == 2) std::apply(attend_heads<T, DIM, 2>, args);
@@ -309,7 +319,7 @@ void argmax_logsumexp(const float* logits, int64_t rows, int64_t vocab, int64_t 
 }  // namespace
 
 #define GLLM_ATTENTION_ARGS \
-    q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, s_block, scale, threads
+    q, ck, cv, tables, lens, out, batch, heads, kv_heads, block_size, s_table, s_block, scale, window, softcap, threads
 #define GLLM_EXPORT(suffix, T)                                                                                 \
     extern "C" void add_rms_norm_##suffix(const T* x, T* res, const T* w, T* out, int64_t rows, int64_t dim,   \
                                           int64_t sx, int64_t sr, int64_t so, int add, float eps, int threads) { \
@@ -317,7 +327,11 @@ void argmax_logsumexp(const float* logits, int64_t rows, int64_t vocab, int64_t 
     }                                                                                                          \
     extern "C" void silu_mul_##suffix(const T* gu, T* out, int64_t rows, int64_t inter, int64_t sg, int64_t so, \
                                       int threads) {                                                           \
-        silu_mul<T>(gu, out, rows, inter, sg, so, threads);                                                    \
+        gate_mul<T, false>(gu, out, rows, inter, sg, so, threads);                                             \
+    }                                                                                                          \
+    extern "C" void gelu_tanh_mul_##suffix(const T* gu, T* out, int64_t rows, int64_t inter, int64_t sg,       \
+                                           int64_t so, int threads) {                                          \
+        gate_mul<T, true>(gu, out, rows, inter, sg, so, threads);                                              \
     }                                                                                                          \
     extern "C" void rope_write_kv_##suffix(const T* qkv, const T* cos, const T* sin, T* q, T* ck, T* cv,       \
                                            const int64_t* slots, int64_t tokens, int heads, int kv_heads,      \
@@ -329,12 +343,14 @@ void argmax_logsumexp(const float* logits, int64_t rows, int64_t vocab, int64_t 
     extern "C" int decode_attention_##suffix(const T* q, const T* ck, const T* cv, const int64_t* tables,      \
                                              const int64_t* lens, T* out, int batch, int heads, int kv_heads,  \
                                              int dim, int block_size, int64_t s_table, int64_t s_block,        \
-                                             float scale, int threads) {                                       \
+                                             float scale, int64_t window, float softcap, int threads) {        \
         switch (dim) {                                                                                         \
             case 16: decode_attention<T, 16>(GLLM_ATTENTION_ARGS); break;                                      \
             case 32: decode_attention<T, 32>(GLLM_ATTENTION_ARGS); break;                                      \
             case 64: decode_attention<T, 64>(GLLM_ATTENTION_ARGS); break;                                      \
+            case 96: decode_attention<T, 96>(GLLM_ATTENTION_ARGS); break;                                      \
             case 128: decode_attention<T, 128>(GLLM_ATTENTION_ARGS); break;                                    \
+            case 256: decode_attention<T, 256>(GLLM_ATTENTION_ARGS); break;                                    \
             default: return 0;                                                                                 \
         }                                                                                                      \
         return 1;                                                                                              \

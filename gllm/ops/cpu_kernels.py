@@ -34,7 +34,7 @@ import torch
 from gllm.loader.cache import cache_dir
 from gllm.ops.attention import decode_attention, paged_attention
 from gllm.ops.metadata import AttentionMetadata
-from gllm.ops.elementwise import torch_add_rms_norm, torch_rope_write_kv, torch_silu_mul
+from gllm.ops.elementwise import torch_add_rms_norm, torch_gelu_tanh_mul, torch_rope_write_kv, torch_silu_mul
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,15 @@ FLAG_SETS = (  # tried in turn: the first that builds wins
 )
 COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-HEAD_DIMS = (16, 32, 64, 128)  # those decode_attention is compiled for
+HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # those decode_attention is compiled for
 
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {  # name: argument types, result type, dtypes it is compiled for
     "add_rms_norm": ([_PTR] * 4 + [_I64] * 5 + [_INT, _FLOAT, _INT], None, SUFFIX),
     "silu_mul": ([_PTR] * 2 + [_I64] * 4 + [_INT], None, SUFFIX),
+    "gelu_tanh_mul": ([_PTR] * 2 + [_I64] * 4 + [_INT], None, SUFFIX),
     "rope_write_kv": ([_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT], None, SUFFIX),
-    "decode_attention": ([_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _INT], _INT, SUFFIX),
+    "decode_attention": ([_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _I64, _FLOAT, _INT], _INT, SUFFIX),
     "argmax_logsumexp": ([_PTR] + [_I64] * 3 + [_PTR, _PTR, _INT], None, [torch.float32]),
     "block_matmul": ([_INT, _PTR] + [_I64] * 3 + [_PTR] * 4 + [_INT], _INT, [torch.bfloat16]),
 }
@@ -160,15 +161,27 @@ def cpu_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     return out, res
 
 
-def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``."""
-    fn = kernels().get(("silu_mul", gate_up.dtype))
+def _gate_mul(name: str, gate_up: torch.Tensor) -> torch.Tensor | None:
+    """The ``name`` kernel (``silu_mul``, ``gelu_tanh_mul``) on ``gate_up [T, 2 I]``; None when it cannot run."""
+    fn = kernels().get((name, gate_up.dtype))
     if fn is None or gate_up.stride(-1) != 1:
-        return torch_silu_mul(gate_up)
+        return None
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
     fn(gate_up.data_ptr(), out.data_ptr(), rows, inter, gate_up.stride(0), inter, torch.get_num_threads())
     return out
+
+
+def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``."""
+    out = _gate_mul("silu_mul", gate_up)
+    return torch_silu_mul(gate_up) if out is None else out
+
+
+def cpu_gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``."""
+    out = _gate_mul("gelu_tanh_mul", gate_up)
+    return torch_gelu_tanh_mul(gate_up) if out is None else out
 
 
 def cpu_rope_write_kv(
@@ -194,28 +207,34 @@ def cpu_rope_write_kv(
 
 
 def cpu_decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float
-) -> torch.Tensor:
-    """``decode_attention``'s contract (``q [B, H, D]``, one token per sequence), reading blocks in place."""
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+    scale: float, window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``decode_attention``'s contract (``q [B, H, D]``, one token per sequence), reading blocks in place;
+    a sliding-window layer reads only the blocks of its window."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     fn = kernels().get(("decode_attention", q.dtype))
     fits = dim in HEAD_DIMS and kv_cache.dtype == q.dtype and kv_cache.is_contiguous()
     if fn is None or not fits or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
-        return decode_attention(q, kv_cache, block_tables, seq_lens, max_len, scale)
+        return decode_attention(q, kv_cache, block_tables, seq_lens, max_len, scale, window, softcap)
     q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
     plane = kv_cache.stride(0)
     done = fn(q.data_ptr(), kv_cache.data_ptr(), kv_cache.data_ptr() + plane * kv_cache.element_size(),
               tables.data_ptr(), lens.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size,
-              tables.stride(0), block_size * kv_heads * dim, scale, torch.get_num_threads())  # fmt: skip
+              tables.stride(0), block_size * kv_heads * dim, scale, window or 0, softcap or 0.0,
+              torch.get_num_threads())  # fmt: skip
     assert done, f"decode attention is not compiled for head_dim {dim}"
     return out
 
 
-def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def cpu_paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """``paged_attention`` with the decodes on ``cpu_decode_attention`` (prompt chunks stay on torch SDPA)."""
-    return paged_attention(q, kv_cache, meta, scale, decode=cpu_decode_attention)
+    return paged_attention(q, kv_cache, meta, scale, window, softcap, decode=cpu_decode_attention)
 
 
 def cpu_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -43,3 +43,9 @@ def torch_silu_mul(gate_up: Tensor) -> Tensor:
     """The contract of ``triton_silu_mul`` in torch."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def torch_gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+    """``gelu(gate) * up`` with GELU's tanh approximation (Gemma's GeGLU), for ``gate_up [T, 2 I]`` (gate first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up

@@ -23,12 +23,15 @@ def gather_sequence_kv(
 
 
 def reference_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Attention of packed queries ``[T, H, D]`` over the cache (new K/V already written): ``[T, H, D]``.
 
     One sequence at a time: gather its blocks, expand the KV heads to the query heads (GQA), and take
     ``softmax(q k^T * scale + mask) v`` in float32 with an explicit causal mask, offset by the cached prefix.
+    ``window``: a query at position ``p`` sees keys ``p - window < k <= p``; ``softcap``: scores become
+    ``softcap * tanh(score / softcap)`` before the mask.
     """
     out = torch.empty_like(q)
     num_heads = q.shape[1]
@@ -41,9 +44,14 @@ def reference_attention(
         v = v.float().repeat_interleave(group, dim=1)
         qi = q[start : start + q_len].float()  # [Q, H, D]
         scores = torch.einsum("qhd,shd->hqs", qi, k) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         query_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
         key_pos = torch.arange(seq_len).unsqueeze(0)
-        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        hidden = key_pos > query_pos
+        if window is not None:
+            hidden |= key_pos <= query_pos - window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[start : start + q_len] = torch.einsum("hqs,shd->qhd", scores.softmax(-1), v).to(q.dtype)
         start += q_len
     return out

@@ -65,17 +65,18 @@ def _decode_kernel(
     stride_kv, stride_block, stride_token, stride_head,
     stride_table,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    split_len, scale,
+    split_len, scale, window, softcap,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * split_len
-    end = tl.minimum(seq_len, start + split_len)
+    end = tl.minimum(seq_len, split * split_len + split_len)
+    # A sliding-window layer (window > 0) sees the last `window` tokens only: earlier blocks are not read.
+    start = tl.maximum(split * split_len, tl.where(window > 0, seq_len - window, 0))
 
     rows = tl.arange(0, GROUP_PAD)  # query heads of this KV head, padded to a tl.dot tile
     dims = tl.arange(0, DIM_PAD)
@@ -88,7 +89,6 @@ def _decode_kernel(
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     ).to(DOT_DTYPE)
-    qk_scale = scale * 1.4426950408889634  # log2(e): the softmax runs on exp2
     row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
@@ -102,8 +102,8 @@ def _decode_kernel(
         token = block * stride_block + (pos % BLOCK_SIZE) * stride_token  # int64: large caches are safe
         kv_mask = pos_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_base + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [TILE, DIM_PAD]
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, TILE]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        s = _scores(tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION), scale, softcap, SOFTCAP)
+        s = tl.where(pos_ok[None, :], s, float("-inf"))  # [GROUP_PAD, TILE]
         new_max = tl.maximum(row_max, tl.max(s, 1))
         p = tl.exp2(s - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
@@ -119,6 +119,15 @@ def _decode_kernel(
     if STORE_LSE:  # natural-log log-sum-exp of the scores, for merging the splits
         lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=row_ok)
+
+
+def _scores(dots, scale, softcap, SOFTCAP: tl.constexpr):
+    """Attention scores from query-key products, in base 2 (the softmax runs on ``exp2``); soft-capped to
+    ``softcap * tanh(score / softcap)`` with ``SOFTCAP`` (tanh from ``exp``: the interpreter has no libdevice)."""
+    s = dots * scale
+    if SOFTCAP:
+        s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+    return s * 1.4426950408889634  # log2(e)
 
 
 def _dot_dtype(cache_dtype: torch.dtype) -> tl.dtype:
@@ -145,10 +154,13 @@ def triton_decode_attention(
     seq_lens: torch.Tensor,
     max_len: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
     *,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence: ``q [B, H, D]`` over each sequence's first ``seq_lens`` cached tokens.
+    """One query token per sequence: ``q [B, H, D]`` over each sequence's first ``seq_lens`` cached tokens
+    (its last ``window`` ones for a sliding-window layer; scores soft-capped by ``softcap``).
 
     ``num_splits`` overrides the heuristic that cuts long sequences across programs (tests use it).
     """
@@ -170,17 +182,18 @@ def triton_decode_attention(
     else:
         partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    varying = ("stride_table", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "split_len")
+    varying = ("stride_table", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "split_len", "window")
     _jitted(_decode_kernel, varying)[(batch, kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, partial, lse,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        split_len, scale,
+        split_len, scale, window or 0, softcap or 1.0,
         GROUP=group, GROUP_PAD=_pad(group), HEAD_DIM=head_dim, DIM_PAD=_pad(head_dim),
         BLOCK_SIZE=block_size, TILE=_TILE, STORE_LSE=num_splits > 1,
         DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else None,  # fp32: exact, no TF32
+        SOFTCAP=softcap is not None,
     )  # fmt: skip
     if num_splits == 1:
         return out

@@ -8,7 +8,8 @@ shape on both paths.
 * ``triton_add_rms_norm``: grid ``(T,)``, one program per row: the residual add (in place) and RMSNorm.
 * ``triton_rope_write_kv``: grid ``(T, heads + 2 * kv_heads)``, one program per head of a token's fused
   Q/K/V row: it rotates a query head into the new ``q`` or a key head into the cache, or copies a value head.
-* ``triton_silu_mul``: grid ``(T, column tiles)``: ``silu(gate) * up``.
+* ``triton_silu_mul`` / ``triton_gelu_tanh_mul``: grid ``(T, column tiles)``: ``silu(gate) * up`` or
+  ``gelu_tanh(gate) * up`` (Gemma's GeGLU).
 
 Results equal the torch code bit for bit wherever torch's op order can be repeated: every torch op on a
 16-bit tensor computes in float32 and rounds to its dtype, and the kernels round at the same places; FMA
@@ -34,7 +35,7 @@ try:
 except ImportError:  # no Triton: only the torch references are usable
     libdevice = None
 
-_SILU_TILE = 1024  # columns per silu_mul program
+_GATE_TILE = 1024  # columns per gate program (SiLU or GELU times up)
 
 
 def _round(x, DTYPE: tl.constexpr):
@@ -163,36 +164,54 @@ def triton_rope_write_kv(
     return q
 
 
-def _silu_mul_kernel(
+def _gate_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_o, inter,
-    TILE: tl.constexpr, DTYPE: tl.constexpr, ROUND: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+    TILE: tl.constexpr, DTYPE: tl.constexpr, ROUND: tl.constexpr, LIBDEVICE: tl.constexpr, GELU: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
     mask = cols < inter
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask).to(tl.float32)
-    if LIBDEVICE_EXP:  # expf, as torch's CUDA silu (tl.exp is the less exact ex2.approx)
-        e = libdevice.exp(-gate)
+    if GELU:  # torch's tanh approximation, in its order: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        inner = 0.7978845608028654 * (gate + 0.044715 * (gate * gate * gate))
+        if LIBDEVICE:
+            t = libdevice.tanh(inner)
+        else:  # the interpreter has no libdevice
+            t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+        act = ROUND(0.5 * gate * (1.0 + t), DTYPE)
     else:
-        e = tl.exp(-gate)
-    silu = ROUND(tl.div_rn(gate, 1.0 + e), DTYPE)
-    tl.store(out_ptr + row * stride_o + cols, ROUND(silu * up, DTYPE).to(DTYPE), mask=mask)
+        if LIBDEVICE:  # expf, as torch's CUDA silu (tl.exp is the less exact ex2.approx)
+            e = libdevice.exp(-gate)
+        else:
+            e = tl.exp(-gate)
+        act = ROUND(tl.div_rn(gate, 1.0 + e), DTYPE)
+    tl.store(out_ptr + row * stride_o + cols, ROUND(act * up, DTYPE).to(DTYPE), mask=mask)
 
 
-def triton_silu_mul(gate_up: Tensor) -> Tensor:
-    """``silu(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``. Exact on CUDA in every dtype."""
+def _gate_mul(gate_up: Tensor, gelu: bool) -> Tensor:
     rows, width = gate_up.shape
     inter = width // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     if rows == 0:
         return out
     assert gate_up.stride(-1) == 1
-    tile = min(_SILU_TILE, 1 << (inter - 1).bit_length())
+    tile = min(_GATE_TILE, 1 << (inter - 1).bit_length())
     dtype, round_fn = _rounding(gate_up.dtype)
-    _jitted(_silu_mul_kernel)[(rows, -(-inter // tile))](
+    _jitted(_gate_mul_kernel)[(rows, -(-inter // tile))](
         gate_up, out, gate_up.stride(0), out.stride(0), inter,
-        TILE=tile, DTYPE=dtype, ROUND=round_fn, LIBDEVICE_EXP=not _interpreted(),
+        TILE=tile, DTYPE=dtype, ROUND=round_fn, LIBDEVICE=not _interpreted(), GELU=gelu,
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return out
+
+
+def triton_silu_mul(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``. Exact on CUDA in every dtype."""
+    return _gate_mul(gate_up, gelu=False)
+
+
+def triton_gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+    """``gelu_tanh(gate) * up`` for ``gate_up [T, 2 I]`` (gate first): ``[T, I]``, in torch's order of operations
+    (libdevice's ``tanh`` on CUDA; under the interpreter tanh comes from ``exp``, a few ulps away)."""
+    return _gate_mul(gate_up, gelu=True)

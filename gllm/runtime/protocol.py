@@ -180,6 +180,7 @@ class Generate:
     logprobs: int = 0
     priority: int = 0
     ignore_eos: bool = False
+    thinking: bool = False
     adapter: str | None = None
 
 
@@ -191,6 +192,7 @@ class Score:
     prompt_token_ids: list[int] | None = None
     candidates: list[str | list[int]] = field(default_factory=list)
     priority: int = 0
+    thinking: bool = False
     adapter: str | None = None
 
 
@@ -246,6 +248,7 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "logprobs": integer(0, MAX_LOGPROBS),
         "priority": _PRIORITY,
         "ignore_eos": boolean,
+        "thinking": boolean,
         "adapter": _ADAPTER,
     }, ("id",)),
     "score": (Score, {
@@ -253,6 +256,7 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         **_PROMPT_CHECKS,
         "candidates": array_of(candidate, nonempty=True),
         "priority": _PRIORITY,
+        "thinking": boolean,
         "adapter": _ADAPTER,
     }, ("id", "candidates")),
     "cancel": (Cancel, {"id": client_id}, ("id",)),

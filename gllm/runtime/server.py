@@ -271,13 +271,14 @@ class Server:
                 self.engine.add_request(self._tokenized(GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
-                    ignore_eos=req.ignore_eos, request_id=open_req.engine_id, adapter=req.adapter), req.id))
+                    ignore_eos=req.ignore_eos, thinking=req.thinking, request_id=open_req.engine_id,
+                    adapter=req.adapter), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
                 self._check_candidates(req)
                 self.engine.add_score(self._tokenized(ScoreRequest(
-                    **prompt, candidates=req.candidates, priority=req.priority, request_id=open_req.engine_id,
-                    adapter=req.adapter), req.id))
+                    **prompt, candidates=req.candidates, priority=req.priority, thinking=req.thinking,
+                    request_id=open_req.engine_id, adapter=req.adapter), req.id))
         except ValueError as exc:
             raise ProtocolError(engine_error_code(exc), str(exc), req.id) from None
         self.requests.add(open_req)

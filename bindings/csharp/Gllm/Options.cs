@@ -90,6 +90,8 @@ namespace Gllm
         public int? Logprobs;
         public int? Priority;
         public bool? IgnoreEos;
+        /// <summary>Chat prompts: let a thinking model (Qwen3, SmolLM3) reason before it answers (default false).</summary>
+        public bool? Thinking;
         /// <summary>Name of a LoRA adapter loaded in the runtime (a personality, a faction); null: the base model.</summary>
         public string Adapter;
 
@@ -104,6 +106,7 @@ namespace Gllm
             Put(m, "logprobs", Logprobs);
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
+            Put(m, "thinking", Thinking);
             if (Adapter != null) m["adapter"] = Adapter;
         }
 
