@@ -34,7 +34,7 @@ def load_base(model: str) -> tuple[transformers.PreTrainedModel, transformers.Pr
         path = resolve(model)
         model, kwargs = str(path.parent), {"gguf_file": path.name}
     tokenizer = transformers.AutoTokenizer.from_pretrained(model, **kwargs)
-    net = transformers.AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32, **kwargs)
+    net = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs)
     return net, tokenizer
 
 

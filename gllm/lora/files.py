@@ -16,7 +16,6 @@ update is ``scale * x @ A.T @ B.T``. Whether the shapes fit a model is checked l
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,8 +28,10 @@ from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 
 from gllm.config import ModelConfig
+from gllm.loader import ModelLoadError
 from gllm.loader.gguf_config import ARCHITECTURES
 from gllm.loader.gguf_file import unpermute_qk
+from gllm.loader.hf import _read_json as read_json_object
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -110,11 +111,9 @@ def _peft_config(folder: Path) -> dict:
     if not path.is_file():
         raise AdapterError(f"{folder}: no {PEFT_CONFIG}; not a PEFT adapter folder")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+        cfg = read_json_object(path)
+    except ModelLoadError as exc:  # the same checks as a model's config.json
+        raise AdapterError(str(exc)) from exc
     kind = cfg.get("peft_type", "LORA")
     if kind != "LORA":
         raise AdapterError(f"{path}: peft_type {kind!r}; only LORA adapters are supported")

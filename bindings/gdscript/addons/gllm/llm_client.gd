@@ -12,9 +12,9 @@ extends Node
 ## for the connection (up to request_timeout_sec). A lost connection fails the open requests with
 ## "disconnected" (the runtime cancels them) and the client reconnects with back-off by itself.
 ## Options are the protocol's own field names (docs/protocol.md): max_tokens, temperature, top_k,
-## top_p, seed, stop, logprobs, priority, ignore_eos, thinking, and adapter (the name of a LoRA adapter
-## the runtime has loaded, e.g. {"adapter": "guard"}; generate and score). info()'s result lists the
-## loaded adapters in result["adapters"].
+## top_p, seed, stop, logprobs, priority, ignore_eos, thinking, and adapter (the name of a LoRA
+## adapter the runtime has loaded, e.g. {"adapter": "guard"}; generate and score). info()'s result
+## lists the loaded adapters in result["adapters"].
 ##
 ## Loopback only: this client speaks only to a runtime on this machine. ZMTP's NULL mechanism has
 ## no encryption or authentication (no CurveZMQ), so other hosts are refused unless
