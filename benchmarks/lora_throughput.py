@@ -84,6 +84,7 @@ def main() -> None:
             for name, adapters in cases.items():
                 engine.block_manager.pool.clear_cache()
                 rates[name].append(run(engine, prompts, adapters, args.new_tokens))
+                print(f"{name}: {rates[name][-1]:.1f} tok/s", file=sys.stderr, flush=True)
     base = summarize(rates["base model"], higher_is_better=True)["median"]
     rows = [[name, f"{summarize(r, higher_is_better=True)['median']:.1f}", f"{summarize(r, higher_is_better=True)['median'] / base:.2f}x",
              ", ".join(f"{x:.1f}" for x in r)] for name, r in rates.items()]  # fmt: skip
