@@ -24,17 +24,19 @@ def make_adapter(
     targets: list[str] = ALL_TARGETS,
     r: int = 4,
     alpha: float = 8,
+    std: float = 0.15,
     **options,
 ) -> peft.PeftModel:
-    """Save a PEFT LoRA adapter with random A and B (large enough to change greedy choices) to ``folder``
-    and return the HF + peft model (on a copy of ``base``)."""
+    """Save a PEFT LoRA adapter with random A and B (of standard deviation ``std``: by default large enough
+    to change a tiny model's greedy choices) to ``folder`` and return the HF + peft model (on a copy of
+    ``base``)."""
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, **options)
     model = peft.get_peft_model(copy.deepcopy(base), config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
     model.save_pretrained(folder)
     return model
 
