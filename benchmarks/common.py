@@ -121,6 +121,14 @@ def write_results(out: str | os.PathLike[str], data: dict[str, Any], markdown: s
     return json_path, md_path
 
 
+def report(out: str | os.PathLike[str], data: dict[str, Any], markdown: str) -> int:
+    """``write_results``, then show the table and where it went; the script's exit status (0)."""
+    json_path, md_path = write_results(out, data, markdown)
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def resolved_dtype(name: str) -> str:
     """The precision ``gllm serve --dtype name`` runs in on this machine (``auto`` resolved)."""
     import torch

@@ -18,8 +18,16 @@ Measured at the client, as a game would see it, over all NPC answers of all meas
 The runtime runs in its own process (``gllm serve``, ``--max-batch-size 16``), the client in this one:
 they share the machine's cores like a game and its local runtime would.
 
+``--modes`` picks what the NPCs answer: ``free`` (plain text, the rounds above), ``json`` (the example's
+reply schema, ``say`` / ``mood`` / ``action``, enforced by the runtime; answers end when the JSON is
+whole) and ``json-prompt`` (the same prompts asking for that JSON, without the schema: how often a
+model manages it alone). The JSON modes end naturally (no ``ignore_eos``) and count valid answers:
+JSON that parses and has the schema's shape.
+
     python benchmarks/village.py                       # writes benchmarks/results/village.{json,md}
     python benchmarks/village.py --npcs 1,4 --rounds 2 --out benchmarks/results/village_quick
+    python benchmarks/village.py --npcs 16 --modes json,json-prompt --max-tokens 96 \\
+        --out benchmarks/results/village_json
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # `common` beside this file, run as a script
 sys.path.insert(0, str(HERE.parent / "examples" / "npc_dialogue"))
 
-from common import machine_info, markdown_table, resolved_dtype, write_results  # noqa: E402
+from common import machine_info, markdown_table, report, resolved_dtype  # noqa: E402
 
 QUESTIONS = [
     "Good evening. Which road should I take to reach Highmoor castle?",
@@ -61,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--npcs", default="1,4,8,16", help="crowd sizes, comma-separated")
     p.add_argument("--rounds", type=int, default=4, help="measured rounds per crowd size")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--modes", default="free", help="free, json, json-prompt (comma-separated)")
     p.add_argument("--endpoint", default=None, help="use this running runtime instead of starting one")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="for the runtime this script starts (auto: bfloat16 where the CPU has fast kernels)")
@@ -78,13 +87,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def measure_crowd(endpoint: str, n: int, rounds: int, max_tokens: int, first_line: int) -> dict[str, Any]:
+async def measure_crowd(endpoint: str, n: int, rounds: int, max_tokens: int, first_line: int,
+                        mode: str = "free") -> dict[str, Any]:
     from crowd import Sampling, Village
     from display import Silent
     from gllm.client import AsyncClient
     from npcs import make_crowd
 
-    sampling = Sampling(max_tokens=max_tokens, seed=n, ignore_eos=True)
+    free = mode == "free"
+    sampling = Sampling(max_tokens=max_tokens, seed=n, ignore_eos=free, structured=mode == "json",
+                        json_prompt=not free)
     async with AsyncClient(endpoint, timeout=600) as client:
         village = Village(client, make_crowd(n), Silent(), sampling, history_budget=0)
         await village.prime()
@@ -101,15 +113,18 @@ async def measure_crowd(endpoint: str, n: int, rounds: int, max_tokens: int, fir
             rounds_seen.append({"ttft_ms_max": max(x.ttft_ms for x in exchange.replies),
                                 "tokens_per_s_per_npc_median": statistics.median(x.tokens_per_s for x in exchange.replies)})
             for x in exchange.replies:
-                assert len(x.tokens) == max_tokens, f"{x.npc.name} gave {len(x.tokens)} tokens"
+                assert not free or len(x.tokens) == max_tokens, f"{x.npc.name} gave {len(x.tokens)} tokens"
                 streams.append({"npc": x.npc.name, "ttft_ms": x.ttft_ms, "tokens_per_s": x.tokens_per_s,
                                 "server_ttft_ms": x.result.timing.ttft_ms,
                                 "prompt_tokens": x.result.usage.prompt_tokens,
-                                "cached_tokens": x.result.usage.cached_tokens})
+                                "cached_tokens": x.result.usage.cached_tokens, "tokens": len(x.tokens),
+                                "valid_json": x.parsed is not None, "finish_reason": x.result.finish_reason})
     ttft = [s["ttft_ms"] for s in streams]
-    rates = [s["tokens_per_s"] for s in streams]
+    rates = [s["tokens_per_s"] for s in streams if s["tokens_per_s"] is not None]
     return {
-        "npcs": n, "rounds": rounds, "samples": len(streams),
+        "mode": mode, "npcs": n, "rounds": rounds, "samples": len(streams),
+        "valid_json": sum(s["valid_json"] for s in streams),
+        "tokens_mean": statistics.fmean(s["tokens"] for s in streams),
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
         "tokens_per_s_per_npc_median": statistics.median(rates), "tokens_per_s_per_npc_min": min(rates),
         "crowd_tokens_per_s_median": statistics.median(round_rates),
@@ -124,12 +139,16 @@ async def measure_crowd(endpoint: str, n: int, rounds: int, max_tokens: int, fir
 def run(args: argparse.Namespace, endpoint: str) -> list[dict[str, Any]]:
     sizes = [int(x) for x in args.npcs.split(",")]
     results = []
-    for i, n in enumerate(sizes):
-        res = asyncio.run(measure_crowd(endpoint, n, args.rounds, args.max_tokens, first_line=100 * i))
-        print(f"{n:3d} NPCs: ttft p50 {res['ttft_ms_p50']:.0f} ms, p99 {res['ttft_ms_p99']:.0f} ms; "
-              f"{res['tokens_per_s_per_npc_median']:.1f} tok/s per NPC (slowest {res['tokens_per_s_per_npc_min']:.1f}); "
-              f"crowd {res['crowd_tokens_per_s_median']:.1f} tok/s", flush=True)
-        results.append(res)
+    for mode in args.modes.split(","):
+        for i, n in enumerate(sizes):
+            res = asyncio.run(measure_crowd(endpoint, n, args.rounds, args.max_tokens, 100 * i, mode))
+            print(f"{mode:11s} {n:3d} NPCs: ttft p50 {res['ttft_ms_p50']:.0f} ms, p99 {res['ttft_ms_p99']:.0f} ms; "
+                  f"{res['tokens_per_s_per_npc_median']:.1f} tok/s per NPC "
+                  f"(slowest {res['tokens_per_s_per_npc_min']:.1f}); "
+                  f"crowd {res['crowd_tokens_per_s_median']:.1f} tok/s; "
+                  f"valid JSON {res['valid_json']}/{res['samples']}",
+                  flush=True)
+            results.append(res)
     return results
 
 
@@ -145,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             results = run(args, runtime.endpoint)
     load_after = os.getloadavg()
     machine = machine_info(("torch", "pyzmq", "msgpack"))
-    rows = [[r["npcs"], r["samples"], f"{r['ttft_ms_p50'] / 1000:.2f}", f"{r['ttft_ms_p99'] / 1000:.2f}",
+    rows = [[r["mode"], r["npcs"], r["samples"], f"{r['valid_json']}/{r['samples']}", f"{r['tokens_mean']:.0f}",
+             f"{r['ttft_ms_p50'] / 1000:.2f}", f"{r['ttft_ms_p99'] / 1000:.2f}",
              f"{r['tokens_per_s_per_npc_median']:.1f}", f"{r['tokens_per_s_per_npc_min']:.1f}",
              f"{r['crowd_tokens_per_s_median']:.1f}", f"{r['prompt_tokens_mean']:.0f} ({r['cached_tokens_mean']:.0f})",
              f"{r['best_round']['ttft_ms_max'] / 1000:.2f} / {r['best_round']['tokens_per_s_per_npc_median']:.1f}"]
@@ -155,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"smollm2-135m-instruct, {resolved_dtype(args.dtype)}, CPU ({machine['cpu']}, {machine['usable_cores']} usable cores, "
         f"runtime torch threads: its default). gllm serve --max-batch-size {args.max_batch_size}; one AsyncClient "
-        f"in another process. {args.max_tokens} tokens per NPC (ignore_eos), temperature 0.7, top-p 0.9; "
+        f"in another process. Modes {args.modes}: free, {args.max_tokens} tokens per NPC (ignore_eos); json and "
+        f"json-prompt end naturally, at most {args.max_tokens} tokens. Temperature 0.7, top-p 0.9; "
         f"lore and personas cached before, each round's line new; {args.rounds} measured rounds after one "
         f"warm-up. Load average before / after: {[round(x, 2) for x in load_before]} / "
         f"{[round(x, 2) for x in load_after]} (other work was running on the same 2 cores: expect noise).",
         "",
-        markdown_table(["NPCs", "answers", "TTFT p50 (s)", "TTFT p99 (s)", "tok/s per NPC (median)",
+        markdown_table(["mode", "NPCs", "answers", "valid JSON", "tokens per answer", "TTFT p50 (s)", "TTFT p99 (s)",
+                        "tok/s per NPC (median)",
                         "tok/s per NPC (slowest)", "crowd tok/s", "prompt tokens (cached)",
                         "best round: slowest TTFT (s) / tok/s per NPC"], rows),
         "",
@@ -175,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     data = {"machine": machine, "settings": vars(args), "load_before": load_before, "load_after": load_after,
             "reference": REFERENCE, "results": results}
-    json_path, md_path = write_results(args.out, data, markdown)
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+    return report(args.out, data, markdown)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from gllm.graphs import DecodeGraphs
 from gllm.lora import AdapterRegistry, LoraAdapter
 from gllm.model import LlamaModel
 from gllm.ops import AttentionMetadata
+from gllm.ops.invariant import RowPlan, invariant_products
+from gllm.ops.metadata import ExactRows
 
 
 @dataclass
@@ -25,6 +27,7 @@ class BatchChunk:
     start: int  # position of the first new token
     block_table: list[int]
     num_logits: int  # how many of the last new tokens need logits (1: sampling; all: logprobs of given tokens)
+    exact: bool = False  # batch-invariant: attention one query at a time, products under ``exact_plan``
     adapter: LoraAdapter | None = None  # the LoRA adapter of the sequence, if any
 
 
@@ -35,6 +38,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphs | None = None
+        self.exact_plan: RowPlan | None = None  # products' shapes in steps with exact chunks (gllm.ops.invariant)
         self.adapters: AdapterRegistry | None = None  # set once adapters may be used (``gllm.lora``)
 
     def capture_graphs(self, scratch_block: int, max_batch: int, max_len: int) -> None:
@@ -49,8 +53,12 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         query_lens, seq_lens = [], []
-        for c in chunks:
+        exact_rows, exact_seqs = [], []
+        for i, c in enumerate(chunks):
             n = len(c.token_ids)
+            if c.exact:
+                exact_rows += range(len(input_ids), len(input_ids) + n)
+                exact_seqs += [i] * n
             input_ids += c.token_ids
             span = range(c.start, c.start + n)
             positions += span
@@ -75,6 +83,11 @@ class ModelRunner:
             block_size=bs,
             query_starts=torch.tensor(starts, dtype=torch.int64, device=dev),
         )
+        if exact_rows:
+            lens = [positions[r] + 1 for r in exact_rows]
+            meta.exact = ExactRows(torch.tensor(exact_rows, device=dev),
+                                   meta.block_tables.index_select(0, torch.tensor(exact_seqs, device=dev)),
+                                   torch.tensor(lens, dtype=torch.int64, device=dev), lens)
         return (
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -84,7 +97,7 @@ class ModelRunner:
 
     def _graphable(self, chunks: list[BatchChunk]) -> bool:
         return self.graphs.fits(len(chunks)) and all(
-            len(c.token_ids) == 1 and c.num_logits == 1 and c.adapter is None for c in chunks
+            len(c.token_ids) == 1 and c.num_logits == 1 and not c.exact and c.adapter is None for c in chunks
         )
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -115,5 +128,6 @@ class ModelRunner:
             )
         ids, positions, meta, logits_rows = self.prepare(chunks)
         spans = [(c.adapter, len(c.token_ids)) for c in chunks]
-        with contextlib.nullcontext() if self.adapters is None else self.adapters.rows(spans):
+        adapters = contextlib.nullcontext() if self.adapters is None else self.adapters.rows(spans)
+        with adapters, invariant_products(self.exact_plan if meta.exact is not None else None):
             return self.model(ids if input_ids is None else input_ids, positions, self.kv_caches, meta, logits_rows)

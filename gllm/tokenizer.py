@@ -52,12 +52,14 @@ class Tokenizer:
         """Token ids of ``text``, with the special tokens (e.g. BOS) the model's tokenizer adds unless told not to."""
         return cast("list[int]", self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, str]], thinking: bool = False) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None,
+                            thinking: bool = False) -> list[int]:
         """Token ids of a chat prompt that ends where the assistant's reply begins.
 
-        ``thinking`` is handed to the template as ``enable_thinking``, the switch of Qwen3's and SmolLM3's
-        templates: off (the default, what a game wants: an answer now) they open the reply with an empty
-        think block; on, the model reasons first. Templates without the switch ignore it.
+        ``tools`` (function descriptions) are handed to templates that list them. ``thinking`` is handed to
+        the template as ``enable_thinking``, the switch of Qwen3's and SmolLM3's templates: off (the default,
+        what a game wants: an answer now) they open the reply with an empty think block; on, the model
+        reasons first. Templates without the switch ignore it.
         """
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
@@ -65,8 +67,8 @@ class Tokenizer:
         try:
             out = cast(
                 BatchEncoding,
-                self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                            enable_thinking=thinking),
+                self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True, enable_thinking=thinking),
             )
         except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
             raise ValueError(f"chat template rejected the messages: {exc}") from exc

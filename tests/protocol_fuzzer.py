@@ -4,8 +4,9 @@ thousand messages; ``benchmarks/fuzz.py`` runs 100,000.
 
 Each connection has one message in flight at a time, so the fuzzer knows what must come back: the same
 validation the runtime runs (``admission.read_request`` with the runtime's own limits) says whether a
-message is refused (one ``error``), a ``ping``/``info`` (one reply), a ``cancel`` (nothing: a ``ping``
-follows to prove it), or a request (a stream ending in ``done``, ``scores`` or ``error``). Streams are
+message is refused (one ``error``), a ``ping``/``info`` (one reply), a ``cancel``, ``inject`` or ``release``
+(nothing: a ``ping`` follows to prove it), or a request (a stream ending in ``done``, ``scores`` or
+``error``; one ``snapshot``, ``restored`` or ``error``). Streams are
 cancelled at random, connections dropped mid-stream, and a reply that does not come within the timeout
 is a hang. At the end the runtime must hold no KV block and no open request.
 """
@@ -32,7 +33,8 @@ NASTY = [None, True, False, 0, -1, 1, 2**31, -(2**31) - 1, 2**63, -(2**63), 2**6
          math.inf, -math.inf, 1e308, "", "x", "x" * 300, "é\u0000\U0001F409", b"", b"bin", [], {}, [1, 2], {"a": 1},
          [[[[[[[[[[1]]]]]]]]]], msgpack.ExtType(1, b"x"), msgpack.Timestamp(1, 0), ["a"] * 20, list(range(300))]
 FIELDS = ["type", "id", "prompt", "messages", "prompt_token_ids", "max_tokens", "temperature", "top_k", "top_p",
-          "seed", "stop", "logprobs", "priority", "ignore_eos", "thinking", "candidates", "max_token", "", "ID"]
+          "seed", "stop", "logprobs", "priority", "ignore_eos", "thinking", "candidates", "max_token", "", "ID", "json_schema",
+          "grammar", "grammar_syntax", "regex", "choices", "tools", "tool_choice"]
 
 
 class FuzzFailure(AssertionError):
@@ -70,9 +72,16 @@ class MessageMaker:
 
     def valid(self) -> dict[str, Any]:
         r = self.rng
-        kind = r.choices(["generate", "score", "ping", "info", "cancel"], [50, 20, 12, 8, 10])[0]
+        kind = r.choices(["generate", "score", "ping", "info", "cancel", "snapshot", "restore", "inject", "release"],
+                         [50, 20, 12, 8, 10, 5, 3, 3, 2])[0]
         msg: dict[str, Any] = {"type": kind, "id": self.new_id()}
-        if kind == "generate":
+        if kind == "snapshot":
+            msg.update(prompt_token_ids=self.tokens(1, 40))
+        elif kind == "restore":  # never a valid state
+            msg.update(state=r.randbytes(50))
+        elif kind == "inject":
+            msg.update(token_ids=self.tokens(1, 5))
+        elif kind == "generate":
             msg.update(prompt_token_ids=self.tokens(1, 40), max_tokens=r.choice([1, 2, 4, 8, 200]))
             if r.random() < 0.5:
                 msg.update(temperature=r.choice([0, 0.7, 1.5]), top_k=r.randint(0, 50), top_p=r.choice([0.5, 1.0]),
@@ -192,6 +201,10 @@ def reply_problem(msg: Any) -> str | None:
               and all(_is_int(stats.get(k)) for k in INFO_STATS) and isinstance(limits, dict))
     elif kind == "pong":
         ok = True
+    elif kind == "snapshot":
+        ok = isinstance(msg.get("state"), bytes) and _is_int(msg.get("tokens"))
+    elif kind == "restored":
+        ok = _is_int(msg.get("tokens")) and isinstance(msg.get("pinned"), bool)
     else:
         return f"unknown type {kind!r}"
     return None if ok else f"a malformed {kind!r}"
@@ -207,17 +220,17 @@ def expectation(frames: list[bytes], limits: ServerLimits) -> tuple[str, Any]:
         req = read_request(frames[0], limits)
     except ProtocolError as exc:
         return "error", exc.request_id
-    if isinstance(req, protocol.Cancel):
-        return "silent", req.id
-    return {protocol.Ping: "pong", protocol.Info: "info", protocol.Generate: "stream",
-            protocol.Score: "scores"}[type(req)], req.id
+    if isinstance(req, (protocol.Cancel, protocol.Inject, protocol.Release)):
+        return "silent", req.id  # naming a request of an earlier message, long over
+    return {protocol.Ping: "pong", protocol.Info: "info", protocol.Generate: "stream", protocol.Score: "scores",
+            protocol.Snapshot: "scores", protocol.Restore: "scores"}[type(req)], req.id
 
 
 @dataclass
 class Pending:
     """What one connection waits for: the replies to its last message."""
 
-    expect: str  # "error", "pong", "info", "stream" (generate), "scores" (score)
+    expect: str  # "error", "pong", "info", "stream" (generate), "scores" (score, snapshot, restore)
     id: Any
     sent: float
     frames: list[bytes]
@@ -341,8 +354,8 @@ class Fuzzer:
             if kind == "token" and msg["index"] != p.tokens:
                 return f"token index {msg['index']}, expected {p.tokens}"
             ok = kind in ("token", "done", "error")
-        elif p.expect == "scores":
-            ok = kind in ("scores", "error", "done")
+        elif p.expect == "scores":  # one reply: scores, a snapshot or restored, an error, or done if cancelled
+            ok = kind in ("scores", "snapshot", "restored", "error", "done")
         elif p.expect in ("pong", "info"):
             ok = kind == p.expect
         else:

@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,12 @@ def idle(sock: zmq.Socket) -> bool:
     """No request open or running and no KV block held (prefix-cached blocks do not count)."""
     s = stats(sock)
     return s["kv_blocks_in_use"] == 0 and s["running"] == 0 and s["waiting"] == 0 and s["open_requests"] == 0
+
+
+@contextmanager
+def dealer_left_idle(endpoint: str, timeout: float) -> Iterator[zmq.Socket]:
+    """A DEALER for one test, which must leave the runtime idle (nothing running, no KV block held)."""
+    sock = dealer(endpoint)
+    yield sock
+    wait_until(lambda: idle(sock), timeout=timeout)
+    sock.close(linger=0)

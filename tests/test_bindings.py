@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIGS, build_tiny_llama
+from conftest import TINY_CONFIGS
 from lora_fixtures import make_adapter
+from tiny_chat import build_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BINDINGS = ROOT / "bindings"
@@ -105,10 +106,11 @@ def test_csharp_codec_offline(csharp_build: Path):
 
 
 def test_csharp_client_against_runtime(csharp_build: Path, tmp_path: Path):
-    model_dir = tmp_path / "tiny"
-    hf = build_tiny_llama(model_dir, **TINY_CONFIGS["gqa_tied_llama3"])
+    model_dir = build_chat_model(tmp_path / "tiny", **TINY_CONFIGS["gqa_tied_llama3"])  # a tokenizer: structured output
     tokens, logprobs = engine_greedy(model_dir)
-    make_adapter(hf, tmp_path / "npc", seed=1)
+    import transformers
+
+    make_adapter(transformers.AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "npc", seed=1)
     adapter_tokens, _ = engine_greedy(model_dir, tmp_path / "npc")
     assert adapter_tokens != tokens
     port, dead_port = free_ports(2)

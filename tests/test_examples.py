@@ -131,6 +131,46 @@ def test_interrupt_cancels_and_frees_every_kv_block(village_run, server):
     assert stats["running"] == 0 and stats["waiting"] == 0
 
 
+def test_structured_answers_are_json_the_game_reads(server):
+    """With the reply schema, every NPC answer that ends is JSON with say, mood and action."""
+    out = io.StringIO()
+
+    async def go():
+        async with AsyncClient(server.endpoint, timeout=300) as client:
+            village = crowd.Village(client, npcs.make_crowd(3), display.Terminal(out, colour=False),
+                                    crowd.Sampling(max_tokens=96, seed=3), history_budget=0)
+            return await village.say("Good evening. Where can I buy a warm cloak?")
+
+    exchange = asyncio.run(go())
+    for reply in exchange.replies:
+        assert reply.result.finish_reason in ("stop", "length")
+        if reply.result.finish_reason == "stop":
+            assert reply.result.structure_complete and reply.parsed is not None, reply.text
+            assert f"{reply.parsed['say']}  [{reply.parsed['mood']}; " in out.getvalue()
+        else:
+            assert reply.result.structure_complete is False
+    assert any(r.parsed for r in exchange.replies)
+
+
+def test_shopkeeper_trades_through_tool_calls(server):
+    import shop
+
+    out = io.StringIO()
+    stall = shop.Stall()
+    before = dict(stall.prices)
+    with Client(server.endpoint, timeout=300) as client:
+        calls = shop.visit(client, stall, shop.VISIT[:3], seed=1, out=out)
+    assert len(calls) == 3
+    for call in calls:
+        assert call.name in ("sell", "refuse") and 0 < len(call.arguments["say"]) <= 120
+        if call.name == "sell":
+            assert call.arguments["item"] in before and 1 <= call.arguments["price"] <= 200
+    paid = {c.arguments["item"]: c.arguments["price"] for c in calls if c.name == "sell"}
+    spent = sum(paid[item] for item in stall.bought)
+    assert stall.purse == 45 - spent and all(item not in stall.prices for item in stall.bought)
+    assert "Gilda:" in out.getvalue() and "Bought:" in out.getvalue()
+
+
 def test_history_keeps_lore_and_persona_and_drops_oldest_turns():
     npc = npcs.Npc(npcs.CORE[0], history_budget=100, fixed_tokens=200)
     for i in range(5):  # each turn: a 20-token line (prompt grows by it) and a 26-token reply

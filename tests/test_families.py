@@ -145,14 +145,18 @@ def test_all_local_model_releases_blocks_behind_the_window(tmp_path):
 
 
 
-@pytest.mark.skipif(not triton_available(), reason="no GPU and no Triton interpreter")
-def test_triton_backend_matches_hf(family, device):
-    """The Triton kernels (Triton's CPU interpreter without a GPU) on every family: windows, soft-caps,
-    GELU gates, head sizes 16 and 32, prompt chunks beside decodes."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_other_backends_match_hf(family, device, backend):
+    """The plain torch ops (the CPU path without a compiler) and the Triton kernels (Triton's CPU
+    interpreter without a GPU) on every family: windows, soft-caps, GELU gates, head sizes 16 and 32,
+    prompt chunks beside decodes."""
+    if backend == "triton" and not triton_available():
+        pytest.skip("no GPU and no Triton interpreter")
     name, folder, hf = family
     texts = prompts(name, [7, 33], seed=6)
     params = GeneratorParams(block_size=8, max_batch_size=2, max_seq_len=128, max_num_batched_tokens=24)
-    engine = LLMEngine(folder, params, device=device, dtype=torch.float32, attention="triton")
+    engine = LLMEngine(folder, params, device=device, dtype=torch.float32, attention=backend)
+    assert engine.attention.name == backend
     reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=8, temperature=0) for p in texts]
     assert_greedy_matches_hf(hf, texts, run_staggered(engine, reqs), 8, device, label=f"{name}: ")
 

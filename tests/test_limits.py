@@ -8,7 +8,8 @@ import zmq
 
 from gllm.runtime.limits import LIMIT_FLAGS, ServerLimits
 from gllm.runtime.protocol import encode
-from runtime_fixtures import build_tiny_llama, dealer, idle, read_stream, recv, request, start_server, wait_until
+from runtime_fixtures import (build_tiny_llama, dealer, dealer_left_idle, read_stream, recv, request, start_server,
+                              wait_until)
 from test_tokenizer import build_sentencepiece_tokenizer
 
 LIMITS = {"max_message_bytes": 2048, "max_open_requests": 3, "max_nesting_depth": 4, "max_prompt_tokens": 32,
@@ -37,10 +38,8 @@ def server(model, tmp_path_factory):
 
 @pytest.fixture
 def sock(server):
-    s = dealer(server.endpoint)
-    yield s
-    wait_until(lambda: idle(s), timeout=30)  # nothing left running, no KV block held
-    s.close(linger=0)
+    with dealer_left_idle(server.endpoint, timeout=30) as s:
+        yield s
 
 
 def refused(sock: zmq.Socket, message: dict | bytes, code: str, limit: str) -> dict:
@@ -153,14 +152,14 @@ def test_clients_at_once(model, tmp_path):
             return request(s, {"type": "ping", "id": rid})["type"] == "pong"
 
         # The probe socket of start_server may still count until the runtime sees it close.
-        wait_until(lambda: pong(socks[0], "a"), timeout=30)
-        wait_until(lambda: pong(socks[1], "b"), timeout=30)
+        wait_until(lambda: pong(socks[0], "a"), timeout=120)
+        wait_until(lambda: pong(socks[1], "b"), timeout=120)
         reply = request(socks[2], {"type": "generate", "id": "c", "prompt_token_ids": [1]})
         assert reply["type"] == "error" and reply["code"] == "overloaded" and reply["id"] == "c", reply
         assert "max_clients" in reply["message"] and "--max-clients" in reply["message"], reply
         assert pong(socks[0], "a again")  # the clients already in are still served
         socks[0].close(linger=0)
-        wait_until(lambda: pong(socks[2], "c"), timeout=30)  # a place is free again
+        wait_until(lambda: pong(socks[2], "c"), timeout=120)  # a place is free again
     finally:
         for s in socks:
             s.close(linger=0)
@@ -173,5 +172,5 @@ def test_defaults_match_the_options():
     args = build_parser().parse_args(["serve"])
     defaults = ServerLimits()
     for name in LIMIT_FLAGS:
-        dest = "max_message_size" if name == "max_message_bytes" else name
+        dest = {"max_message_bytes": "max_message_size", "max_state_bytes": "max_state_size"}.get(name, name)
         assert getattr(args, dest) == getattr(defaults, name), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine, ScoreRequest
@@ -114,3 +115,43 @@ def test_prefix_cache_never_crosses_adapters(gqa_model, tmp_path):
     e.load_adapter("a", tmp_path / "b")
     again = e.generate([greedy(prompt, "a")])[0]
     assert again.num_cached_tokens == 0 and again.token_ids == fresh["b"].token_ids
+
+
+def test_snapshot_under_an_adapter_records_it_and_restores_only_with_it(gqa_model, tmp_path):
+    """A saved conversation of an NPC with its own adapter: restored where the same adapter is loaded, its
+    blocks serve that adapter's requests only; elsewhere (adapter missing, or another file under the name)
+    the restore is refused and changes nothing."""
+    folder, hf = gqa_model
+    make_adapter(hf, tmp_path / "a", seed=8)
+    make_adapter(hf, tmp_path / "b", seed=9)
+    chat = PROMPTS[2]  # 40 tokens: the state holds 5 blocks of 8
+    state = engine(folder, a=tmp_path / "a").snapshot(prompt_token_ids=chat, adapter="a")
+    follow_up = chat + [7, 8, 9]
+    computed = {name: engine(folder, a=tmp_path / "a").generate([greedy(follow_up, name)])[0]
+                for name in ("a", None)}  # fmt: skip
+
+    e = engine(folder, a=tmp_path / "a", b=tmp_path / "b")
+    assert e.restore(state) == 40
+    runs = {name: e.generate([greedy(follow_up, name)])[0] for name in ("b", None, "a")}
+    assert [runs[n].num_cached_tokens for n in ("b", None, "a")] == [0, 0, 40]
+    assert runs["a"].token_ids == computed["a"].token_ids
+    assert runs[None].token_ids == computed[None].token_ids
+
+    for loaded, message in [({}, "'a', which is not loaded"), ({"a": tmp_path / "b"}, "another LoRA adapter")]:
+        other = engine(folder, **loaded)
+        with pytest.raises(ValueError, match=message):
+            other.restore(state)
+        assert other.stats()["kv_blocks_cached"] == 0
+    base_state = engine(folder, a=tmp_path / "a").snapshot(prompt_token_ids=chat)
+    e = engine(folder, a=tmp_path / "a")
+    assert e.restore(base_state) == 40
+    assert e.generate([greedy(follow_up, "a")])[0].num_cached_tokens == 0  # the base model's K/V is not a's
+
+
+def test_deterministic_requests_refuse_an_adapter(gqa_model, tmp_path):
+    folder, hf = gqa_model
+    make_adapter(hf, tmp_path / "a", seed=8)
+    e = engine(folder, a=tmp_path / "a")
+    with pytest.raises(ValueError, match="deterministic requests run without a LoRA adapter"):
+        e.add_request(GenerationRequest(prompt_token_ids=[1, 2, 3], adapter="a", deterministic=True, seed=1))
+    assert e.stats()["waiting"] == 0

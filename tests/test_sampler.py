@@ -308,7 +308,7 @@ def test_top_n_orders_ties_by_lowest_id_like_greedy() -> None:
 
 def test_long_rows_filtered_among_their_best_tokens_match_a_full_sort(monkeypatch) -> None:
     """A vocabulary longer than the candidate count: the same masks as sorting every token, for top-k,
-    top-p and both, with ties around the boundary (which send the batch to the full sort)."""
+    top-p and both, with ties around the boundary (which send their row to the full sort)."""
     from gllm.sample import filters
 
     gen = torch.Generator().manual_seed(11)
@@ -329,5 +329,12 @@ def test_long_rows_filtered_among_their_best_tokens_match_a_full_sort(monkeypatc
             full = filters.filter_logits(logits, top_k=top_k, top_p=top_p)
         assert torch.equal(fast, full)
     # the fast path decides these rows itself (no fallback), and so does not always sort
-    assert filters._filter_best(logits[[0, 3, 5]], torch.tensor([50, 0, 1]), torch.tensor([0.9, 0.8, 0.3])) is not None
-    assert filters._filter_best(logits[[1]], torch.tensor([0]), torch.tensor([0.5])) is None  # ties at its boundary
+    _, undecided = filters._filter_best(logits[[0, 3, 5]], torch.tensor([50, 0, 1]), torch.tensor([0.9, 0.8, 0.3]))
+    assert not undecided.any()
+    _, undecided = filters._filter_best(logits[[1]], torch.tensor([0]), torch.tensor([0.5]))  # ties at its boundary
+    assert undecided.tolist() == [True]
+    # a row sorted in full leaves the others' masks as they are alone: no row depends on its batch
+    rows, top_p = logits[[0, 1, 5]], torch.tensor([0.9, 0.5, 0.3])
+    together = filters.filter_logits(rows, top_k=None, top_p=top_p)
+    for i in (0, 2):
+        assert torch.equal(together[i], filters.filter_logits(rows[i : i + 1], top_k=None, top_p=top_p[i : i + 1])[0])

@@ -15,23 +15,43 @@ the way a game would at level load, and it tells each NPC how many tokens its fi
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import zlib
 from dataclasses import dataclass, field
 
 from display import Terminal
 from gllm.client import AsyncClient, AsyncStream, Completion, Scores, Token
-from npcs import Npc, Persona, within_earshot
+from npcs import ACTIONS, MOODS, REPLY_SCHEMA, Npc, Persona, within_earshot
 
 
 @dataclass
 class Sampling:
-    max_tokens: int = 64
+    max_tokens: int = 96
     temperature: float = 0.7  # small chat models answer coherently when sampled; greedy tends to loop
     top_p: float = 0.9
     seed: int | None = None  # None: different answers each run
     logprobs: int = 0  # top alternatives per token, for --show-logprobs
     ignore_eos: bool = False  # benchmarks: exactly max_tokens per NPC
+    structured: bool = True  # answers are JSON under npcs.REPLY_SCHEMA (say, mood, action); False: free text
+    json_prompt: bool | None = None  # ask for JSON in the prompt (default: when structured); benchmarks
+                                     # ask without the schema to count how often a model manages alone
+
+
+    @property
+    def asks_json(self) -> bool:
+        return self.structured if self.json_prompt is None else self.json_prompt
+
+
+def schema_valid(value: object) -> bool:
+    """Whether a decoded answer has the shape of ``REPLY_SCHEMA`` (checked by hand: the example needs no
+    JSON Schema library, and with ``structured`` on the runtime already guarantees it)."""
+    if not isinstance(value, dict) or set(value) != {"say", "mood", "action"}:
+        return False
+    action = value["action"]
+    return (isinstance(value["say"], str) and 0 < len(value["say"]) <= 160 and value["mood"] in MOODS
+            and isinstance(action, dict) and action.get("type") in ACTIONS and set(action) <= {"type", "item"}
+            and isinstance(action.get("item", ""), str) and len(action.get("item", "")) <= 30)
 
 
 @dataclass
@@ -56,6 +76,15 @@ class Reply:
     @property
     def cached_tokens(self) -> int:
         return self.result.usage.cached_tokens if self.result else 0
+
+    @property
+    def parsed(self) -> dict | None:
+        """The answer as the game reads it ({say, mood, action}), when it is whole JSON under the schema."""
+        try:
+            value = json.loads(self.text)
+        except ValueError:
+            return None
+        return value if schema_valid(value) else None
 
     @property
     def ttft_ms(self) -> float | None:
@@ -129,8 +158,9 @@ class Village:
         """Score each NPC's fixed prompt, in turn, so lore and personas sit in the prefix cache."""
         results = []
         for npc in self.npcs:
-            scores = await self.client.score(messages=[{"role": "system", "content": npc.persona.system_prompt()}],
-                                             candidates=["Hello"])
+            system = npc.persona.system_prompt(self.sampling.asks_json)
+            scores = await self.client.score(messages=[{"role": "system", "content": system}], candidates=["Hello"],
+                                             affinity=npc.name)
             npc.fixed_tokens = scores.usage.prompt_tokens
             results.append(scores)
         return results
@@ -150,10 +180,12 @@ class Village:
         replies = []
         for npc in listeners:
             seed = None if s.seed is None else (s.seed + 1000 * self.turn + zlib.crc32(npc.name.encode())) % 2**63
-            messages = npc.messages(line)
+            messages = npc.messages(line, s.asks_json)
             stream = self.client.generate(messages=messages, max_tokens=s.max_tokens,
                                           temperature=s.temperature, top_p=s.top_p, seed=seed,
-                                          logprobs=s.logprobs or None, ignore_eos=s.ignore_eos or None)
+                                          logprobs=s.logprobs or None, ignore_eos=s.ignore_eos or None,
+                                          json_schema=REPLY_SCHEMA if s.structured else None,
+                                          affinity=npc.name)  # a cluster keeps each NPC on one replica
             sent_at = time.perf_counter()
             await stream.start()  # sent now, so all NPCs arrive in the same engine step
             replies.append(Reply(npc, line, messages, stream, sent_at))

@@ -77,7 +77,11 @@ class Terminal:
         for reply in exchange.replies:
             ending = " —" if reply.cancelled else ""
             label = f"{reply.npc.name} ({reply.npc.persona.role})"
-            text = " ".join(reply.text.split())  # one line per reply, whatever newlines the model wrote
+            answer = reply.parsed
+            if answer is not None:  # a structured answer: the line, then what the game reads from it
+                text = f"{answer['say']}  [{answer['mood']}; {action_words(answer['action'])}]"
+            else:
+                text = " ".join(reply.text.split())  # one line per reply, whatever newlines the model wrote
             self._write(f"  {self._paint(reply.npc.name, label)}: {text}{ending}\n")
             if self.show_logprobs:
                 self._write(self._dim(f"    {least_sure(reply)}") + "\n")
@@ -90,6 +94,11 @@ class Terminal:
 
     def _dim(self, text: str) -> str:
         return f"{DIM}{text}{RESET}" if self.colour else text
+
+
+def action_words(action: dict) -> str:
+    item = action.get("item")
+    return action["type"] + (f" {item}" if item else "")
 
 
 def timing(reply: Reply) -> str:

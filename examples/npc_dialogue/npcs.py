@@ -25,6 +25,22 @@ You are a character in Ashford, a village in a fantasy world. Facts everyone in 
 - People here speak plainly and distrust strangers."""
 
 STYLE = "Reply to the traveller in one or two short sentences, in character."
+# With structured replies (the default) every answer is a JSON object the game reads: what the NPC says,
+# its mood, and what it does. The runtime enforces the schema; the words below only help the model fill it.
+MOODS = ["friendly", "neutral", "wary", "angry", "afraid", "amused"]
+ACTIONS = ["none", "give", "sell", "point", "follow", "leave", "attack"]
+REPLY_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["say", "mood", "action"],
+    "properties": {
+        "say": {"type": "string", "minLength": 1, "maxLength": 160},
+        "mood": {"enum": MOODS},
+        "action": {"type": "object", "additionalProperties": False, "required": ["type"],
+                   "properties": {"type": {"enum": ACTIONS}, "item": {"type": "string", "maxLength": 30}}},
+    },
+}
+JSON_STYLE = ('Answer as JSON: {"say": what you say to the traveller, one or two short sentences, in character, '
+              f'"mood": one of {", ".join(MOODS)}, "action": {{"type": one of {", ".join(ACTIONS)}, '
+              '"item": the thing you give, sell or point at, if any}}.')
 
 # Where things are on the village map, in metres; an NPC hears the player within EARSHOT_M of them.
 PLACES: dict[str, tuple[float, float]] = {
@@ -40,9 +56,9 @@ class Persona:
     place: str
     character: str  # who they are, in the second person
 
-    def system_prompt(self) -> str:
+    def system_prompt(self, structured: bool = True) -> str:
         """Lore first (shared by everyone, so cached once), then this NPC's own lines."""
-        return f"{LORE}\n\nYou are {self.name}, the {self.role}. {self.character} {STYLE}"
+        return f"{LORE}\n\nYou are {self.name}, the {self.role}. {self.character} {JSON_STYLE if structured else STYLE}"
 
 
 CORE = [
@@ -119,9 +135,9 @@ class Npc:
     def history_tokens(self) -> int:
         return sum(t.tokens for t in self.history)
 
-    def messages(self, line: str) -> list[dict[str, str]]:
+    def messages(self, line: str, structured: bool = True) -> list[dict[str, str]]:
         """The chat to send for a new player line: lore and persona, the kept history, the line."""
-        chat = [{"role": "system", "content": self.persona.system_prompt()}]
+        chat = [{"role": "system", "content": self.persona.system_prompt(structured)}]
         for turn in self.history:
             chat += [{"role": "user", "content": turn.player}, {"role": "assistant", "content": turn.reply}]
         return chat + [{"role": "user", "content": line}]

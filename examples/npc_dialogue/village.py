@@ -76,7 +76,7 @@ async def converse(village: Village, where: str) -> None:
 async def run(args: argparse.Namespace, endpoint: str) -> int:
     display = Terminal(colour=False if args.no_color else None, show_logprobs=args.show_logprobs)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, logprobs=3 if args.show_logprobs else 0)
+                        seed=args.seed, logprobs=3 if args.show_logprobs else 0, structured=not args.free_text)
     async with AsyncClient(endpoint, timeout=300) as client:
         village = Village(client, make_crowd(args.npcs), display, sampling, args.history_tokens)
         if args.scene:
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scene", action="store_true", help="play the scripted scene and exit")
     p.add_argument("--npcs", type=int, default=3, help="how many NPCs (3: blacksmith, innkeeper, guard)")
     p.add_argument("--where", choices=list(PLACES), default="square", help="where the player stands")
-    p.add_argument("--max-tokens", type=int, default=64, help="longest answer, in tokens")
+    p.add_argument("--max-tokens", type=int, default=96, help="longest answer, in tokens")
+    p.add_argument("--free-text", action="store_true",
+                   help="plain answers instead of JSON (say, mood, action) under the reply schema")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None, help="make the answers repeatable")

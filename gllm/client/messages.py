@@ -38,6 +38,7 @@ class Token:
     logprob: float  # raw log-softmax of the model's logits (before temperature, top-k, top-p)
     rank: int  # 1 = the model's most likely token
     top: list[tuple[int, str, float]] | None = None  # (token_id, text, logprob), best first, when asked
+    injected: int = 0  # tokens injected into the context just before this one (``Client.inject``)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served by the prefix cache
+    dropped_turns: int | None = None  # chat turns left out to fit (context_overflow "drop_oldest")
+    injected_tokens: int = 0  # tokens injected while it ran
 
 
 @dataclass
@@ -52,6 +55,12 @@ class Timing:
     queued_ms: float | None
     ttft_ms: float | None  # None when no token was produced
     total_ms: float | None
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]  # already parsed, valid under the tool's parameters schema
 
 
 @dataclass
@@ -64,6 +73,8 @@ class Completion:
     usage: Usage
     timing: Timing
     tokens: list[Token] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    structure_complete: bool | None = None  # structured output only: False when the reply was cut short
 
     @property
     def token_ids(self) -> list[int]:
@@ -91,6 +102,23 @@ class Scores:
 
 
 @dataclass
+class Snapshot:
+    """A saved conversation: the KV of the prompt's whole blocks; give ``state`` to ``restore`` later,
+    in this runtime or another one running the same model."""
+
+    id: ClientId
+    state: bytes
+    tokens: int  # tokens the state holds
+
+
+@dataclass
+class Restored:
+    id: ClientId  # a pinned state is released with this id
+    tokens: int  # tokens now in the prefix cache
+    pinned: bool
+
+
+@dataclass
 class Info:
     model: str
     vocab_size: int
@@ -98,6 +126,7 @@ class Info:
     protocol_version: int
     stats: dict[str, Any]  # engine and runtime statistics (kv_blocks_in_use, running, waiting, ...)
     limits: dict[str, Any]
+    replicas: list[dict[str, Any]] | None = None  # a cluster's replicas: id, healthy, open_requests, load
     adapters: list[str] = field(default_factory=list)  # LoRA adapters loaded, by name
 
 
@@ -130,7 +159,8 @@ def expect(msg: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def _usage(msg: dict[str, Any]) -> Usage:
     u = msg.get("usage") or {}
-    return Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0), u.get("cached_tokens", 0))
+    return Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0), u.get("cached_tokens", 0),
+                 u.get("dropped_turns"), u.get("injected_tokens", 0))
 
 
 def _timing(msg: dict[str, Any]) -> Timing:
@@ -151,12 +181,13 @@ class StreamState:
         if msg.get("type") == "token":
             top = msg.get("top")
             token = Token(msg["index"], msg["token_id"], msg["text"], msg["logprob"], msg["rank"],
-                          [tuple(t) for t in top] if top is not None else None)
+                          [tuple(t) for t in top] if top is not None else None, msg.get("injected", 0))
             self.tokens.append(token)
             return token
         done = expect(msg, "done")
+        calls = [ToolCall(c["name"], c["arguments"]) for c in done.get("tool_calls") or []]
         self.result = Completion(self.id, done["text"], done["finish_reason"], _usage(done), _timing(done),
-                                 self.tokens)
+                                 self.tokens, calls, done.get("structure_complete"))
         return self.result
 
 
@@ -170,7 +201,21 @@ def parse_scores(msg: dict[str, Any]) -> Scores:
     return Scores(msg["id"], cands, _usage(msg), _timing(msg))
 
 
+def parse_snapshot(msg: dict[str, Any]) -> Snapshot:
+    """A ``snapshot`` reply; a cancelled snapshot (``done``) raises ``ServerError``."""
+    check_error(msg)
+    if msg.get("type") == "done":
+        raise ServerError("cancelled", "the snapshot was cancelled", msg.get("id"))
+    msg = expect(msg, "snapshot")
+    return Snapshot(msg["id"], msg["state"], msg["tokens"])
+
+
+def parse_restored(msg: dict[str, Any]) -> Restored:
+    msg = expect(msg, "restored")
+    return Restored(msg["id"], msg["tokens"], msg.get("pinned", False))
+
+
 def parse_info(msg: dict[str, Any]) -> Info:
     msg = expect(msg, "info")
     return Info(msg["model"], msg["vocab_size"], msg["max_seq_len"], msg["protocol_version"], msg["stats"],
-                msg.get("limits", {}), msg.get("adapters") or [])
+                msg.get("limits", {}), msg.get("replicas"), msg.get("adapters") or [])

@@ -24,14 +24,18 @@ from gllm.client import dealer
 from gllm.client.messages import (
     Completion,
     Info,
+    Restored,
     RuntimeTimeout,
     Scores,
     ServerError,
+    Snapshot,
     StreamState,
     Token,
     expect,
     parse_info,
+    parse_restored,
     parse_scores,
+    parse_snapshot,
     prompt_fields,
     request_message,
 )
@@ -72,13 +76,28 @@ class Client:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None,
                  priority: int | None = None, ignore_eos: bool | None = None, thinking: bool | None = None,
-                 adapter: str | None = None,
+                 json_schema: dict[str, Any] | str | bool | None = None, grammar: str | None = None,
+                 grammar_syntax: str | None = None, regex: str | None = None, choices: list[str] | None = None,
+                 tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
+                 context_overflow: str | None = None, max_tokens_per_second: float | None = None,
+                 deadline_ms: float | None = None, deterministic: bool | None = None,
+                 affinity: ClientId | None = None, adapter: str | None = None,
                  timeout: float | None = None) -> Stream:
-        """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``."""
+        """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``.
+
+        Structured output (docs/protocol.md): at most one of ``json_schema``, ``grammar`` (GBNF, or Lark
+        with ``grammar_syntax="lark"``), ``regex``, ``choices``; or ``tools`` ({name, description,
+        parameters}) with ``tool_choice``. The ``Completion`` then has ``tool_calls`` and
+        ``structure_complete``. ``affinity``: a key (an NPC's id) that keeps its requests on one replica
+        of a cluster. ``adapter``: the name of a loaded LoRA adapter to generate with."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
-                                ignore_eos=ignore_eos, thinking=thinking, adapter=adapter)
+                                ignore_eos=ignore_eos, thinking=thinking, json_schema=json_schema, grammar=grammar,
+                                grammar_syntax=grammar_syntax, regex=regex, choices=choices, tools=tools,
+                                tool_choice=tool_choice, context_overflow=context_overflow,
+                                max_tokens_per_second=max_tokens_per_second, deadline_ms=deadline_ms,
+                                deterministic=deterministic, affinity=affinity, adapter=adapter)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -87,13 +106,41 @@ class Client:
 
     def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
               messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
-              priority: int | None = None, thinking: bool | None = None, adapter: str | None = None,
+              priority: int | None = None, thinking: bool | None = None, affinity: ClientId | None = None,
+              adapter: str | None = None,
               timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority,
-                                thinking=thinking, adapter=adapter)
+                                thinking=thinking, affinity=affinity, adapter=adapter)
         return parse_scores(self._reply(request_id, timeout))
+
+    def snapshot(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                 prompt_token_ids: list[int] | None = None, priority: int | None = None,
+                 affinity: ClientId | None = None, adapter: str | None = None,
+                 timeout: float | None = None) -> Snapshot:
+        """Save a conversation: the KV of the prompt's whole blocks, computed or taken from the cache
+        (under ``adapter`` when given: the state records it, and restores only where it is loaded)."""
+        fields = prompt_fields(prompt, messages, prompt_token_ids)
+        request_id = self._open("snapshot", timeout, **fields, priority=priority, affinity=affinity, adapter=adapter)
+        return parse_snapshot(self._reply(request_id, timeout))
+
+    def restore(self, state: bytes, *, pin: bool = False, affinity: ClientId | None = None,
+                timeout: float | None = None) -> Restored:
+        """Put a saved state into the runtime's prefix cache; a pinned one stays until ``release(restored.id)``
+        or until this client disconnects. In a cluster, give it the ``affinity`` of the requests meant to
+        find it."""
+        request_id = self._open("restore", timeout, state=state, pin=pin or None, affinity=affinity)
+        return parse_restored(self._reply(request_id, timeout))
+
+    def release(self, restored_id: ClientId) -> None:
+        """Unpin a state restored with ``pin=True``; unknown ids are ignored."""
+        self._send(request_message("release", restored_id), self.timeout)
+
+    def inject(self, request_id: ClientId, text: str | None = None, *, token_ids: list[int] | None = None) -> None:
+        """Append text or tokens to a running generation's context; it goes on from there (the next token's
+        ``injected`` says so). Unknown or finished ids are ignored."""
+        self._send(request_message("inject", request_id, text=text, token_ids=token_ids), self.timeout)
 
     def cancel(self, request_id: ClientId) -> None:
         """Ask the runtime to stop a request; its stream then ends with ``finish_reason == "cancelled"``."""

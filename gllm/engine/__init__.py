@@ -5,7 +5,9 @@
 
 from gllm.engine.llm_engine import LLMEngine, StepOutput
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
+from gllm.engine.saved_states import RestoreResult, SnapshotRequest, SnapshotResult
 from gllm.engine.scoring import CandidateScore, ScoreRequest, ScoreResult
+from gllm.engine.snapshot import StateError
 
 __all__ = [
     "CandidateScore",
@@ -13,8 +15,12 @@ __all__ = [
     "GenerationResult",
     "GeneratorParams",
     "LLMEngine",
+    "RestoreResult",
     "ScoreRequest",
     "ScoreResult",
+    "SnapshotRequest",
+    "SnapshotResult",
+    "StateError",
     "StepOutput",
     "TokenDelta",
 ]

@@ -7,13 +7,15 @@ is one job of a prompt sequence plus one sequence per candidate that forks from 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from gllm.engine.output import RequestOutput
-from gllm.engine.params import GenerationResult
+from gllm.engine.params import GenerationResult, TokenDelta
 from gllm.engine.scoring import CandidateScore, ScoreResult
 from gllm.engine.sequence import Sequence, Status
+from gllm.sample.sampler import top_ids
 from gllm.tokenizer import Tokenizer
 
 
@@ -22,17 +24,55 @@ def _ms(start: float, t: float | None) -> float | None:
 
 
 class GenerationJob:
-    def __init__(self, seqs: list[Sequence], tokenizer: Tokenizer | None, stop: list[str] | None, prompt_logprobs: bool):
+    def __init__(self, seqs: list[Sequence], tokenizer: Tokenizer | None, stop: list[str] | None, prompt_logprobs: bool,
+                 dropped_turns: int = 0):
         self.request_id = seqs[0].request_id
         self.seqs = seqs
         self.outputs = {s: RequestOutput(s, tokenizer, stop) for s in seqs}
         self.error: str | None = None  # why a failed batch ended the request
+        self.dropped_turns = dropped_turns  # chat turns left out to fit (context_overflow "drop_oldest")
         self.prompt_logprobs: list[float | None] | None = None
         if prompt_logprobs:
             self.prompt_logprobs = [None] * seqs[0].num_prompt_tokens
+        # Tokens a grammar forced onto a sequence, waiting for their logprobs: (index of the first in
+        # token_ids, one (logprob, rank, top) or None per token).
+        self.forced: dict[Sequence, tuple[int, list[tuple | None]]] = {}
+
+    def expect_forced(self, seq: Sequence, count: int) -> None:
+        """The last ``count`` tokens of ``seq`` were forced: have the next step compute their logits
+        (from the position that predicts the first of them) and report them then."""
+        if not count:
+            return
+        first = seq.num_tokens - count
+        self.forced[seq] = (first, [None] * count)
+        if seq.logits_from is None:
+            seq.logits_from = first - 1
+
+    def forced_deltas(self, seq: Sequence, finish: Callable[[Sequence, str], None]) -> list[TokenDelta]:
+        """Deltas of the forced tokens whose logprobs are known, in order; a stop string among them ends
+        the sequence (``finish``)."""
+        if seq not in self.forced or seq.status is not Status.RUNNING:
+            return []
+        first, infos = self.forced[seq]
+        deltas = []
+        while infos and infos[0] is not None:
+            delta, final = self.on_token(seq, seq.token_ids[first], *infos.pop(0), None)
+            deltas.append(delta)
+            first += 1
+            if final is not None:
+                finish(seq, final)
+                break
+        self.forced[seq] = (first, infos)
+        if not infos:
+            del self.forced[seq]
+            if self.prompt_logprobs is None:
+                seq.logits_from = None
+        return deltas
 
     def record_logprobs(self, seq: Sequence, first_pos: int, logprobs: torch.Tensor) -> None:
-        """Logprob rows for positions ``first_pos ..``: keep those that predict prompt tokens."""
+        """Logprob rows for positions ``first_pos ..``: keep those that predict prompt or forced tokens."""
+        if seq in self.forced:
+            self._record_forced(seq, first_pos, logprobs)
         if self.prompt_logprobs is None:
             return
         n = min(len(logprobs), seq.num_prompt_tokens - 1 - first_pos)
@@ -41,10 +81,40 @@ class GenerationJob:
             values = logprobs[torch.arange(n, device=logprobs.device), targets].tolist()
             self.prompt_logprobs[first_pos + 1 : first_pos + 1 + n] = values
 
+    def _record_forced(self, seq: Sequence, first_pos: int, logprobs: torch.Tensor) -> None:
+        first, infos = self.forced[seq]
+        rows = [r for r in range(len(logprobs)) if 0 <= first_pos + r + 1 - first < len(infos)]
+        if not rows:
+            return
+        picked = logprobs[rows]
+        targets = seq.token_ids[first_pos + rows[0] + 1 : first_pos + rows[-1] + 2]
+        values = picked.gather(1, torch.tensor(targets, device=picked.device)[:, None])
+        ranks = ((picked > values).sum(dim=-1) + 1).tolist()
+        best = top_ids(picked, min(seq.sampling.num_logprobs, picked.shape[1]))
+        tops = [list(zip(ids, lps)) for ids, lps in zip(best.tolist(), picked.gather(1, best).tolist())]
+        for i, r in enumerate(rows):
+            infos[first_pos + r + 1 - first] = (values[i, 0].item(), ranks[i], tops[i])
+
     def on_token(self, seq: Sequence, token: int, logprob: float, rank: int, top, reason: str | None):
         delta, final = self.outputs[seq].add_token(token, logprob, rank, top, reason)
         delta.request_id, delta.fork = self.request_id, seq.fork_index
         return delta, final
+
+    def replay(self, seq: Sequence, tokens: list[tuple[int, float, int]]) -> str | None:
+        """Take (token id, logprob, rank) of tokens already in ``seq`` and handed out elsewhere, as if sampled
+        here, so that text, held-back text and indexes go on from them; returns the finish reason they reach
+        (a stop string, or the last one being a stop token or reaching the length)."""
+        for i, (token, logprob, rank) in enumerate(tokens):
+            last = i == len(tokens) - 1
+            end = None
+            if last and token in seq.eos_token_ids:
+                end = "stop"
+            elif last and seq.num_tokens >= seq.max_tokens:
+                end = "length"
+            _, reason = self.on_token(seq, token, logprob, rank, [], end)
+            if reason is not None:
+                return reason
+        return None
 
     @property
     def done(self) -> bool:
@@ -52,11 +122,19 @@ class GenerationJob:
 
     def result(self) -> GenerationResult:
         results = [self.outputs[s].finish(s.finish_reason or "aborted") for s in self.seqs]
-        for r in results:
+        for seq, r in zip(self.seqs, results):
             r.request_id = self.request_id
             r.prompt_logprobs = self.prompt_logprobs
             r.forks = results if len(results) > 1 else []
             r.error = self.error
+            r.num_dropped_turns = self.dropped_turns
+            if seq.constraint is not None:
+                r.tool_calls = seq.constraint.tool_calls(r.text)
+                # Complete: every generated token is reported (injected ones are context, not output), the
+                # text was not cut at a stop string, and the grammar accepts.
+                generated = seq.num_tokens - seq.num_prompt_tokens - self.outputs[seq].num_injected
+                whole = len(r.token_ids) == generated and not self.outputs[seq].cut
+                r.structure_complete = whole and seq.constraint.accepting
         return results[0]
 
 

@@ -6,14 +6,18 @@ import collections
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gllm.constrain import GrammarLimits, PendingMasks
+from gllm.engine.constrained import Constraints
+from gllm.engine.game_state import GameState
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
+from gllm.engine.saved_states import SnapshotJob
 from gllm.engine.scheduler import SchedulePlan, Scheduler
 from gllm.engine.scoring import ScoreRequest, ScoreResult
 from gllm.engine.sequence import Sequence, Status
@@ -60,7 +64,7 @@ class StepOutput:
     finished: list[GenerationResult] = field(default_factory=list)
 
 
-class LLMEngine(AsyncDriver):
+class LLMEngine(AsyncDriver, GameState):
     """A Llama model, its paged KV cache, a scheduler and a sampler.
 
     ``add_request`` / ``abort`` may be called from any thread: they queue work that the next ``step``
@@ -77,6 +81,7 @@ class LLMEngine(AsyncDriver):
         cuda_graphs: bool = True,
         quantize: str | None = None,
         overlap: bool | None = None,
+        grammar_limits: GrammarLimits = GrammarLimits(),
         adapters: dict[str, str | Path] | None = None,
     ):
         """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``);
@@ -84,6 +89,7 @@ class LLMEngine(AsyncDriver):
         weight-only int8 copies for faster single-stream decoding (``gllm.ops.linear``). Without it, on a
         CPU with AMX in bfloat16, a GGUF model's Q4_0 / Q4_1 / Q8_0 matrices are kept in their blocks and
         decode steps multiply from them (same results as the dequantized weights, a third of the bytes).
+        ``grammar_limits`` bound the work one request's structured-output grammar may ask for.
         ``adapters``: LoRA adapters to load at start, ``{name: path}`` (see ``load_adapter``)."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
@@ -125,6 +131,7 @@ class LLMEngine(AsyncDriver):
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.scheduler = Scheduler(self.block_manager, params.max_batch_size, params.token_budget)
         self.sampler = Sampler(params.seed)
+        self.constraints = Constraints(self.tokenizer, cfg.vocab_size, self.eos_token_ids, grammar_limits)
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
         self._jobs: dict[str, GenerationJob | ScoreJob] = {}  # by request id, until their result is out
@@ -133,6 +140,7 @@ class LLMEngine(AsyncDriver):
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._counters = collections.Counter()
+        self._init_game_state(loaded.weights, quantize)
 
     def _num_kv_blocks(self, dtype: torch.dtype) -> int:
         p = self.params
@@ -158,7 +166,7 @@ class LLMEngine(AsyncDriver):
         elif req.messages is not None:
             if not req.messages:
                 raise ValueError("messages is empty")
-            ids = self.tokenizer.apply_chat_template(req.messages, thinking=req.thinking)
+            ids = self.chat_ids(req)
         else:
             ids = self.tokenizer.encode(req.prompt) if req.prompt else []
         if not ids:
@@ -168,6 +176,14 @@ class LLMEngine(AsyncDriver):
                 f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, which leaves no room for new tokens"
             )
         return ids
+
+    def chat_ids(self, req: GenerationRequest | ScoreRequest, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """Token ids of ``req``'s chat prompt, or of ``messages`` in its place (a chat with turns left out),
+        with the request's tools and thinking switch."""
+        if messages is not None:
+            req = replace(req, messages=messages)
+        messages, tools = self.constraints.chat(req)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, thinking=req.thinking)
 
     def _check_room(self, max_tokens: int) -> None:
         if self.block_manager.peak_blocks(max_tokens, self.params.token_budget) > self.block_manager.pool.num_blocks:
@@ -198,17 +214,23 @@ class LLMEngine(AsyncDriver):
         """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
         req.validate()
         adapter = self._adapter(req.adapter)
-        ids = self.prompt_ids(req)
+        ids, dropped_turns = self.fitted_prompt(req)
+        resumed = self._check_ids([t for t, _, _ in req.resume], "resume") if req.resume else []
+        timing = self._sequence_timing(req)
         max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
         self._check_room(max_tokens)
+        grammar = self.constraints.compile(req)  # None without one; refused here when it does not compile
         request_id = self._new_request_id(req.request_id)
         eos = frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else self.eos_token_ids)
         seqs = []
         for i in range(req.n):
             generator = None if req.seed is None else torch.Generator(self.device).manual_seed(req.seed + i)
+            if generator is not None and req.temperature > 0:
+                for _ in resumed:  # the one draw the sampler made for each of them
+                    torch.rand(1, device=self.device, generator=generator)
             seqs.append(Sequence(
                 request_id=request_id if i == 0 else f"{request_id}#{i}",
-                token_ids=list(ids),
+                token_ids=ids + resumed,
                 num_prompt_tokens=len(ids),
                 max_tokens=max_tokens,
                 sampling=SamplingRow(req.temperature, req.top_k, req.top_p, req.logprobs, generator),
@@ -217,10 +239,18 @@ class LLMEngine(AsyncDriver):
                 eos_token_ids=eos,
                 fork_index=i,
                 logits_from=0 if req.prompt_logprobs else None,
+                constraint=None if grammar is None else self.constraints.compiler.constraint(grammar),
                 adapter=adapter,
+                **timing,
             ))
         seqs[0].pending_forks = seqs[1:]
-        self._submit(GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs))
+        job = GenerationJob(seqs, self.tokenizer, req.stop, req.prompt_logprobs, dropped_turns)
+        if req.resume:
+            if seqs[0].constraint is not None and not seqs[0].constraint.replay(resumed):
+                raise ValueError("the resumed tokens do not follow the request's grammar")
+            # Tokens handed out already; a stream whose end was lost on the way ends at once.
+            seqs[0].finish_reason = job.replay(seqs[0], req.resume)
+        self._submit(job)
         return request_id
 
     def add_score(self, req: ScoreRequest) -> str:
@@ -257,7 +287,7 @@ class LLMEngine(AsyncDriver):
         self._submit(ScoreJob(parent, cands, targets, texts))
         return request_id
 
-    def _submit(self, job: GenerationJob | ScoreJob) -> None:
+    def _submit(self, job: GenerationJob | ScoreJob | SnapshotJob) -> None:
         self._jobs[job.request_id] = job
         for seq in job.seqs:
             self._job_of[seq] = job
@@ -268,7 +298,7 @@ class LLMEngine(AsyncDriver):
         self._aborts.append(request_id)
 
     def has_work(self) -> bool:
-        return bool(self._inbox or self._aborts or self._pending or self.scheduler.has_work())
+        return bool(self._inbox or self._aborts or self._pending or self.scheduler.has_work() or self._game_state_work())
 
     # --------------------------------------------------------------------- step
     def step(self) -> StepOutput:
@@ -284,15 +314,17 @@ class LLMEngine(AsyncDriver):
         """
         out = StepOutput()
         self._take_new_work()
+        self._apply_state_work(out)  # restores and releases of saved states, injections
         launched, self._pending = self._pending, None
         if launched is None:
             launched = self._launch(self.scheduler.schedule())
         if launched is not None:
-            ahead = self.scheduler.plan_ahead(launched.plan) if self.overlap else None
+            ahead = self.scheduler.plan_ahead(launched.plan) if self.overlap and not self._injections else None
             if ahead is not None:
                 self._pending = self._launch(ahead, launched.sample.token_ids)
                 self._counters["steps_ahead"] += 1
             self._apply(launched, out)
+        self._apply_injections()  # those that waited for a step queued ahead
         self._collect_finished(out)
         return out
 
@@ -304,16 +336,17 @@ class LLMEngine(AsyncDriver):
         for c in plan.chunks:
             c.seq.scheduled_time = c.seq.scheduled_time or now
         chunks = [
-            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table,
-                       c.num_logits, c.seq.adapter)
+            BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits,
+                       c.seq.exact, c.seq.adapter)
             for c in plan.chunks
         ]
         self._counters["steps"] += 1
         self._counters["computed_tokens"] += plan.num_tokens
         self._counters["block_copies"] += len(plan.copies)
         try:
+            masks = self.constraints.start_masks(plan)  # computed while the model runs
             logits = self.runner.execute(chunks, plan.copies, input_ids)
-            return Launched(plan, *self._sample(plan, logits))
+            return Launched(plan, *self._sample(plan, logits, masks))
         except Exception as exc:
             self._fail_batch(plan, exc)
             return None
@@ -327,11 +360,16 @@ class LLMEngine(AsyncDriver):
                 r = launched.sample.result()
                 sampled = dict(zip(launched.seqs, r.token_ids))
                 info = dict(zip(launched.seqs, zip(r.logprobs, r.ranks, r.top_logprobs)))
+            for seq in dict.fromkeys(c.seq for c in plan.chunks if c.seq.constraint is not None):
+                out.deltas += self._job_of[seq].forced_deltas(seq, self.scheduler.finish)  # before the samples
             events = self.scheduler.update(plan, sampled)
             for seq, token, reason in events:
-                delta, final = self._job_of[seq].on_token(seq, token, *info[seq], reason)
+                job = self._job_of[seq]
+                delta, final = job.on_token(seq, token, *info[seq], reason)
+                if final is None and seq.constraint is not None:
+                    final = self.constraints.after_sample(seq, token, job, delta)
                 if final is not None and reason is None:
-                    self.scheduler.finish(seq, final)  # a stop string
+                    self.scheduler.finish(seq, final)  # a stop string, a complete structure, a failed grammar
                 out.deltas.append(delta)
             self._counters["generated_tokens"] += len(events)
         except Exception as exc:
@@ -342,15 +380,20 @@ class LLMEngine(AsyncDriver):
         reason = f"{type(exc).__name__}: {exc}"[:200]
         jobs = {self._job_of[c.seq] for c in plan.chunks if c.seq in self._job_of}
         log.error("a batch of %d request(s) failed; ending them: %s", len(jobs), reason, exc_info=exc)
+        self._fail_jobs(jobs, reason)
+        self._counters["failed_batches"] += 1
+
+    def _fail_jobs(self, jobs: set[GenerationJob | ScoreJob], reason: str) -> None:
         for job in jobs:
             job.error = reason
             for seq in job.seqs:
                 self.scheduler.finish(seq, "error")
-        self._counters["failed_batches"] += 1
 
-    def _sample(self, plan: SchedulePlan, logits: torch.Tensor) -> tuple[list[Sequence], PendingSample | None]:
+    def _sample(self, plan: SchedulePlan, logits: torch.Tensor,
+                masks: PendingMasks | None) -> tuple[list[Sequence], PendingSample | None]:
         """Record logprobs of given tokens, then queue sampling for every sequence (and new fork) that
-        needs a token. Returns the sampled sequences in row order and their pending sample."""
+        needs a token, within its grammar's mask. Returns the sampled sequences in row order and their
+        pending sample."""
         seqs, rows = [], []
         row = 0
         for c in plan.chunks:
@@ -366,14 +409,18 @@ class LLMEngine(AsyncDriver):
             row += k
         if not seqs:
             return [], None
+        allowed, failed = masks.result() if masks is not None else (None, [])
+        self._fail_jobs({self._job_of[seqs[i]] for i in failed}, "the grammar failed")
         sample_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        return seqs, self.sampler.launch(sample_logits, [s.sampling for s in seqs])
+        return seqs, self.sampler.launch(sample_logits, [s.sampling for s in seqs], allowed)
 
     def _take_new_work(self) -> None:
         while self._inbox:
             seq = self._inbox.popleft()
             if seq.status is not Status.FINISHED:
                 self.scheduler.add(seq)
+                if seq.finish_reason is not None:  # a resumed stream that had ended
+                    self.scheduler.finish(seq, seq.finish_reason)
         while self._aborts:
             job = self._jobs.get(self._aborts.popleft())
             for seq in job.seqs if job else ():
@@ -401,10 +448,12 @@ class LLMEngine(AsyncDriver):
         return self._run([self.add_score(req)])[0]
 
     def _run(self, ids: list[str]) -> list:
-        results: dict[str, GenerationResult | ScoreResult] = {}
+        results: dict[str, Any] = {}
         while any(i not in results for i in ids):
             for r in self.step().finished:
                 results[r.request_id] = r
+            if (wait := self.wait_time()) > 0:  # paced requests not due yet: no busy loop
+                time.sleep(min(wait, 0.01))
         return [results[i] for i in ids]
 
     def stats(self) -> dict[str, Any]:
@@ -418,5 +467,7 @@ class LLMEngine(AsyncDriver):
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "preemptions": self.scheduler.num_preemptions,
             "cache_evictions": pool.cache_evictions,
+            "forced_tokens": self.constraints.forced_tokens,
+            **self.game_state_stats(),
             **self._counters,
         }

@@ -22,16 +22,21 @@ class RequestOutput:
         self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.text = ""  # all decoded text (may run past a stop string)
         self.emitted = 0  # characters of ``text`` already handed out
+        self.token_ids: list[int] = []  # the sampled tokens (the sequence's also holds injected ones)
+        self.num_injected = 0
+        self._injected_now = 0  # tokens injected since the last sampled token
         self.logprobs: list[float] = []
         self.ranks: list[int] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.result: GenerationResult | None = None
+        self.cut = False  # the text ends before a stop string
 
     def add_token(
         self, token_id: int, logprob: float, rank: int, top: list[tuple[int, float]], reason: str | None
     ) -> tuple[TokenDelta, str | None]:
         """Record a token; returns its delta and the finish reason (a stop string may add one)."""
         index = len(self.logprobs)
+        self.token_ids.append(token_id)
         self.logprobs.append(logprob)
         self.ranks.append(rank)
         self.top_logprobs.append(top)
@@ -45,13 +50,20 @@ class RequestOutput:
         if self.stop:
             hit = self._find_stop()
             if hit is not None:
-                self.text, end, reason = self.text[:hit], hit, "stop"
+                self.text, end, reason, self.cut = self.text[:hit], hit, "stop", True
             elif reason is None:
                 end -= self._holdback()
         new_text = self.text[self.emitted : end]
         self.emitted = end
-        delta = TokenDelta(self.seq.request_id, index, token_id, new_text, logprob, rank, top, reason is not None, reason)
+        delta = TokenDelta(self.seq.request_id, index, token_id, new_text, logprob, rank, top, reason is not None, reason,
+                           injected=self._injected_now)
+        self._injected_now = 0
         return delta, reason
+
+    def injected(self, num_tokens: int) -> None:
+        """Tokens were appended to the context: the next token's delta says so."""
+        self._injected_now += num_tokens
+        self.num_injected += num_tokens
 
     def _find_stop(self) -> int | None:
         window_start = max(0, self.emitted - max(map(len, self.stop)))
@@ -74,7 +86,7 @@ class RequestOutput:
         self.result = GenerationResult(
             request_id=seq.request_id,
             text=self.text,
-            token_ids=seq.output_ids[:n],
+            token_ids=self.token_ids[:n],
             logprobs=self.logprobs,
             ranks=self.ranks,
             top_logprobs=self.top_logprobs,
@@ -86,5 +98,6 @@ class RequestOutput:
                 "ttft_ms": ms(seq.first_token_time),
                 "total_ms": ms(now),
             },
+            num_injected_tokens=self.num_injected,
         )
         return self.result

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gllm.constrain import OutputConstraint, ToolCall, check_tools
+
 
 @dataclass
 class GeneratorParams:
@@ -18,6 +20,8 @@ class GeneratorParams:
     kv_memory: int | None = None  # ... or in bytes
     enable_prefix_caching: bool = True
     seed: int | None = None  # seed of the generator shared by requests without their own seed
+    max_pinned_blocks: int | None = None  # KV blocks restored states may pin (default: half the cache) ...
+    max_pinned_memory: int | None = None  # ... or in bytes
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_size", "max_seq_len"):
@@ -25,10 +29,15 @@ class GeneratorParams:
                 raise ValueError(f"GeneratorParams.{name} must be at least 1 (got {getattr(self, name)})")
         if self.num_kv_blocks is not None and self.kv_memory is not None:
             raise ValueError("give the KV cache size as num_kv_blocks or as kv_memory, not both")
+        if self.max_pinned_blocks is not None and self.max_pinned_memory is not None:
+            raise ValueError("give the pinned limit as max_pinned_blocks or as max_pinned_memory, not both")
 
     @property
     def token_budget(self) -> int:
         return self.max_num_batched_tokens or max(512, self.max_seq_len)
+
+
+CONTEXT_OVERFLOW = ("error", "drop_oldest")
 
 
 @dataclass
@@ -51,8 +60,33 @@ class GenerationRequest:
     n: int = 1  # continuations of the prompt, sharing its KV blocks; fork i uses seed + i when seeded
     prompt_logprobs: bool = False  # also return the logprob of every prompt token (the first has none)
     thinking: bool = False  # with messages: let a thinking model (Qwen3, SmolLM3) reason before it answers
+    # (token id, logprob, rank) of tokens this request already produced and handed out elsewhere (a replica
+    # that died mid-stream): it goes on after them as if it had sampled them itself, its next token being
+    # number len(resume). Greedy and seeded requests continue exactly: a seeded one skips their draws.
+    resume: list[tuple[int, float, int]] | None = None
     request_id: str | None = None  # assigned by the engine when missing
     adapter: str | None = None  # name of a loaded LoRA adapter to apply (``LLMEngine.load_adapter``)
+    # Structured output (gllm.constrain): at most one of json_schema, grammar, regex, choices; and tools.
+    json_schema: dict[str, Any] | bool | None = None  # a JSON Schema; {} or True: any JSON object
+    grammar: str | None = None  # GBNF, or Lark with grammar_syntax="lark"
+    grammar_syntax: str = "gbnf"
+    regex: str | None = None
+    choices: list[str] | None = None  # the output is exactly one of these
+    tools: list[dict[str, Any]] | None = None  # {name, description, parameters (JSON Schema of the arguments)}
+    tool_choice: str | None = None  # "auto" (the default with tools), "required", "none" or a tool's name
+
+    @property
+    def output_constraint(self) -> OutputConstraint:
+        return OutputConstraint(self.json_schema, self.grammar, self.grammar_syntax, self.regex, self.choices)
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.tools is not None and self.tool_choice != "none"
+    # Game state: long chats, pacing, exact replay (see gllm.engine.game_state)
+    context_overflow: str = "error"  # "drop_oldest": drop the oldest turns after the system messages to fit
+    max_tokens_per_second: float | None = None  # pacing: the next token is not computed before it is due
+    deadline_ms: float | None = None  # wanted time to first token; earlier deadlines first within a priority
+    deterministic: bool = False  # same tokens alone or in any batch (batch-invariant kernels; CPU only)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is wrong."""
@@ -73,6 +107,8 @@ class GenerationRequest:
             raise ValueError(f"thinking must be true or false (got {self.thinking!r})")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1 (got {self.n})")
+        if self.resume is not None and self.n != 1:
+            raise ValueError(f"a resumed request continues one stream: n must be 1 (got {self.n})")
         if self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 (got {self.logprobs})")
         if self.stop is not None and (
@@ -81,6 +117,22 @@ class GenerationRequest:
             raise ValueError("stop must be a list of non-empty strings")
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise ValueError("adapter must be the name of a loaded adapter (a string)")
+        if self.adapter is not None and self.deterministic:
+            raise ValueError("deterministic requests run without a LoRA adapter (its grouped products are not "
+                             "batch-invariant)")
+        self.output_constraint.check()
+        check_tools(self.tools, self.tool_choice)
+        if self.calls_tools and self.output_constraint.given:
+            raise ValueError("tools cannot be combined with json_schema, grammar, regex or choices "
+                             "(a tool's parameters constrain its arguments)")
+        if self.context_overflow not in CONTEXT_OVERFLOW:
+            raise ValueError(f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOW)} (got {self.context_overflow!r})")
+        if self.context_overflow == "drop_oldest" and self.messages is None:
+            raise ValueError("context_overflow 'drop_oldest' drops chat turns: it needs messages")
+        if self.max_tokens_per_second is not None and not self.max_tokens_per_second > 0:
+            raise ValueError(f"max_tokens_per_second must be > 0 (got {self.max_tokens_per_second})")
+        if self.deadline_ms is not None and not self.deadline_ms >= 0:
+            raise ValueError(f"deadline_ms must be >= 0 (got {self.deadline_ms})")
 
 
 @dataclass
@@ -97,6 +149,7 @@ class TokenDelta:
     finished: bool = False
     finish_reason: str | None = None
     fork: int = 0  # which of the request's n continuations
+    injected: int = 0  # tokens injected into the context just before this one (``LLMEngine.inject``)
 
 
 @dataclass
@@ -114,3 +167,7 @@ class GenerationResult:
     prompt_logprobs: list[float | None] | None = None  # when asked: None for the first prompt token
     forks: list["GenerationResult"] = field(default_factory=list)  # all n continuations when n > 1, this one first
     error: str | None = None  # with finish_reason "error": what failed
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the calls in the text, arguments parsed
+    structure_complete: bool | None = None  # constrained output only: False when cut short (e.g. by length)
+    num_dropped_turns: int = 0  # chat messages left out to fit (context_overflow "drop_oldest")
+    num_injected_tokens: int = 0  # tokens injected while it ran

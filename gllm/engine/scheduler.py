@@ -5,11 +5,16 @@ chunk of its uncomputed tokens (one token for a decode, up to the remaining budg
 chunks and decodes share one packed batch: there is no separate prefill phase. When the KV cache runs
 out of blocks, the lowest-priority, newest running sequence is preempted (its blocks freed) and later
 recomputed from scratch, with the help of the prefix cache.
+
+A paced sequence (``token_interval``) keeps its blocks and its place among the running, but is left out
+of every step until its next token is due, so its share of the compute goes to the others.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gllm.engine.sequence import Sequence, Status
@@ -60,11 +65,13 @@ class SchedulePlan:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, token_budget: int,
+                 clock: Callable[[], float] = time.monotonic):
         self.blocks = block_manager
         self.max_batch_size = max_batch_size
         self.token_budget = token_budget
-        self.waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by sort_key
+        self.clock = clock  # what pacing measures time with
+        self.waiting: list[tuple[tuple[int, float, int], Sequence]] = []  # heap by sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._finished: list[Sequence] = []
@@ -76,10 +83,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def wait_time(self) -> float:
+        """Seconds until a step would have something to run (0: now). Only paced sequences make it wait."""
+        if (self.waiting and len(self.running) < self.max_batch_size) or not self.running:
+            return 0.0
+        return max(0.0, min(s.next_due for s in self.running) - self.clock())
+
     def schedule(self) -> SchedulePlan:
         plan = SchedulePlan()
         budget = self.token_budget
-        order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.sort_key))
+        now = self.clock()
+        due = [s for s in self.running if s.next_due <= now]
+        order = sorted(due, key=lambda s: (s.num_remaining > 1, s.sort_key))
         i = 0
         while i < len(order) and budget > 0:
             seq = order[i]
@@ -97,7 +112,7 @@ class Scheduler:
         if not plan.preempted:
             budget = self._admit(plan, budget)
         # decodes first; rows of one LoRA adapter side by side, so that they form one group (gllm.lora)
-        plan.chunks.sort(key=lambda c: (c.num_tokens > 1, c.seq.cache_namespace))
+        plan.chunks.sort(key=lambda c: (c.num_tokens > 1, c.seq.adapter_uid))
         return plan
 
     def plan_ahead(self, plan: SchedulePlan) -> SchedulePlan | None:
@@ -105,8 +120,9 @@ class Scheduler:
         one position further (``LLMEngine`` queues it while the host reads ``plan``'s tokens).
 
         Only when that is surely what ``schedule`` would plan next: plain decodes, nothing waiting that
-        could join, no sequence ending on length with ``plan``'s token, and free blocks for every next
-        position. A sequence that stops on a sampled token instead computes one position for nothing.
+        could join, no sequence ending on length with ``plan``'s token, no constrained sequence, and free
+        blocks for every next position. A sequence that stops on a sampled token instead computes one
+        position for nothing.
         """
         if plan.preempted or (self.waiting and len(self.running) < self.max_batch_size):
             return None
@@ -116,6 +132,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING or not c.samples or c.num_tokens != 1 or c.num_logits != 1:
                 return None
             if seq.pending_forks or seq.logits_from is not None or seq.num_tokens + 1 >= seq.max_tokens:
+                return None
+            if seq.constraint is not None or seq.token_interval:  # its next mask needs this step's token; or paced
                 return None
             needed += self.blocks.growth(seq.block_table, c.start + 2, c.start + 1)
         if needed > self.blocks.pool.num_free:
@@ -131,13 +149,12 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0][1]
             if seq.num_computed_tokens == 0 and not seq.block_table:
-                seq.block_table, seq.block_keys = self.blocks.match_prefix(
-                    seq.token_ids[: seq.cache_limit], seq.cache_namespace
-                )
+                seq.block_table, seq.block_keys = self.blocks.match_prefix(seq.token_ids[: seq.cache_limit],
+                                                                           seq.cache_salt)
                 seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
                 self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)  # cached hits behind a window
-                if seq.num_tokens == seq.num_prompt_tokens:  # cache hits count only for a fresh prompt
-                    seq.num_cached_tokens = seq.num_computed_tokens
+                if seq.scheduled_time is None:  # cache hits count at the first start, not after a preemption
+                    seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             n = min(seq.num_remaining, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
                 self.blocks.free(seq.block_table)  # give back the prefix hits; retry in a later step
@@ -175,7 +192,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # finished by an abort during the step
             seq.num_computed_tokens += chunk.num_tokens
-            self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens, seq.cache_namespace)
+            self.blocks.commit(seq.block_table, seq.block_keys, seq.token_ids, seq.num_computed_tokens, seq.cache_salt)
             self.blocks.release_passed(seq.block_table, seq.num_computed_tokens)
             if not chunk.completes:
                 continue
@@ -197,6 +214,8 @@ class Scheduler:
         reason = seq.append(token)
         if reason is not None:
             self.finish(seq, reason)
+        elif seq.token_interval:
+            seq.next_due = self.clock() + seq.token_interval
         return [(seq, token, reason)]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

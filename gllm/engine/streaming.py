@@ -7,6 +7,7 @@ import concurrent.futures
 from typing import TYPE_CHECKING, AsyncIterator
 
 from gllm.engine.params import GenerationRequest, GenerationResult, TokenDelta
+from gllm.engine.saved_states import RestoreResult, SnapshotRequest, SnapshotResult
 from gllm.engine.scoring import ScoreRequest, ScoreResult
 
 if TYPE_CHECKING:
@@ -33,6 +34,14 @@ class AsyncDriver:
     def enqueue_score(self, req: ScoreRequest) -> asyncio.Future[ScoreResult]:
         """Queue a score request; the returned future resolves to its ``ScoreResult``."""
         return self._future_for(self.add_score(req))  # type: ignore[attr-defined]
+
+    def enqueue_snapshot(self, req: SnapshotRequest) -> asyncio.Future[SnapshotResult]:
+        """Queue a snapshot; the future resolves to its ``SnapshotResult`` (``state`` holds the bytes)."""
+        return self._future_for(self.add_snapshot(req))  # type: ignore[attr-defined]
+
+    def enqueue_restore(self, state: bytes, pin: str | None = None) -> asyncio.Future[RestoreResult]:
+        """Queue a restore; the future resolves to its ``RestoreResult``."""
+        return self._future_for(self.add_restore(state, pin))  # type: ignore[attr-defined]
 
     def _future_for(self, request_id: str) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -66,6 +75,8 @@ class AsyncDriver:
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
         while self.has_work():  # type: ignore[attr-defined]
+            if (wait := self.wait_time()) > 0:  # type: ignore[attr-defined]  # paced requests not due yet
+                await asyncio.sleep(min(wait, 0.01))
             try:
                 out: StepOutput = await loop.run_in_executor(self._executor, self.step)  # type: ignore[attr-defined]
             except Exception as exc:  # a failed step fails the requests waiting on it, not the loop

@@ -15,6 +15,8 @@ holds that layer's keys too, so nothing is released (the one-pool design: a bloc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gllm.kv.block_pool import BlockKey, BlockPool
 
 
@@ -35,20 +37,21 @@ class BlockManager:
         whole = self.blocks_needed(num_tokens)
         return whole if self.window is None else min(whole, (self.window - 1 + chunk) // self.block_size + 2)
 
-    def match_prefix(self, token_ids: list[int], namespace: int = 0) -> tuple[list[int], list[BlockKey]]:
+    def match_prefix(self, token_ids: list[int], salt: int | None = None) -> tuple[list[int], list[BlockKey]]:
         """Take (reference) the cached blocks of the longest cached prefix of ``token_ids``.
 
         The match covers at most ``len(token_ids) - 1`` tokens, so the last token is always computed and
-        yields logits. Only blocks cached under ``namespace`` match (see ``BlockKey``). Returns the blocks
-        and their keys; the caller owns one reference to each block.
+        yields logits. Returns the blocks and their keys; the caller owns one reference to each block.
+        ``salt`` starts the hash chain: blocks committed under another salt (K/V computed another way) never
+        match.
         """
         if not self.enable_prefix_caching:
             return [], []
         blocks: list[int] = []
         keys: list[BlockKey] = []
-        parent = None
+        parent = salt
         for start in range(0, len(token_ids) - 1 - self.block_size + 1, self.block_size):
-            key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]), namespace)
+            key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]))
             block = self.pool.lookup(key)
             if block is None:
                 break
@@ -95,17 +98,15 @@ class BlockManager:
                 self.pool.incref(block)
         into[:] = block_table
 
-    def commit(
-        self, block_table: list[int], keys: list[BlockKey], token_ids: list[int], num_computed: int, namespace: int = 0
-    ) -> None:
-        """Hash and cache every block that is now full of computed tokens (``keys`` grows in place), under
-        ``namespace``."""
+    def commit(self, block_table: list[int], keys: list[BlockKey], token_ids: list[int], num_computed: int,
+               salt: int | None = None) -> None:
+        """Hash and cache every block that is now full of computed tokens (``keys`` grows in place)."""
         if not self.enable_prefix_caching:
             return
         while (len(keys) + 1) * self.block_size <= num_computed:
             i = len(keys)
-            parent = keys[-1].hash if keys else None
-            key = BlockKey(parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]), namespace)
+            parent = keys[-1].hash if keys else salt
+            key = BlockKey(parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
             self.pool.register(block_table[i], key)
             keys.append(key)
 
@@ -121,6 +122,50 @@ class BlockManager:
             if block_table[i] != self.released:
                 self.pool.free(block_table[i])
                 block_table[i] = self.released
+
+    def cached_prefix(self, token_ids: list[int], salt: int | None = None) -> list[int]:
+        """The cached blocks of the longest cached run of ``token_ids``' full blocks (hash chain from
+        ``salt``), taking no reference: read them before anything allocates a block."""
+        blocks: list[int] = []
+        parent = salt
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
+            key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]))
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            blocks.append(block)
+            parent = key.hash
+        return blocks
+
+    def hold_prefix(self, token_ids: list[int], fill: Callable[[list[int], list[int]], None],
+                    salt: int | None = None) -> list[int]:
+        """One reference to a cached block for each full block of ``token_ids`` (hash chain from ``salt``), in order.
+
+        A block the prefix cache already holds is shared; the others take free blocks, which
+        ``fill(indexes, blocks)`` writes (block ``indexes[i]`` of the tokens into ``blocks[i]``) before they
+        enter the cache. Stops at the first block for which no block is free. The caller frees the
+        returned blocks (they stay cached) or keeps them (pinned).
+        """
+        held: list[int] = []
+        fresh: list[tuple[int, int, BlockKey]] = []
+        parent = salt
+        for i, start in enumerate(range(0, len(token_ids) - self.block_size + 1, self.block_size)):
+            key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]))
+            parent = key.hash
+            block = self.pool.lookup(key)
+            if block is not None:
+                self.pool.incref(block)
+            elif self.pool.num_free:
+                block = self.pool.allocate()
+                fresh.append((i, block, key))
+            else:
+                break
+            held.append(block)
+        if fresh:
+            fill([i for i, _, _ in fresh], [b for _, b, _ in fresh])
+            for _, block, key in fresh:
+                self.pool.register(block, key)
+        return held
 
     def free(self, block_table: list[int]) -> None:
         """Release a sequence's blocks, last first, so that a prefix's tail is evicted before its head."""

@@ -19,18 +19,14 @@ class NoFreeBlocksError(RuntimeError):
 
 @dataclass(frozen=True)
 class BlockKey:
-    """What a cached block holds: the hash of its parent block and its own tokens (verified on a hit).
-
-    ``namespace`` separates K/V computed under different weights (a LoRA adapter's id; 0 for the base
-    model): the same tokens under another namespace are another block."""
+    """What a cached block holds: the hash of its parent block and its own tokens (verified on a hit)."""
 
     parent_hash: int | None
     token_ids: tuple[int, ...]
-    namespace: int = 0
 
     @property
     def hash(self) -> int:
-        return hash((self.parent_hash, self.token_ids, self.namespace))
+        return hash((self.parent_hash, self.token_ids))
 
 
 class BlockPool:

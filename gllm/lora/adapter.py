@@ -9,6 +9,7 @@ projection's output columns. Scales are folded into ``B``.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class LoraAdapter:
                 if update is not None:
                     self.sites[f"layers.{layer}.{site}"] = update
         self.num_parameters = sum(p.a.numel() + p.b.numel() for p in tensors.pairs.values())
+        self.fingerprint = adapter_fingerprint(tensors)
 
     @staticmethod
     def _site(tensors: LoraTensors, prefix: str, projections: tuple[str, ...], shapes, dtype, device) -> SiteUpdate | None:
@@ -109,3 +111,18 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return f"LoraAdapter({self.name!r}, {len(self.sites)} sites, from {self.source})"
+
+
+def adapter_fingerprint(tensors: LoraTensors, samples: int = 64) -> str:
+    """A short hex digest of what an adapter changes (each projection's name, shapes, scale and a sample of
+    its values), which a saved state computed under it records: restored K/V must come from the same
+    adapter, not just one of the same name."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in sorted(tensors.pairs):
+        pair = tensors.pairs[module]
+        digest.update(f"{module}{tuple(pair.a.shape)}{tuple(pair.b.shape)}{pair.scale!r}".encode())
+        for t in (pair.a, pair.b):
+            flat = t.detach().reshape(-1)
+            index = torch.arange(min(flat.numel(), samples)) * (flat.numel() - 1) // max(min(flat.numel(), samples) - 1, 1)
+            digest.update(flat[index].float().cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gllm.config import ModelConfig
 from gllm.model.rope import RotaryEmbedding, query_scales, rotary_row_order
 from gllm.ops import AttentionMetadata
 from gllm.ops.backend import BACKENDS, AttentionBackend
+from gllm.ops.invariant import Product, dense
 from gllm.ops.linear import BlockLinear, BlockWeight, Kernel, block_products_supported, make_kernel
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -56,11 +56,8 @@ class Linear(nn.Linear):
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is None:
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            y = self.kernel(x)
-            y = y if self.bias is None else y + self.bias
+        y = dense(x, self.weight) if self.kernel is None else self.kernel(x)
+        y = y if self.bias is None else y + self.bias
         return y if self.lora is None else self.lora(x, y)
 
 
@@ -94,7 +91,7 @@ class Attention(nn.Module):
         q = attn.rope_write_kv(qkv, *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         if q_scale is not None:
             q = q * q_scale
-        out = attn.attend(q, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap)
+        out = attn.attention(q, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap)
         return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
     def _norm_heads(self, qkv: torch.Tensor, ops: AttentionBackend) -> torch.Tensor:
@@ -232,14 +229,25 @@ class LlamaModel(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, tables[layer.rope_kind], kv_cache, meta, self.attn, q_scale)
         x, _ = self.norm(x[logits_indices], residual[logits_indices], self.attn)
-        if self.head_kernel is not None:
-            logits = self.head_kernel(x).float()
-        else:
-            head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-            logits = F.linear(x, head).float()
+        logits = self.head(x).float()
         if (cap := self.config.final_logit_softcap) is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (the output head's product)."""
+        if self.head_kernel is not None:
+            return self.head_kernel(x)
+        return dense(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
+    def products(self) -> list[tuple[Product, int, torch.dtype]]:
+        """One of each kind and shape of matrix product the model runs, with its input width and dtype
+        (for ``gllm.ops.invariant.probe_mode``)."""
+        dtype, found = self.embed_tokens.weight.dtype, {}
+        for module in self.modules():
+            if isinstance(module, Linear):
+                found.setdefault((type(module.kernel), module.in_features, module.out_features), module)
+        return [(product, key[1], dtype) for key, product in found.items()] + [(self.head, self.config.hidden_size, dtype)]
 
     def pack_weights(self, quantize: str | None = None, blocks: dict[str, BlockWeight] | None = None) -> None:
         """Repack every matrix product's weight for the CPU kernels of ``gllm.ops.linear`` (after loading).

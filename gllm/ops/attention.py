@@ -84,6 +84,20 @@ def decode_attention(
     return out.reshape(batch, num_heads, dim)
 
 
+def decode_rows_one_by_one(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+    scale: float, window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``decode_attention`` one row at a time, each padded only to its own length: a row's output then
+    depends on nothing else in the batch (exact replay on backends without a per-row kernel)."""
+    lens = seq_lens.tolist()
+    return torch.cat([
+        decode_attention(q[i : i + 1], kv_cache, block_tables[i : i + 1], seq_lens[i : i + 1], lens[i], scale,
+                         window, softcap)
+        for i in range(q.shape[0])
+    ])
+
+
 def context_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float,
     window: int | None = None, softcap: float | None = None,

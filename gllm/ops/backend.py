@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from gllm.ops import cpu_kernels
-from gllm.ops.attention import paged_attention
+from gllm.ops.attention import decode_rows_one_by_one, paged_attention
 from gllm.ops.elementwise import torch_add_rms_norm, torch_gelu_tanh_mul, torch_rope_write_kv, torch_silu_mul
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.reference import reference_attention
@@ -34,7 +34,11 @@ AttendFn = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """Same contracts on every backend: see ``gllm.ops.elementwise``."""
+    """Same contracts on every backend: see ``gllm.ops.elementwise``.
+
+    ``decode_rows`` has ``decode_attention``'s contract with one more promise: each row's output depends
+    on that row alone (its query, blocks and length), never on the other rows of the call.
+    """
 
     name: str
     attend: AttendFn
@@ -42,6 +46,16 @@ class AttentionBackend:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = torch_add_rms_norm
     silu_mul: Callable[[torch.Tensor], torch.Tensor] = torch_silu_mul
     gelu_tanh_mul: Callable[[torch.Tensor], torch.Tensor] = torch_gelu_tanh_mul
+    decode_rows: Callable[..., torch.Tensor] = decode_rows_one_by_one
+
+    def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """``attend``, then the rows of ``meta.exact`` computed again one query each (batch-invariant)."""
+        out = self.attend(q, kv_cache, meta, scale, window=window, softcap=softcap)
+        if (exact := meta.exact) is not None:
+            out[exact.rows] = self.decode_rows(q[exact.rows], kv_cache, exact.block_tables, exact.seq_lens,
+                                               max(exact.seq_lens_list), scale, window, softcap)
+        return out
 
 
 def _triton_backend() -> AttentionBackend:
@@ -64,6 +78,7 @@ BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
         cpu_kernels.cpu_add_rms_norm,
         cpu_kernels.cpu_silu_mul,
         cpu_kernels.cpu_gelu_tanh_mul,
+        cpu_kernels.cpu_decode_rows,
     ),
     "triton": _triton_backend,
 }

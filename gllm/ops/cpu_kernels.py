@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from gllm.loader.cache import cache_dir
-from gllm.ops.attention import decode_attention, paged_attention
+from gllm.ops.attention import decode_attention, decode_rows_one_by_one, paged_attention
 from gllm.ops.metadata import AttentionMetadata
 from gllm.ops.elementwise import torch_add_rms_norm, torch_gelu_tanh_mul, torch_rope_write_kv, torch_silu_mul
 
@@ -208,16 +208,17 @@ def cpu_rope_write_kv(
 
 def cpu_decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
-    scale: float, window: int | None = None, softcap: float | None = None,
+    scale: float, window: int | None = None, softcap: float | None = None, fallback=decode_attention,
 ) -> torch.Tensor:  # fmt: skip
     """``decode_attention``'s contract (``q [B, H, D]``, one token per sequence), reading blocks in place;
-    a sliding-window layer reads only the blocks of its window."""
+    a sliding-window layer reads only the blocks of its window. A task computes one sequence's heads alone,
+    so a row's output never depends on the other rows."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     fn = kernels().get(("decode_attention", q.dtype))
     fits = dim in HEAD_DIMS and kv_cache.dtype == q.dtype and kv_cache.is_contiguous()
     if fn is None or not fits or block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
-        return decode_attention(q, kv_cache, block_tables, seq_lens, max_len, scale, window, softcap)
+        return fallback(q, kv_cache, block_tables, seq_lens, max_len, scale, window, softcap)
     q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
     plane = kv_cache.stride(0)
@@ -227,6 +228,16 @@ def cpu_decode_attention(
               torch.get_num_threads())  # fmt: skip
     assert done, f"decode attention is not compiled for head_dim {dim}"
     return out
+
+
+def cpu_decode_rows(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+    scale: float, window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Batch-invariant decode attention (``AttentionBackend.decode_rows``): the kernel when it fits,
+    else torch one row at a time."""
+    return cpu_decode_attention(q, kv_cache, block_tables, seq_lens, max_len, scale, window, softcap,
+                                fallback=decode_rows_one_by_one)
 
 
 def cpu_paged_attention(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from gllm.ops import cpu_kernels
+from gllm.ops.invariant import current_plan, invariant_rows
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -60,6 +61,9 @@ class PackedLinear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant_rows(x, self._product)  # as usual unless a batch-invariant plan is on
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
         pad = padded_rows(rows) - rows
@@ -80,7 +84,7 @@ class Int8Linear:
         self.dense = PackedLinear(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] > INT8_MAX_ROWS:
+        if x.numel() // x.shape[-1] > INT8_MAX_ROWS or current_plan() is not None:
             return self.dense(x)
         lead = x.shape[:-1]
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.qweight, self.scales)
@@ -114,7 +118,8 @@ def block_products_supported() -> bool:
 
 
 class BlockLinear:
-    """``x @ weight.T`` from a ``BlockWeight`` for steps of up to 64 rows; ``dense`` for larger ones.
+    """``x @ weight.T`` from a ``BlockWeight`` for steps of up to 64 rows; ``dense`` for larger ones (in a
+    batch-invariant plan, ``gllm.ops.invariant``, larger ones go to the blocks too, 64 rows at a time).
 
     The blocks are regrouped once, tile by tile (16 rows by one block), so that the kernel streams them
     in order: quants ``[tiles, blocks, 16, bytes]``, scales and minimums ``[tiles, blocks, 16]`` float16.
@@ -140,14 +145,22 @@ class BlockLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
-        if rows > BLOCK_MAX_ROWS or rows == 0 or x.dtype != torch.bfloat16:
+        if rows == 0 or x.dtype != torch.bfloat16:
             return self.dense(x)
+        if rows > BLOCK_MAX_ROWS:  # batch-invariant: every row through the blocks, in slices
+            if current_plan() is None:
+                return self.dense(x)
+            return torch.cat([self._product(part) for part in flat.split(BLOCK_MAX_ROWS)]).view(*lead, -1)
+        return self._product(flat).view(*lead, self.out_features)
+
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        rows = flat.shape[0]
         flat = flat.contiguous()
         y = torch.empty(rows, self.out_features, dtype=torch.bfloat16)
         done = self.matmul(self.kind, flat.data_ptr(), rows, self.in_features, self.out_features, self.quants.data_ptr(),
                            self.scales.data_ptr(), self.mins.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
         assert done, "block_matmul refused a shape it was built for"
-        return y.view(*lead, self.out_features)
+        return y
 
 
 def make_kernel(weight: torch.Tensor, quantize: str | None) -> Kernel:

@@ -8,6 +8,17 @@ import torch
 
 
 @dataclass
+class ExactRows:
+    """Packed rows whose attention must not depend on the batch (exact replay): each is computed alone, as
+    one query over its own context, the same way whether it is a decode or a token of a prompt chunk."""
+
+    rows: torch.Tensor  # [R] int64: packed row of each
+    block_tables: torch.Tensor  # [R, max_blocks] int64: its sequence's blocks
+    seq_lens: torch.Tensor  # [R] int64: its context length (its position + 1)
+    seq_lens_list: list[int]
+
+
+@dataclass
 class AttentionMetadata:
     """Describes one packed batch of ``T`` new tokens from ``B`` sequences.
 
@@ -28,6 +39,7 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes sequences have one new token each
     block_size: int
     query_starts: torch.Tensor | None = None  # [B + 1] int64: packed row of each sequence's first new token
+    exact: ExactRows | None = None  # rows computed again, one query at a time (``AttentionBackend.attention``)
 
     @property
     def num_seqs(self) -> int:

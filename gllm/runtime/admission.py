@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from gllm.runtime import protocol
-from gllm.runtime.limits import LIMIT_FLAGS, ServerLimits
+from gllm.runtime.limits import LIMIT_FLAGS, STATE_ENVELOPE_BYTES, ServerLimits
 from gllm.runtime.protocol import ClientId, ProtocolError
+from gllm.runtime.requests import OpenRequests
 
 
 def over_limit(code: str, limit: str, limits: ServerLimits, what: str,
@@ -26,7 +27,15 @@ def over_limit(code: str, limit: str, limits: ServerLimits, what: str,
 
 def read_request(frame: bytes, limits: ServerLimits) -> protocol.Request:
     """Decode, validate and size-check one client message; raises ``ProtocolError``."""
-    if len(frame) > limits.max_message_bytes:
+    return read_message(frame, limits)[1]
+
+
+def read_message(frame: bytes, limits: ServerLimits) -> tuple[dict[str, Any], protocol.Request]:
+    """``read_request``, also returning the decoded map (whose envelope fields, such as ``affinity``, the
+    request does not hold). Only a ``restore`` may be larger than ``max_message_bytes``: its saved state
+    is bounded by ``max_state_bytes``."""
+    if len(frame) > limits.max_message_bytes and (len(frame) > limits.max_state_bytes + STATE_ENVELOPE_BYTES
+                                                  or protocol.peek_type(frame) != "restore"):
         raise over_limit("too_long", "max_message_bytes", limits, f"the message is {len(frame)} bytes")
     try:
         msg = protocol.decode(frame)
@@ -43,7 +52,21 @@ def read_request(frame: bytes, limits: ServerLimits) -> protocol.Request:
         _check_generate(req, limits)
     elif isinstance(req, protocol.Score):
         _check_score(req, limits)
-    return req
+    elif isinstance(req, protocol.Restore):
+        check_state(len(req.state), limits, req.id)
+    return msg, req
+
+
+def check_open(requests: OpenRequests, peer: bytes, request_id: ClientId, limits: ServerLimits) -> None:
+    """A new request's id must not name one of the client's open requests, and the client must have room
+    for one more under ``max_open_requests``."""
+    if requests.find(peer, request_id) is not None:
+        raise ProtocolError("bad_request", f"id {request_id!r} is already used by one of your open requests",
+                            request_id)
+    if requests.count(peer) >= limits.max_open_requests:
+        raise over_limit("overloaded", "max_open_requests", limits,
+                         f"this connection already has {requests.count(peer)} requests open "
+                         "(wait for one to end, or cancel one)", request_id)
 
 
 def peek_id(frame: bytes, limits: ServerLimits) -> ClientId | None:
@@ -91,6 +114,11 @@ def check_candidate(index: int, num_tokens: int, limits: ServerLimits, request_i
     if num_tokens > limits.max_candidate_tokens:
         raise over_limit("too_long", "max_candidate_tokens", limits,
                          f"candidate {index} has {num_tokens} tokens", request_id)
+
+
+def check_state(num_bytes: int, limits: ServerLimits, request_id: ClientId) -> None:
+    if num_bytes > limits.max_state_bytes:
+        raise over_limit("too_long", "max_state_bytes", limits, f"the state is {num_bytes} bytes", request_id)
 
 
 def reported(limits: ServerLimits) -> dict[str, Any]:

@@ -26,6 +26,8 @@ COUNTED_LIMITS = {
     "max_stop_chars": "characters per stop string",
     "max_candidates": "candidates per score request",
     "max_candidate_tokens": "tokens per score candidate",
+    "max_grammar_size": "symbols in a structured-output grammar (JSON Schema, grammar, regex, choices, tools)",
+    "grammar_fuel": "work allowed to compile one such grammar (about 50 units per microsecond)",
 }
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -84,6 +86,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-outbox-size", type=parse_size, default=limits.max_outbox_bytes, metavar="SIZE",
                    help="replies waiting for one slow client beyond this: 'slow_client', as above (default "
                         f"{limits.max_outbox_bytes >> 20}M)")
+    p.add_argument("--max-state-size", type=parse_size, default=limits.max_state_bytes, metavar="SIZE",
+                   help=f"largest saved state a snapshot returns or a restore sends (default {limits.max_state_bytes >> 20}M)")
+    p.add_argument("--max-pinned-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="KV memory that restored states may keep pinned (default: half the KV cache)")
     for name, what in COUNTED_LIMITS.items():
         p.add_argument(LIMIT_FLAGS[name], type=positive_int, default=getattr(limits, name), metavar="N",
                        help=f"{what} (default {getattr(limits, name)})")
@@ -95,7 +101,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     access.add_argument("--insecure", action="store_true",
                         help="serve a non-loopback address without CurveZMQ: anyone who reaches it can use it")
     p.add_argument("--adapter", type=adapter_arg, action="append", default=[], metavar="NAME=PATH",
-                   help="load a LoRA adapter (PEFT folder or GGUF LoRA file) that requests can name; repeatable")
+                   help="load a LoRA adapter (PEFT folder or GGUF LoRA file) that requests can name; repeatable "
+                        "(with --replicas, every replica loads it)")
+    cluster = p.add_argument_group("cluster", "engine replicas on Ray Serve behind this endpoint (pip install "
+                                   "gllm[cluster]); see docs/cluster.md")
+    cluster.add_argument("--replicas", type=positive_int, default=None, metavar="N",
+                         help="run N engine replicas (one engine each) and relay every client to them")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="join this Ray cluster (e.g. 10.0.0.5:6379) instead of starting a local one")
+    cluster.add_argument("--routing", default="affinity", choices=["affinity", "round-robin"],
+                         help="affinity (default): a request's affinity key, else its longest cached prefix, else "
+                              "the least loaded replica; round-robin: in turn")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -123,10 +139,7 @@ def curve_settings(args: argparse.Namespace) -> CurveServer | None:
 def serve(args: argparse.Namespace) -> int:
     import zmq
 
-    from gllm.cli import engine_options
-    from gllm.engine import GeneratorParams, LLMEngine
     from gllm.runtime.limits import ServerLimits
-    from gllm.runtime.server import Server
 
     curve = curve_settings(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -134,19 +147,35 @@ def serve(args: argparse.Namespace) -> int:
     if args.insecure and not curve:
         log.warning("serving %s without CurveZMQ (--insecure): unencrypted, and open to anyone who reaches it",
                     args.bind)
+    limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace,
+                          shutdown_drain_s=args.shutdown_drain, slow_client_timeout_s=args.slow_client_timeout,
+                          max_outbox_bytes=args.max_outbox_size, max_state_bytes=args.max_state_size,
+                          **{name: getattr(args, name) for name in COUNTED_LIMITS})
+    if args.replicas is not None:
+        from gllm.cluster.launch import serve_cluster  # imports Ray: only here
+
+        return serve_cluster(args, limits, curve)
+    if args.ray_address is not None:
+        raise ValueError("--ray-address needs --replicas: one process serves without Ray")
+    from gllm.cli import engine_options
+    from gllm.constrain import GrammarLimits
+    from gllm.engine import GeneratorParams, LLMEngine
+    from gllm.runtime.server import Server
+
     params = GeneratorParams(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                             num_kv_blocks=args.kv_blocks, kv_memory=args.kv_memory)
+                             num_kv_blocks=args.kv_blocks, kv_memory=args.kv_memory,
+                             max_pinned_memory=args.max_pinned_memory)
     try:
-        engine = LLMEngine(args.model, params, **engine_options(args), adapters=dict(args.adapter))
+        engine = LLMEngine(args.model, params, **engine_options(args),
+                           grammar_limits=GrammarLimits(args.max_grammar_size, args.grammar_fuel),
+                           adapters=dict(args.adapter))
     except (ValueError, OSError):
         raise  # they name the file and what is wrong with it; gllm.cli.main prints them as one line
     except Exception as exc:  # anything else while loading (torch, memory): one line too, not a traceback
         log.debug("loading the model failed", exc_info=True)
         print(f"gllm: error: cannot load the model {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    limits = ServerLimits(args.max_message_size, args.max_open_requests, args.shutdown_grace,
-                          shutdown_drain_s=args.shutdown_drain, slow_client_timeout_s=args.slow_client_timeout, max_outbox_bytes=args.max_outbox_size,
-                          **{name: getattr(args, name) for name in COUNTED_LIMITS})
+    engine.constraints.warm_up()  # structured output's tokenizer, built while the server starts
     try:
         server = Server(engine, args.bind, limits, curve=curve)
     except zmq.ZMQError as exc:

@@ -24,11 +24,17 @@ class ServerLimits:
     max_candidate_tokens: int = 256  # per candidate, after tokenization; beyond it: too_long
     slow_client_timeout_s: float = 30.0  # a client whose outbox takes nothing this long: slow_client
     max_outbox_bytes: int = 16 << 20  # replies waiting for one client beyond this: slow_client
+    max_grammar_size: int = 500_000  # symbols in a structured-output grammar's productions; beyond it: too_long
+    grammar_fuel: int = 1_000_000  # work allowed to compile a grammar's lexer (about 50 per us); beyond: too_long
+    max_state_bytes: int = 256 << 20  # a saved state (snapshot reply, restore message); beyond it: too_long
 
     @property
     def hard_message_bytes(self) -> int:
         """... and beyond this (libzmq's MAXMSGSIZE) libzmq drops the connection, as no reply can be read first."""
-        return 4 * self.max_message_bytes
+        return max(4 * self.max_message_bytes, self.max_state_bytes + STATE_ENVELOPE_BYTES)
+
+
+STATE_ENVELOPE_BYTES = 4096  # a restore message's fields around its state
 
 
 # Each limit a client can run into, with the ``gllm serve`` option that sets it (error messages name both).
@@ -43,4 +49,7 @@ LIMIT_FLAGS = {
     "max_stop_chars": "--max-stop-chars",
     "max_candidates": "--max-candidates",
     "max_candidate_tokens": "--max-candidate-tokens",
+    "max_grammar_size": "--max-grammar-size",
+    "grammar_fuel": "--grammar-fuel",
+    "max_state_bytes": "--max-state-size",
 }

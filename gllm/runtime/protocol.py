@@ -8,17 +8,46 @@ Validation is strict on purpose: a field the message type does not know is an er
 typo such as ``max_token`` never silently falls back to a default. A field sent as nil counts as absent,
 which suits bindings whose serializers write null for unset options. Sizes a server operator may choose
 (stop strings, candidates, token counts, nesting depth) are checked by the runtime against its limits.
+The checks of single fields live in ``gllm.runtime.fields``. ``restore`` is the one message that carries
+bytes (msgpack bin): a saved state, as a ``snapshot`` reply gave it (``gllm.engine.snapshot``).
 """
 
 from __future__ import annotations
 
-import math
-import reprlib
-from collections.abc import Callable
+import io
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import msgpack
+
+from gllm.runtime.fields import (  # noqa: F401  (ClientId and the limits are part of this module's API)
+    INT32_MAX,
+    MAX_ADAPTER_NAME_CHARS,
+    MAX_ID_CHARS,
+    MAX_PATH_CHARS,
+    UINT64_MAX,
+    Check,
+    ClientId,
+    Invalid,
+    brief,
+    adapter_name,
+    array_of,
+    binary,
+    boolean,
+    candidate,
+    chat_message,
+    client_id,
+    describe,
+    file_path,
+    GRAMMAR_SYNTAXES,
+    integer,
+    json_schema,
+    number,
+    one_of,
+    string,
+    token_ids,
+    tool,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback only, unless the user binds elsewhere
@@ -28,16 +57,9 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 # Counters an ``info`` reply's ``stats`` always carries (0 until they first count); more may come with them.
 INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "running", "waiting", "open_requests",
               "clients", "disconnects", "finished_requests", "prompt_tokens", "cached_prompt_tokens",
-              "generated_tokens", "steps", "preemptions")
+              "generated_tokens", "steps", "preemptions", "kv_blocks_pinned", "pinned_states", "max_pinned_blocks")
 
-MAX_ID_CHARS = 256
-MAX_ADAPTER_NAME_CHARS = 64
-MAX_PATH_CHARS = 4096
 MAX_LOGPROBS = 20  # top alternatives per token
-INT32_MAX = 2**31 - 1
-UINT64_MAX = 2**64 - 1
-
-ClientId = Union[str, int]
 
 
 class ProtocolError(Exception):
@@ -52,116 +74,6 @@ class ProtocolError(Exception):
 
 class NestingError(ProtocolError):
     """A message nested too deeply for the decoder (or for the runtime's limit)."""
-
-
-class _Invalid(Exception):
-    """Raised by a field check; the caller adds the field name and turns it into a ``ProtocolError``."""
-
-
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 40
-_short.maxlevel = 2
-
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", bytes: "binary", list: "array",
-               dict: "map", type(None): "nil"}
-
-
-def describe(value: Any) -> str:
-    """A short, safe description of a decoded value for error messages (bounded for huge or deep values)."""
-    kind = _TYPE_NAMES.get(type(value), type(value).__name__)
-    return kind if isinstance(value, (list, dict)) else f"{kind} {_short.repr(value)}"
-
-
-# ------------------------------------------------------------------------------------------ field checks
-Check = Callable[[Any], Any]  # returns the value to use, raises _Invalid saying what is wrong
-
-
-def integer(lo: int, hi: int) -> Check:
-    def check(v: Any) -> int:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise _Invalid(f"must be an integer, got {describe(v)}")
-        if not lo <= v <= hi:
-            raise _Invalid(f"must be between {lo} and {hi}, got {v}")
-        return v
-    return check
-
-
-def number(lo: float, hi: float, *, lo_open: bool = False) -> Check:
-    def check(v: Any) -> float:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise _Invalid(f"must be a number, got {describe(v)}")
-        v = float(v)
-        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-            raise _Invalid(f"must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}")
-        return v
-    return check
-
-
-def string(max_chars: int | None = None, nonempty: bool = False) -> Check:
-    def check(v: Any) -> str:
-        if not isinstance(v, str):
-            raise _Invalid(f"must be a string, got {describe(v)}")
-        if nonempty and not v:
-            raise _Invalid("must not be empty")
-        if max_chars is not None and len(v) > max_chars:
-            raise _Invalid(f"must be at most {max_chars} characters, got {len(v)}")
-        return v
-    return check
-
-
-def boolean(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Invalid(f"must be true or false, got {describe(v)}")
-    return v
-
-
-def array_of(item: Check, *, max_items: int | None = None, nonempty: bool = False) -> Check:
-    def check(v: Any) -> list:
-        if not isinstance(v, list):
-            raise _Invalid(f"must be an array, got {describe(v)}")
-        if nonempty and not v:
-            raise _Invalid("must not be empty")
-        if max_items is not None and len(v) > max_items:
-            raise _Invalid(f"must have at most {max_items} entries, got {len(v)}")
-        out = []
-        for i, x in enumerate(v):
-            try:
-                out.append(item(x))
-            except _Invalid as exc:
-                raise _Invalid(f"entry {i} {exc}") from None
-        return out
-    return check
-
-
-token_ids = array_of(integer(0, INT32_MAX), nonempty=True)
-
-
-def client_id(v: Any) -> ClientId:
-    if isinstance(v, str):
-        return string(MAX_ID_CHARS)(v)
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    raise _Invalid(f"must be a string or an integer, got {describe(v)}")
-
-
-def chat_message(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict):
-        raise _Invalid(f"must be a map with 'role' and 'content', got {describe(v)}")
-    extra = [k for k in v if k not in ("role", "content")]
-    if extra:
-        raise _Invalid(f"has unknown field {describe(extra[0])} (a chat message has only 'role' and 'content')")
-    for key in ("role", "content"):
-        if not isinstance(v.get(key), str):
-            raise _Invalid(f"needs a string {key!r}, got {describe(v.get(key))}")
-    return {"role": v["role"], "content": v["content"]}
-
-
-def candidate(v: Any) -> str | list[int]:
-    if isinstance(v, str):
-        return string(nonempty=True)(v)
-    if isinstance(v, list):
-        return token_ids(v)
-    raise _Invalid(f"must be a non-empty string or an array of token ids, got {describe(v)}")
 
 
 # ------------------------------------------------------------------------------------ client messages
@@ -181,6 +93,18 @@ class Generate:
     priority: int = 0
     ignore_eos: bool = False
     thinking: bool = False
+    json_schema: dict[str, Any] | bool | None = None
+    grammar: str | None = None
+    grammar_syntax: str = "gbnf"
+    regex: str | None = None
+    choices: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
+    # game state: long chats, pacing, exact replay
+    context_overflow: str = "error"
+    max_tokens_per_second: float | None = None
+    deadline_ms: float | None = None
+    deterministic: bool = False
     adapter: str | None = None
 
 
@@ -201,6 +125,36 @@ class Cancel:
     id: ClientId
 
 
+# Game state: saved conversations and events mid-line
+@dataclass
+class Snapshot:
+    id: ClientId
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt_token_ids: list[int] | None = None
+    priority: int = 0
+    adapter: str | None = None  # the K/V is computed under this adapter, and the state records it
+
+
+@dataclass
+class Restore:
+    id: ClientId
+    state: bytes = b""
+    pin: bool = False
+
+
+@dataclass
+class Release:
+    id: ClientId
+
+
+@dataclass
+class Inject:
+    id: ClientId
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
 @dataclass
 class Info:
     id: ClientId | None = None
@@ -211,6 +165,7 @@ class Ping:
     id: ClientId | None = None
 
 
+# LoRA adapters loaded and unloaded while the runtime serves (``gllm.runtime.adapters``)
 @dataclass
 class LoadAdapter:
     name: str
@@ -224,7 +179,10 @@ class UnloadAdapter:
     id: ClientId | None = None
 
 
-Request = Union[Generate, Score, Cancel, Info, Ping, LoadAdapter, UnloadAdapter]
+Request = Union[Generate, Score, Cancel, Info, Ping, Snapshot, Restore, Release, Inject, LoadAdapter, UnloadAdapter]
+# The messages that open a request: it stays open until one of the ``FINAL_REPLIES`` answers it.
+OPENING = (Generate, Score, Snapshot, Restore)
+FINAL_REPLIES = ("done", "scores", "snapshot", "restored", "error")
 
 _PROMPT_CHECKS: dict[str, Check] = {
     "prompt": string(),
@@ -232,7 +190,10 @@ _PROMPT_CHECKS: dict[str, Check] = {
     "prompt_token_ids": token_ids,
 }
 _PRIORITY = integer(-INT32_MAX - 1, INT32_MAX)
-_ADAPTER = string(MAX_ADAPTER_NAME_CHARS, nonempty=True)
+CONTEXT_OVERFLOW = ("error", "drop_oldest")
+# Messages that name another message's request: an error answering them carries a nil id, since that
+# request goes on (and ids of bad messages are echoed only for the requests they open or end).
+_NAMES_OTHER_REQUEST = ("inject", "release")
 
 # type -> (dataclass, {field: check}, required fields). Every field a type knows is listed here.
 SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
@@ -249,7 +210,18 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "priority": _PRIORITY,
         "ignore_eos": boolean,
         "thinking": boolean,
-        "adapter": _ADAPTER,
+        "json_schema": json_schema,
+        "grammar": string(nonempty=True),
+        "grammar_syntax": one_of(*GRAMMAR_SYNTAXES),
+        "regex": string(nonempty=True),
+        "choices": array_of(string(nonempty=True), nonempty=True),
+        "tools": array_of(tool, nonempty=True),
+        "tool_choice": string(nonempty=True),
+        "context_overflow": one_of(*CONTEXT_OVERFLOW),
+        "max_tokens_per_second": number(0.0, 1e6, lo_open=True),
+        "deadline_ms": number(0.0, 1e9),
+        "deterministic": boolean,
+        "adapter": adapter_name,
     }, ("id",)),
     "score": (Score, {
         "id": client_id,
@@ -257,17 +229,25 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "candidates": array_of(candidate, nonempty=True),
         "priority": _PRIORITY,
         "thinking": boolean,
-        "adapter": _ADAPTER,
+        "adapter": adapter_name,
     }, ("id", "candidates")),
     "cancel": (Cancel, {"id": client_id}, ("id",)),
+    "snapshot": (Snapshot, {"id": client_id, **_PROMPT_CHECKS, "priority": _PRIORITY, "adapter": adapter_name},
+                 ("id",)),
+    "restore": (Restore, {"id": client_id, "state": binary, "pin": boolean}, ("id", "state")),
+    "release": (Release, {"id": client_id}, ("id",)),
+    "inject": (Inject, {"id": client_id, "text": string(), "token_ids": token_ids}, ("id",)),
     "info": (Info, {"id": client_id}, ()),
     "ping": (Ping, {"id": client_id}, ()),
-    "load_adapter": (LoadAdapter, {"id": client_id, "name": _ADAPTER, "path": string(MAX_PATH_CHARS, nonempty=True)},
+    "load_adapter": (LoadAdapter, {"id": client_id, "name": adapter_name, "path": file_path},
                      ("name", "path")),
-    "unload_adapter": (UnloadAdapter, {"id": client_id, "name": _ADAPTER}, ("name",)),
+    "unload_adapter": (UnloadAdapter, {"id": client_id, "name": adapter_name}, ("name",)),
 }
-# The envelope field every message carries besides its schema's fields.
+# Fields any client message may carry besides its schema's: its type, and the key that a cluster's front end
+# routes by (``affinity``: messages with the same key go to the same replica while it is healthy). One
+# process has nothing to route, so it checks the key and ignores it.
 _ENVELOPE = "type"
+_AFFINITY = "affinity"
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -283,7 +263,21 @@ def decode(frame: bytes) -> Any:
         raise NestingError("bad_request", "the message is nested too deeply to decode") from None
     except Exception as exc:  # ExtraData, StackError (deep nesting), UnicodeDecodeError, unhashable keys...
         raise ProtocolError("bad_request", f"the message is not valid msgpack ({type(exc).__name__}: "
-                                           f"{_short.repr(str(exc))})") from None
+                                           f"{brief.repr(str(exc))})") from None
+
+
+def peek_type(frame: bytes) -> Any:
+    """The ``type`` of a message map, read without decoding its other values (a large ``restore``'s state
+    is skipped over, not copied); None when the frame is not a map with one."""
+    unpacker = msgpack.Unpacker(io.BytesIO(frame), raw=False, read_size=4096)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == _ENVELOPE:
+                return unpacker.unpack()
+            unpacker.skip()
+    except Exception:  # not a map, not msgpack, or nested beyond msgpack's own stack
+        return None
+    return None
 
 
 def nesting_depth(value: Any, limit: int) -> int:
@@ -313,21 +307,26 @@ def validate(msg: Any) -> Request:
     """Check one decoded client message against its schema; raises ``ProtocolError`` naming the first problem."""
     if not isinstance(msg, dict):
         raise ProtocolError("bad_request", f"a message must be a msgpack map with a 'type' field, got {describe(msg)}")
-    request_id = echo_id(msg.get("id"))
     kind = msg.get(_ENVELOPE)
+    request_id = None if kind in _NAMES_OTHER_REQUEST else echo_id(msg.get("id"))
     if kind is None:
         raise ProtocolError("bad_request", "the message has no 'type' field", request_id)
     if not isinstance(kind, str):
         raise ProtocolError("bad_request", f"'type' must be a string, got {describe(kind)}", request_id)
     if kind not in SCHEMAS:
-        raise ProtocolError("unknown_type", f"unknown message type {_short.repr(kind)}; "
+        raise ProtocolError("unknown_type", f"unknown message type {brief.repr(kind)}; "
                                             f"known types: {', '.join(SCHEMAS)}", request_id)
     cls, checks, required = SCHEMAS[kind]
-    unknown = [k for k in msg if k != _ENVELOPE and k not in checks]
+    unknown = [k for k in msg if k not in (_ENVELOPE, _AFFINITY) and k not in checks]
     if unknown:
-        names = ", ".join(_short.repr(k) if isinstance(k, str) else describe(k) for k in unknown[:5])
+        names = ", ".join(brief.repr(k) if isinstance(k, str) else describe(k) for k in unknown[:5])
         raise ProtocolError("bad_request", f"unknown field(s) for a {kind!r} message: {names}; "
                                            f"known fields: {', '.join(checks)}", request_id)
+    if msg.get(_AFFINITY) is not None:
+        try:
+            client_id(msg[_AFFINITY])
+        except Invalid as exc:
+            raise ProtocolError("bad_request", f"field {_AFFINITY!r} {exc}", request_id) from None
     values: dict[str, Any] = {}
     for name, check in checks.items():
         value = msg.get(name)
@@ -337,43 +336,72 @@ def validate(msg: Any) -> Request:
             continue
         try:
             values[name] = check(value)
-        except _Invalid as exc:
+        except Invalid as exc:
             raise ProtocolError("bad_request", f"field {name!r} {exc}", request_id) from None
     if "prompt_token_ids" in checks:
         given = [n for n in _PROMPT_CHECKS if n in values]
         if len(given) != 1:
             raise ProtocolError("bad_request", "give exactly one of 'prompt', 'messages' or 'prompt_token_ids' "
                                                f"(got {', '.join(given) or 'none'})", request_id)
+    if kind == "inject" and ("text" in values) == ("token_ids" in values):
+        raise ProtocolError("bad_request", f"an 'inject' for id {values['id']!r} needs exactly one of 'text' or "
+                                           "'token_ids'", request_id)
+    if values.get("context_overflow") == "drop_oldest" and "messages" not in values:
+        raise ProtocolError("bad_request", "context_overflow 'drop_oldest' drops chat turns: it needs 'messages'",
+                            request_id)
     return cls(**values)
+
+
+def affinity_of(msg: dict[str, Any]) -> ClientId | None:
+    """The ``affinity`` key of a validated message, if it has one."""
+    return msg.get(_AFFINITY)
 
 
 def echo_id(value: Any) -> ClientId | None:
     """The id to echo in an error reply: the message's own id when it is a valid one, else nil."""
     try:
         return client_id(value)
-    except _Invalid:
+    except Invalid:
         return None
 
 
 # ------------------------------------------------------------------------------------- runtime replies
 def token_message(request_id: ClientId, index: int, token_id: int, text: str, logprob: float, rank: int,
-                  top: list[list[Any]] | None = None) -> dict[str, Any]:
+                  top: list[list[Any]] | None = None, injected: int = 0) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "token", "id": request_id, "index": index, "token_id": token_id, "text": text,
                            "logprob": logprob, "rank": rank}
     if top is not None:
         msg["top"] = top  # [[token_id, text, logprob], ...], best first
+    if injected:
+        msg["injected"] = injected  # tokens injected into the context right before this one
     return msg
 
 
 def done_message(request_id: ClientId, finish_reason: str, text: str, usage: dict[str, int],
-                 timing: dict[str, float | None]) -> dict[str, Any]:
-    return {"type": "done", "id": request_id, "finish_reason": finish_reason, "text": text, "usage": usage,
-            "timing": timing}
+                 timing: dict[str, float | None], tool_calls: list[dict[str, Any]] | None = None,
+                 structure_complete: bool | None = None) -> dict[str, Any]:
+    """``tool_calls`` ([{name, arguments}]) go in when there are any, ``structure_complete`` when the
+    request constrained its output."""
+    msg = {"type": "done", "id": request_id, "finish_reason": finish_reason, "text": text, "usage": usage,
+           "timing": timing}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    if structure_complete is not None:
+        msg["structure_complete"] = structure_complete
+    return msg
 
 
 def scores_message(request_id: ClientId, candidates: list[dict[str, Any]], usage: dict[str, int],
                    timing: dict[str, float | None]) -> dict[str, Any]:
     return {"type": "scores", "id": request_id, "candidates": candidates, "usage": usage, "timing": timing}
+
+
+def snapshot_message(request_id: ClientId, state: bytes, tokens: int) -> dict[str, Any]:
+    return {"type": "snapshot", "id": request_id, "state": state, "tokens": tokens}
+
+
+def restored_message(request_id: ClientId, tokens: int, pinned: bool) -> dict[str, Any]:
+    return {"type": "restored", "id": request_id, "tokens": tokens, "pinned": pinned}
 
 
 def error_message(code: str, message: str, request_id: ClientId | None = None) -> dict[str, Any]:

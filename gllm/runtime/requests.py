@@ -19,9 +19,11 @@ class OpenRequest:
     peer: bytes  # ZeroMQ routing id of the client's connection
     client_id: ClientId
     engine_id: str
-    kind: str  # "generate" or "score"
+    kind: str  # "generate", "score", "snapshot" or "restore"
     top_n: int = 0  # alternatives per token the client asked for
     orphaned: bool = False  # the client is gone (or was dropped): the engine's output is discarded
+    dropped_turns: int | None = None  # chat turns left out (a generate with context_overflow "drop_oldest")
+    pin: str | None = None  # the engine's name for the pin a restore asked for
 
 
 class OpenRequests:
@@ -46,7 +48,7 @@ class OpenRequests:
         return len(self._by_peer.get(peer, ()))
 
     def find(self, peer: bytes, client_id: ClientId) -> OpenRequest | None:
-        return self._by_peer.get(peer, {}).get(_key(client_id))
+        return self._by_peer.get(peer, {}).get(id_key(client_id))
 
     def get(self, engine_id: str) -> OpenRequest | None:
         return self._by_engine.get(engine_id)
@@ -57,7 +59,7 @@ class OpenRequests:
 
     def add(self, req: OpenRequest) -> None:
         self._by_engine[req.engine_id] = req
-        self._by_peer.setdefault(req.peer, {})[_key(req.client_id)] = req
+        self._by_peer.setdefault(req.peer, {})[id_key(req.client_id)] = req
 
     def close(self, engine_id: str) -> OpenRequest | None:
         """Forget a request whose result is out (or will never be sent); returns it."""
@@ -80,11 +82,11 @@ class OpenRequests:
     def _detach(self, req: OpenRequest) -> None:
         mine = self._by_peer.get(req.peer)
         if mine is not None:
-            mine.pop(_key(req.client_id), None)
+            mine.pop(id_key(req.client_id), None)
             if not mine:
                 del self._by_peer[req.peer]
 
 
-def _key(client_id: ClientId) -> tuple[type, ClientId]:
+def id_key(client_id: ClientId) -> tuple[type, ClientId]:
     """Keeps the integer 1 and the string "1" apart as ids."""
     return (type(client_id), client_id)

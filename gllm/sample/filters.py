@@ -33,7 +33,7 @@ def filter_logits(
     Works in sorted order and scatters the mask back, so a batch costs one sort whatever mix of settings
     its rows use. On the CPU a row longer than ``CANDIDATES`` sorts only its best ``CANDIDATES`` tokens,
     which decides it whenever its last kept token ranks above the smallest of them (a full sort of a
-    50,000-token vocabulary costs more than a decode step); otherwise the batch is sorted in full.
+    50,000-token vocabulary costs more than a decode step); otherwise that row is sorted in full.
     Tokens already at ``-inf`` stay there.
     """
     if logits.dim() != 2:
@@ -44,13 +44,19 @@ def filter_logits(
     k = None if top_k is None else top_k.to(device=logits.device, dtype=torch.long)
     # On the CPU only: the check reads values back, which would stall a GPU's queue (where sorting is cheap).
     if logits.device.type == "cpu" and vocab > CANDIDATES and (k is None or int(k.max()) < CANDIDATES):
-        mask = _filter_best(logits, k, top_p)
-        if mask is not None:
-            return logits.masked_fill(mask, float("-inf"))
+        mask, undecided = _filter_best(logits, k, top_p)
+        if undecided.any():  # only those rows are sorted in full: a row's mask never depends on the others
+            rows = undecided.nonzero().squeeze(1)
+            mask[rows] = _full_sort_mask(logits[rows], None if k is None else k[rows],
+                                         None if top_p is None else top_p.to(logits.device)[rows])
+        return logits.masked_fill(mask, float("-inf"))
+    return logits.masked_fill(_full_sort_mask(logits, k, top_p), float("-inf"))
+
+
+def _full_sort_mask(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    drop = _drop_sorted(sorted_logits, k, top_p, vocab, None)
-    mask = torch.empty_like(drop).scatter_(1, order, drop)
-    return logits.masked_fill(mask, float("-inf"))
+    drop = _drop_sorted(sorted_logits, k, top_p, logits.shape[1], None)
+    return torch.empty_like(drop).scatter_(1, order, drop)
 
 
 def _drop_sorted(
@@ -81,9 +87,12 @@ def _drop_sorted(
     return drop
 
 
-def _filter_best(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor | None:
-    """The mask of ``filter_logits`` from each row's best ``CANDIDATES`` tokens, or None when some
-    filtered row keeps a token tied with the smallest candidate (tokens left out may tie with it too)."""
+def _filter_best(
+    logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of ``filter_logits`` from each row's best ``CANDIDATES`` tokens, and which rows it does not
+    decide: filtered rows that keep a token tied with the smallest candidate (tokens left out may tie
+    with it too)."""
     batch, vocab = logits.shape
     values, ids = torch.topk(logits, CANDIDATES, dim=-1)  # ties in no fixed order: re-rank them
     ids, by_id = ids.sort(dim=-1)
@@ -98,7 +107,5 @@ def _filter_best(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tens
         filtered |= top_p.to(logits.device) < 1.0
     kept = (~drop).sum(dim=-1)
     last_kept = values.gather(1, (kept - 1).clamp(min=0)[:, None])[:, 0]
-    if bool((filtered & (last_kept <= values[:, -1])).any()):
-        return None
     mask = filtered[:, None].expand(batch, vocab).clone()  # a filtered row drops every token left out
-    return mask.scatter_(1, ids, drop)
+    return mask.scatter_(1, ids, drop), filtered & (last_kept <= values[:, -1])

@@ -9,6 +9,9 @@ What a client gets (the protocol promises this):
   left (renormalised), draw. Ties at the filter boundaries follow :mod:`gllm.sample.filters`: tokens
   rank by (logit descending, index ascending), so ``top_k=1`` is greedy even under ties.
 * Temperature 0 is argmax of the raw logits, ties to the lowest index, like ``torch.argmax``.
+* A row with a ``TokenBitmask`` chooses among its allowed tokens only: the mask applies before
+  temperature, top-k and top-p (and to the greedy argmax). Its logprobs, rank and top-n stay the raw
+  model's, so a forced choice can have a rank above 1.
 * A draw inverts the row's cumulative distribution: one uniform number ``u`` per row, and the token is
   the first whose cumulative probability exceeds ``u`` times the row's total. It picks token ``i`` with
   probability ``probs[i]``, and a token of probability 0 (filtered out) never. A row with its own
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gllm.ops.cpu_kernels import cpu_argmax_logsumexp
+from gllm.sample.bitmask import TokenBitmask
 from gllm.sample.filters import filter_logits
 
 
@@ -78,11 +82,14 @@ class Sampler:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Choose a token for each row of ``logits [B, V]`` (any float dtype; the math runs in float32)."""
-        return self.launch(logits, rows).result()
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 allowed: TokenBitmask | None = None) -> SamplerOutput:
+        """Choose a token for each row of ``logits [B, V]`` (any float dtype; the math runs in float32),
+        among the tokens ``allowed`` leaves its rows."""
+        return self.launch(logits, rows, allowed).result()
 
-    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               allowed: TokenBitmask | None = None) -> PendingSample:
         """Queue the sampling work on the logits' device and return at once; ``result()`` waits for it.
 
         The chosen ids stay on the device (``PendingSample.token_ids``), so the next decode step can take
@@ -93,7 +100,16 @@ class Sampler:
         logits = logits.float()
         stats = cpu_argmax_logsumexp(logits)  # the CPU's one-pass (argmax, log-sum-exp), when it has it
         argmax = torch.argmax(logits, dim=-1) if stats is None else stats[0]
-        token_ids = self._choose(logits, rows, argmax)
+        if allowed is None:
+            token_ids = self._choose(logits, rows, argmax)
+        else:
+            masked = allowed.apply(logits)
+            greedy = [i for i in allowed.rows if rows[i].greedy]  # only they need the argmax within the mask
+            best = argmax
+            if greedy:
+                index = torch.tensor(greedy, device=logits.device)
+                best = argmax.clone().index_copy_(0, index, masked.index_select(0, index).argmax(dim=-1))
+            token_ids = self._choose(masked, rows, best)
         num_logprobs = [row.num_logprobs for row in rows]
         top_n = min(max(num_logprobs, default=0), logits.shape[1])
         if stats is None:
@@ -149,7 +165,7 @@ class Sampler:
         return generator
 
 
-def _top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
+def top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
     """Ids of each row's ``n`` best tokens, ordered by (logit descending, id ascending).
 
     ``torch.topk`` leaves the order of equal values open, and ties are common in bfloat16; so the float
@@ -171,8 +187,8 @@ def _pack(logits: torch.Tensor, token_ids: torch.Tensor, top_n: int) -> torch.Te
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = token_ids[:, None]
     ranks = (logits > logits.gather(1, chosen)).sum(dim=-1, keepdim=True) + 1
-    top_ids = _top_ids(logits, top_n)
-    parts = [chosen, ranks, logprobs.gather(1, chosen), top_ids, logprobs.gather(1, top_ids)]
+    best = top_ids(logits, top_n)
+    parts = [chosen, ranks, logprobs.gather(1, chosen), best, logprobs.gather(1, best)]
     return torch.cat([part.double() for part in parts], dim=-1)
 
 
@@ -187,9 +203,9 @@ def _pack_with_stats(
     other = torch.nonzero(token_ids != argmax).squeeze(1)
     if other.numel():
         ranks[other] = (logits[other] > picked[other]).sum(dim=-1, keepdim=True) + 1
-    top_ids = _top_ids(logits, top_n)
+    best = top_ids(logits, top_n)
     lse = lse[:, None]
-    parts = [chosen, ranks, picked - lse, top_ids, logits.gather(1, top_ids) - lse]
+    parts = [chosen, ranks, picked - lse, best, logits.gather(1, best) - lse]
     return torch.cat([part.double() for part in parts], dim=-1)
 
 

@@ -68,6 +68,20 @@ namespace Gllm
             if (!IsDone) client.SendCancel(Id);
         }
 
+        /// <summary>Something happens mid-line (the NPC is hit by an arrow): the text joins the context at the
+        /// current position and the generation goes on from there; the next token's Injected says so.
+        /// Ignored once the generation is over.</summary>
+        public void Inject(string text)
+        {
+            if (!IsDone) client.SendInject(Id, "text", text);
+        }
+
+        /// <summary>Inject given token ids (see Inject(string)).</summary>
+        public void Inject(int[] tokenIds)
+        {
+            if (!IsDone) client.SendInject(Id, "token_ids", new List<int>(tokenIds));
+        }
+
         bool IReplyHandler.OnReply(string type, Dictionary<string, object> m)
         {
             switch (type)

@@ -112,32 +112,78 @@ namespace Gllm
             return Generate(Prompt.Chat(messages), options);
         }
 
-        /// <summary>Log-probability of each candidate text as a continuation of the prompt (under a loaded
-        /// LoRA adapter when <paramref name="adapter"/> names one).</summary>
-        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<string> candidates, int? priority = null, string adapter = null)
+        /// <summary>Log-probability of each candidate text as a continuation of the prompt; affinity as in
+        /// GenerateOptions; under a loaded LoRA adapter when <paramref name="adapter"/> names one.</summary>
+        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<string> candidates, int? priority = null,
+                                       string affinity = null, string adapter = null)
         {
-            return Score(prompt, new List<object>(candidates), priority, adapter);
+            return Score(prompt, new List<object>(candidates), priority, affinity, adapter);
         }
 
         /// <summary>Log-probability of each candidate, given as token ids.</summary>
-        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<int[]> candidates, int? priority = null, string adapter = null)
+        public Task<ScoreResult> Score(Prompt prompt, IEnumerable<int[]> candidates, int? priority = null,
+                                       string affinity = null, string adapter = null)
         {
             var list = new List<object>();
             foreach (int[] ids in candidates) list.Add(ids);
-            return Score(prompt, list, priority, adapter);
+            return Score(prompt, list, priority, affinity, adapter);
         }
 
-        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority, string adapter)
+        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority, string affinity, string adapter)
         {
             long id = NewId();
             var message = Request("score", id);
             prompt.AddTo(message);
             message["candidates"] = candidates;
             if (priority.HasValue) message["priority"] = priority.Value;
+            if (affinity != null) message["affinity"] = affinity;
             if (adapter != null) message["adapter"] = adapter;
             var reply = new SingleReply<ScoreResult>("scores", ScoreResult.From, events);
             Open(id, reply, message);
             return reply.Task;
+        }
+
+        /// <summary>Saves a conversation: the runtime's KV of the prompt's whole blocks (computed, or taken
+        /// from its prefix cache), for Restore later. See ConversationState for a save-file format. Under a LoRA
+        /// adapter the state records it and restores only where that adapter is loaded.</summary>
+        public Task<SavedState> Snapshot(Prompt prompt, int? priority = null, string adapter = null)
+        {
+            long id = NewId();
+            var message = Request("snapshot", id);
+            prompt.AddTo(message);
+            if (priority.HasValue) message["priority"] = priority.Value;
+            if (adapter != null) message["adapter"] = adapter;
+            var reply = new SingleReply<SavedState>("snapshot", SavedState.From, events);
+            Open(id, reply, message);
+            return reply.Task;
+        }
+
+        /// <summary>Puts a saved state into the runtime's prefix cache, so the next prompt starting with its
+        /// tokens computes only the rest. Pinned, it survives cache pressure until Release(result.Id).
+        /// A state from another model, or a damaged one, fails with code bad_request.</summary>
+        public Task<RestoreResult> Restore(byte[] state, bool pin = false)
+        {
+            long id = NewId();
+            var message = Request("restore", id);
+            message["state"] = state;
+            if (pin) message["pin"] = true;
+            var reply = new SingleReply<RestoreResult>("restored", RestoreResult.From, events);
+            Open(id, reply, message);
+            return reply.Task;
+        }
+
+        /// <summary>Unpins a state restored with pin: true; unknown ids are ignored.</summary>
+        public void Release(long restoreId)
+        {
+            transport.Send(restoreId, MsgPack.Encode(Request("release", restoreId)));
+            transport.Start();
+        }
+
+        internal void SendInject(long id, string field, object value)
+        {
+            var message = Request("inject", id);
+            message[field] = value;
+            transport.Send(id, MsgPack.Encode(message));
         }
 
         /// <summary>Model, context size, limits and live statistics of the runtime.</summary>

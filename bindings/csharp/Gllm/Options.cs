@@ -2,6 +2,7 @@
 // Options left null are not sent, so the runtime's defaults (docs/protocol.md) apply.
 using System;
 using System.Collections.Generic;
+using System.Linq;
 
 namespace Gllm
 {
@@ -19,8 +20,9 @@ namespace Gllm
         public TimeSpan HeartbeatInterval = TimeSpan.FromSeconds(1);
         /// <summary>... and after this long it takes the runtime for dead, drops the connection and reconnects.</summary>
         public TimeSpan HeartbeatTimeout = TimeSpan.FromSeconds(5);
-        /// <summary>Largest frame accepted from the runtime.</summary>
-        public long MaxMessageBytes = 16 << 20;
+        /// <summary>Largest frame accepted from the runtime: a snapshot reply holds a whole saved state (the
+        /// runtime's --max-state-size, 256 MiB by default, plus its fields).</summary>
+        public long MaxMessageBytes = (256 << 20) + 4096;
         /// <summary>The protocol is neither encrypted nor authenticated (ZMTP NULL mechanism, no CurveZMQ), so
         /// by default only loopback addresses are accepted. Set this only on a network you fully trust.</summary>
         public bool AllowNonLoopback = false;
@@ -92,6 +94,35 @@ namespace Gllm
         public bool? IgnoreEos;
         /// <summary>Chat prompts: let a thinking model (Qwen3, SmolLM3) reason before it answers (default false).</summary>
         public bool? Thinking;
+        /// <summary>A key such as the NPC's id: a cluster (gllm serve --replicas N) keeps the requests with the
+        /// same key on one replica, where their conversation's KV cache is. One runtime process ignores it.</summary>
+        public string Affinity;
+
+        // Structured output (docs/protocol.md): at most one of JsonSchema, Grammar, Regex, Choices; or Tools.
+        /// <summary>The reply is JSON valid under this schema: a Dictionary&lt;string, object&gt;, the schema as
+        /// JSON text, or true for any JSON object.</summary>
+        public object JsonSchema;
+        /// <summary>A GBNF grammar (llama.cpp's format), or Lark with GrammarSyntax = "lark".</summary>
+        public string Grammar;
+        public string GrammarSyntax;
+        /// <summary>A regular expression the whole reply matches.</summary>
+        public string Regex;
+        /// <summary>The reply is exactly one of these.</summary>
+        public string[] Choices;
+        /// <summary>Tools the model may call; Completion.ToolCalls has the call.</summary>
+        public ToolSpec[] Tools;
+        /// <summary>"auto" (default), "required", "none" or a tool's name.</summary>
+        public string ToolChoice;
+
+        /// <summary>"drop_oldest": a chat too long for the context loses its oldest turns after the system
+        /// messages (Usage.DroppedTurns says how many) instead of failing with too_long.</summary>
+        public string ContextOverflow;
+        /// <summary>Pacing: the runtime computes the next token only when it is due (a line read aloud).</summary>
+        public double? MaxTokensPerSecond;
+        /// <summary>Wanted time to the first token; among requests of one priority, earlier deadlines go first.</summary>
+        public double? DeadlineMs;
+        /// <summary>With a Seed: the same tokens alone or beside any other requests (exact replay; costs speed).</summary>
+        public bool? Deterministic;
         /// <summary>Name of a LoRA adapter loaded in the runtime (a personality, a faction); null: the base model.</summary>
         public string Adapter;
 
@@ -107,12 +138,48 @@ namespace Gllm
             Put(m, "priority", Priority);
             Put(m, "ignore_eos", IgnoreEos);
             Put(m, "thinking", Thinking);
+            if (Affinity != null) m["affinity"] = Affinity;
+            if (JsonSchema != null) m["json_schema"] = JsonSchema;
+            if (Grammar != null) m["grammar"] = Grammar;
+            if (GrammarSyntax != null) m["grammar_syntax"] = GrammarSyntax;
+            if (Regex != null) m["regex"] = Regex;
+            if (Choices != null) m["choices"] = new List<object>(Choices);
+            if (Tools != null) m["tools"] = Tools.Select(t => (object)t.ToMap()).ToList();
+            if (ToolChoice != null) m["tool_choice"] = ToolChoice;
+            if (ContextOverflow != null) m["context_overflow"] = ContextOverflow;
+            Put(m, "max_tokens_per_second", MaxTokensPerSecond);
+            Put(m, "deadline_ms", DeadlineMs);
+            Put(m, "deterministic", Deterministic);
             if (Adapter != null) m["adapter"] = Adapter;
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct
         {
             if (value.HasValue) m[key] = value.Value;
+        }
+    }
+
+    /// <summary>A tool the model may call: its name (letters, digits, _ . -), what it does, and the JSON
+    /// Schema of its arguments (a Dictionary&lt;string, object&gt; or JSON text; null: any object).</summary>
+    public sealed class ToolSpec
+    {
+        public string Name;
+        public string Description;
+        public object Parameters;
+
+        public ToolSpec(string name, string description = null, object parameters = null)
+        {
+            Name = name;
+            Description = description;
+            Parameters = parameters;
+        }
+
+        internal Dictionary<string, object> ToMap()
+        {
+            var m = new Dictionary<string, object> { { "name", Name } };
+            if (Description != null) m["description"] = Description;
+            if (Parameters != null) m["parameters"] = Parameters;
+            return m;
         }
     }
 }

@@ -49,6 +49,8 @@ namespace Gllm
         public int Rank;
         /// <summary>The best alternatives, best first, when GenerateOptions.Logprobs was set; else empty.</summary>
         public TopToken[] Top;
+        /// <summary>Tokens injected into the context just before this one (Generation.Inject); usually 0.</summary>
+        public int Injected;
 
         internal static LlmToken From(Dictionary<string, object> m)
         {
@@ -67,22 +69,55 @@ namespace Gllm
                 Logprob = Fields.Double(m, "logprob"),
                 Rank = (int)Fields.Long(m, "rank"),
                 Top = top.ToArray(),
+                Injected = (int)Fields.Long(m, "injected"),
             };
         }
     }
 
     public struct Usage
     {
-        public int PromptTokens, CompletionTokens, CachedTokens;
+        public int PromptTokens, CompletionTokens, CachedTokens, InjectedTokens;
+        /// <summary>Chat turns left out to fit (only with ContextOverflow "drop_oldest").</summary>
+        public int? DroppedTurns;
 
         internal static Usage From(Dictionary<string, object> m)
         {
+            object dropped = Fields.Get(m, "dropped_turns");
             return new Usage
             {
                 PromptTokens = (int)Fields.Long(m, "prompt_tokens"),
                 CompletionTokens = (int)Fields.Long(m, "completion_tokens"),
                 CachedTokens = (int)Fields.Long(m, "cached_tokens"),
+                InjectedTokens = (int)Fields.Long(m, "injected_tokens"),
+                DroppedTurns = dropped == null ? (int?)null : (int)Fields.AsLong(dropped),
             };
+        }
+    }
+
+    /// <summary>A saved conversation: the runtime's KV of a prompt's whole blocks. Give State to Restore
+    /// later, in this runtime or another one serving the same model.</summary>
+    public sealed class SavedState
+    {
+        public byte[] State;
+        public int Tokens;
+
+        internal static SavedState From(Dictionary<string, object> m)
+        {
+            return new SavedState { State = Fields.Get(m, "state") as byte[] ?? new byte[0], Tokens = (int)Fields.Long(m, "tokens") };
+        }
+    }
+
+    /// <summary>A restored state: Tokens are in the runtime's prefix cache now. A pinned one stays there
+    /// until LlmClient.Release(Id) or until the client disconnects.</summary>
+    public sealed class RestoreResult
+    {
+        public long Id;
+        public int Tokens;
+        public bool Pinned;
+
+        internal static RestoreResult From(Dictionary<string, object> m)
+        {
+            return new RestoreResult { Id = Fields.Long(m, "id"), Tokens = (int)Fields.Long(m, "tokens"), Pinned = Fields.Get(m, "pinned") as bool? ?? false };
         }
     }
 
@@ -105,17 +140,41 @@ namespace Gllm
         public string Text;
         public Usage Usage;
         public Timing Timing;
+        /// <summary>The tool the reply calls (GenerateOptions.Tools), else empty.</summary>
+        public ToolCall[] ToolCalls;
+        /// <summary>Structured output only: false when the reply was cut short (FinishReason "length", a stop
+        /// string, a cancel) before its structure was whole; null for a request without one.</summary>
+        public bool? StructureComplete;
 
         internal static Completion From(Dictionary<string, object> m)
         {
+            var calls = new List<ToolCall>();
+            foreach (object entry in Fields.List(m, "tool_calls"))
+            {
+                var c = entry as Dictionary<string, object>;
+                if (c != null) calls.Add(new ToolCall { Name = Fields.String(c, "name"), Arguments = Fields.Map(c, "arguments") });
+            }
             return new Completion
             {
                 FinishReason = Fields.String(m, "finish_reason"),
                 Text = Fields.String(m, "text"),
                 Usage = Usage.From(Fields.Map(m, "usage")),
                 Timing = Timing.From(Fields.Map(m, "timing")),
+                ToolCalls = calls.ToArray(),
+                StructureComplete = Fields.Get(m, "structure_complete") as bool?,
             };
         }
+    }
+
+    /// <summary>A call the model made: the tool's name and its arguments, valid under the tool's schema.</summary>
+    public sealed class ToolCall
+    {
+        public string Name;
+        /// <summary>Decoded msgpack values: string, long, double, bool, null, List&lt;object&gt;, Dictionary.</summary>
+        public Dictionary<string, object> Arguments;
+
+        /// <summary>The arguments as JSON text (for engines whose signals carry strings).</summary>
+        public string ArgumentsJson { get { return JsonText.Write(Arguments); } }
     }
 
     public sealed class CandidateScore

@@ -6,6 +6,8 @@
 // Setup: copy the Gllm folder and this file into the project, build, start `gllm serve` (see
 // bindings/README.md), add an LlmNode to the scene, connect TokenReceived to your label and call
 // Say("Hello"). GDScript projects use the pure-GDScript addon in bindings/gdscript instead.
+// Structured replies: set JsonSchema (JSON text) for lines your code parses, or Tools (from code) and
+// connect ToolCalled(name, argumentsJson).
 // Not for Web exports: browsers have no raw TCP sockets.
 using System.Collections.Generic;
 using Gllm;
@@ -18,6 +20,7 @@ public partial class LlmNode : Node
     [Signal] public delegate void RequestFailedEventHandler(string code, string message);
     [Signal] public delegate void RuntimeConnectedEventHandler();
     [Signal] public delegate void RuntimeDisconnectedEventHandler(string reason);
+    [Signal] public delegate void ToolCalledEventHandler(string name, string argumentsJson);
 
     /// <summary>gllm serve's endpoint; only loopback addresses are accepted (the protocol is unencrypted).</summary>
     [Export] public string Endpoint = LlmClient.DefaultEndpoint;
@@ -27,6 +30,12 @@ public partial class LlmNode : Node
     [Export] public float TopP = 0.9f;
     /// <summary>Exchanges remembered; older ones are dropped to keep the prompt short.</summary>
     [Export] public int MemoryTurns = 4;
+    /// <summary>A JSON Schema (JSON text) every line follows; empty: free text.</summary>
+    [Export(PropertyHint.MultilineText)] public string JsonSchema = "";
+    /// <summary>With Tools: auto, required, none or a tool's name.</summary>
+    [Export] public string ToolChoice = "auto";
+    /// <summary>Tools the NPC may call (set from code); each call emits ToolCalled.</summary>
+    public ToolSpec[] Tools;
 
     readonly List<ChatMessage> memory = new List<ChatMessage>();
     LlmClient client;
@@ -59,6 +68,12 @@ public partial class LlmNode : Node
         messages.AddRange(memory);
         messages.Add(ChatMessage.User(playerLine));
         var options = new GenerateOptions { MaxTokens = MaxTokens, Temperature = Temperature, TopP = TopP };
+        if (!string.IsNullOrEmpty(JsonSchema)) options.JsonSchema = JsonSchema;
+        if (Tools != null && Tools.Length > 0)
+        {
+            options.Tools = Tools;
+            options.ToolChoice = ToolChoice;
+        }
         Generation line = client.Generate(messages, options);
         current = line;
         line.Token += token => { if (line == current) EmitSignal(SignalName.TokenReceived, token.Text); };
@@ -67,6 +82,8 @@ public partial class LlmNode : Node
             if (line != current) return;  // cut off by a newer line
             Remember(playerLine, done.Text);
             EmitSignal(SignalName.LineFinished, done.Text, done.FinishReason);
+            foreach (ToolCall call in done.ToolCalls)
+                EmitSignal(SignalName.ToolCalled, call.Name, call.ArgumentsJson);
         };
         line.Failed += error => { if (line == current) EmitSignal(SignalName.RequestFailed, error.Code, error.Message); };
         return line;

@@ -47,6 +47,11 @@ namespace Gllm.Tests
         public static string Diff(object expected, object actual, string path)
         {
             if (actual is float f) actual = (double)f;
+            if (expected is Dictionary<string, object> bin && bin.Count == 1 && bin.ContainsKey("$bin"))
+            {   // JSON has no bytes: the vectors write msgpack bin as {"$bin": base64}
+                byte[] want = Convert.FromBase64String((string)bin["$bin"]);
+                return actual is byte[] got && got.SequenceEqual(want) ? null : path + ": bin " + Hex(want) + " vs " + Show(actual);
+            }
             if (expected == null || actual == null)
                 return expected == actual ? null : path + ": " + Show(expected) + " vs " + Show(actual);
             if (expected.GetType() != actual.GetType())

@@ -43,6 +43,9 @@ namespace Gllm.Tests
             steps.Add(Step("a LoRA adapter per request: info lists it, generate and score use it", Adapter));
             steps.Add(Step("cancel mid-stream", CancelMidStream));
             steps.Add(Step("error replies for bad requests", Errors));
+            steps.Add(Step("structured output: a JSON schema, choices, a tool call, a refused schema", Structured));
+            steps.Add(Step("snapshot, restore pinned, release; a saved conversation's bytes", SavedStates));
+            steps.Add(Step("inject mid-line, and the game-state generate options", InjectAndOptions));
             steps.Add(Step("an idle connection outlives the runtime's heartbeat timeout (PING answered)", IdleConnection));
             steps.Add(Step("a frozen runtime is detected by heartbeats, and the client reconnects", FrozenRuntime));
             steps.Add(Step("reconnect after the runtime restarts", Restart));
@@ -96,9 +99,9 @@ namespace Gllm.Tests
             return process;
         }
 
-        Generation Greedy(LlmClient c, int maxTokens, int logprobs = 0)
+        Generation Greedy(LlmClient c, int maxTokens, int logprobs = 0, string affinity = null)
         {
-            return c.Generate(Prompt.Tokens(promptTokens), new GenerateOptions { MaxTokens = maxTokens, Temperature = 0, IgnoreEos = true, Logprobs = logprobs });
+            return c.Generate(Prompt.Tokens(promptTokens), new GenerateOptions { MaxTokens = maxTokens, Temperature = 0, IgnoreEos = true, Logprobs = logprobs, Affinity = affinity });
         }
 
         void CheckGreedy(Generation g, string what)
@@ -161,7 +164,7 @@ namespace Gllm.Tests
             using (var onContext = new LlmClient(endpoint, null, context))
             {
                 Check.That(!onContext.NeedsPolling, "a client made with a context is not polled");
-                Generation g = Greedy(onContext, expectTokens.Length, logprobs: 2);
+                Generation g = Greedy(onContext, expectTokens.Length, logprobs: 2, affinity: "npc-7");  // accepted, and no other effect here
                 var threads = new HashSet<int>();
                 int completed = 0;
                 g.Token += t => threads.Add(Thread.CurrentThread.ManagedThreadId);
@@ -183,7 +186,7 @@ namespace Gllm.Tests
         void Score()
         {
             int a = expectTokens[0], b = expectTokens[1], other = (expectTokens[0] + 1) % 256;
-            ScoreResult r = Result(client.Score(Prompt.Tokens(promptTokens), new[] { new[] { a }, new[] { a, b }, new[] { other } }), "Score");
+            ScoreResult r = Result(client.Score(Prompt.Tokens(promptTokens), new[] { new[] { a }, new[] { a, b }, new[] { other } }, affinity: "npc-7"), "Score");
             Check.Equal(3, r.Candidates.Length, "candidates");
             Check.Close(expectLogprobs[0], r.Candidates[0].Logprob, 1e-3, "score of the first greedy token");
             Check.Close(expectLogprobs[0] + expectLogprobs[1], r.Candidates[1].Logprob, 2e-3, "score of the first two");
@@ -203,9 +206,56 @@ namespace Gllm.Tests
             Check.That(got.SequenceEqual(expectAdapterTokens), "tokens under the adapter: " + string.Join(",", got));
             var candidates = new[] { new[] { expectTokens[0] } };
             double plain = Result(client.Score(Prompt.Tokens(promptTokens), candidates), "Score").Candidates[0].Logprob;
-            double adapted = Result(client.Score(Prompt.Tokens(promptTokens), candidates, null, "npc"), "Score").Candidates[0].Logprob;
+            double adapted = Result(client.Score(Prompt.Tokens(promptTokens), candidates, adapter: "npc"), "Score").Candidates[0].Logprob;
             Check.Close(expectLogprobs[0], plain, 1e-3, "score without the adapter");
             Check.That(Math.Abs(adapted - plain) > 1e-3, "the adapter changes the score: " + adapted + " vs " + plain);
+        }
+
+        void Structured()
+        {
+            var schema = new Dictionary<string, object>
+            {
+                { "type", "object" }, { "additionalProperties", false }, { "required", new List<object> { "say", "mood" } },
+                { "properties", new Dictionary<string, object>
+                    {
+                        { "say", new Dictionary<string, object> { { "type", "string" }, { "maxLength", 10 } } },
+                        { "mood", new Dictionary<string, object> { { "enum", new List<object> { "calm", "angry" } } } },
+                    } },
+            };
+            Generation json = client.Generate(Prompt.Chat(ChatMessage.User("Hi")), new GenerateOptions { MaxTokens = 60, Temperature = 1.0, Seed = 7, JsonSchema = schema });
+            string text = Result(json.Text, "the JSON reply");
+            Check.Equal("stop", json.Result.FinishReason, "JSON reply finish reason");
+            Check.Equal(true, json.Result.StructureComplete, "the structure is complete");
+            var parsed = MiniJson.Parse(text) as Dictionary<string, object>;
+            string say = parsed == null ? null : parsed["say"] as string;
+            // maxLength counts code points; a C# string counts UTF-16 units (two for a character past U+FFFF).
+            Check.That(parsed != null && parsed.Count == 2 && say != null && say.Length - say.Count(char.IsLowSurrogate) <= 10, "the reply follows the schema: " + text);
+            Check.That((string)parsed["mood"] == "calm" || (string)parsed["mood"] == "angry", "mood from the enum: " + text);
+
+            Generation pick = client.Generate("Open the gate?", new GenerateOptions { Choices = new[] { "yes", "no" }, Temperature = 1.0, Seed = 3 });
+            string choice = Result(pick.Text, "the choice");
+            Check.That(choice == "yes" || choice == "no", "one of the choices: " + choice);
+            Check.That(pick.Result.ToolCalls.Length == 0, "no tool call without tools");
+
+            var tools = new[]
+            {
+                new ToolSpec("sell", "Sell an item.", "{\"type\": \"object\", \"required\": [\"item\"], \"additionalProperties\": false, \"properties\": {\"item\": {\"enum\": [\"sword\", \"rope\"]}}}"),
+                new ToolSpec("wave"),
+            };
+            Generation call = client.Generate(Prompt.Chat(ChatMessage.User("A rope, please.")), new GenerateOptions { MaxTokens = 80, Temperature = 1.0, Seed = 5, Tools = tools, ToolChoice = "sell" });
+            Result(call.Text, "the tool call");
+            Check.Equal(1, call.Result.ToolCalls.Length, "one tool call");
+            ToolCall sell = call.Result.ToolCalls[0];
+            Check.Equal("sell", sell.Name, "the named tool");
+            string item = sell.Arguments["item"] as string;
+            Check.That(item == "sword" || item == "rope", "arguments follow the schema: " + sell.ArgumentsJson);
+            var again = MiniJson.Parse(sell.ArgumentsJson) as Dictionary<string, object>;
+            Check.That(again != null && (string)again["item"] == item, "ArgumentsJson is the arguments as JSON: " + sell.ArgumentsJson);
+
+            Generation bad = client.Generate("x", new GenerateOptions { JsonSchema = "{\"type\": \"nope\"}" });
+            Wait(bad.Text.ContinueWith(_ => 0), "the refused schema");
+            LlmError error = Check.Failure(bad.Text, "a schema that does not compile");
+            Check.Equal("bad_request", error.Code, "error code");
         }
 
         void CancelMidStream()
@@ -236,6 +286,7 @@ namespace Gllm.Tests
                 { "negative temperature", new GenerateOptions { Temperature = -1 } },
                 { "top_p of 0", new GenerateOptions { TopP = 0 } },
                 { "too many logprobs", new GenerateOptions { Logprobs = 50 } },
+                { "an affinity key over 256 characters", new GenerateOptions { Affinity = new string('k', 257) } },
             };
             foreach (var kv in bad)
             {
@@ -252,6 +303,61 @@ namespace Gllm.Tests
             Wait(score, "a bad score");
             Check.Equal("bad_request", Check.Failure(score, "score with a negative token id").Code, "score error code");
             Check.That(Result(client.Ping(), "Ping after errors") >= 0, "the runtime still answers");
+        }
+
+        int[] LongPrompt()  // two whole blocks of 16 tokens, and a few more
+        {
+            return Enumerable.Range(0, 37).Select(i => promptTokens[i % promptTokens.Length] + i).ToArray();
+        }
+
+        long Stat(string name)
+        {
+            return Convert.ToInt64(Result(client.Info(), "Info").Stats[name]);
+        }
+
+        void SavedStates()
+        {
+            int[] chat = LongPrompt();
+            SavedState saved = Result(client.Snapshot(Prompt.Tokens(chat)), "Snapshot");
+            Check.Equal(32, saved.Tokens, "tokens in the state");
+            RestoreResult restored = Result(client.Restore(saved.State, pin: true), "Restore");
+            Check.That(restored.Pinned && restored.Tokens == 32, "restored 32 tokens, pinned");
+            Check.Equal(2L, Stat("kv_blocks_pinned"), "pinned blocks");
+            Generation g = client.Generate(Prompt.Tokens(chat), new GenerateOptions { MaxTokens = 2, Temperature = 0 });
+            Wait(g.Text, "a generation over the restored prefix");
+            Check.Equal(32, g.Result.Usage.CachedTokens, "cached tokens");
+            client.Release(restored.Id);
+            PumpUntil(() => Stat("kv_blocks_pinned") == 0, () => client.Poll(), WaitSeconds, "the release");
+            Task<RestoreResult> garbage = client.Restore(new byte[] { 1, 2, 3 });
+            Wait(garbage, "a garbage restore");
+            Check.Equal("bad_request", Check.Failure(garbage, "restore of garbage").Code, "garbage state refused");
+            var turns = new List<ChatMessage> { ChatMessage.System("You are Brom."), ChatMessage.User("Hi") };
+            byte[] file = new ConversationState { Messages = turns, Kv = saved.State }.ToBytes();
+            ConversationState back = ConversationState.FromBytes(file);
+            Check.That(back.Kv.SequenceEqual(saved.State), "the KV state survives the save format");
+            Check.Equal("Hi", back.Messages[1].Content, "the turns survive the save format");
+            Check.Equal(32, Result(back.Load(client), "Load").Tokens, "a loaded conversation restores its KV");
+            Check.Throws<ArgumentException>(() => ConversationState.FromBytes(saved.State), "a raw state is not a saved conversation");
+        }
+
+        void InjectAndOptions()
+        {
+            Generation g = Greedy(client, 30);
+            g.Token += t => { if (t.Index == 2) g.Inject(new[] { 3, 1, 4 }); };
+            Wait(g.Text, "the generation with an injection");
+            LlmToken[] marked = g.Tokens.Where(t => t.Injected > 0).ToArray();
+            Check.That(marked.Length == 1 && marked[0].Injected == 3 && marked[0].Index > 2, "one token marks the injection");
+            Check.Equal(3, g.Result.Usage.InjectedTokens, "injected tokens in usage");
+            Check.Equal(30, g.Result.Usage.CompletionTokens, "completion tokens");
+            var options = new GenerateOptions { MaxTokens = 4, Temperature = 0.7, Seed = 5, Deterministic = true, MaxTokensPerSecond = 1000, DeadlineMs = 50 };
+            Generation a = client.Generate(Prompt.Tokens(promptTokens), options);
+            Generation b = client.Generate(Prompt.Tokens(promptTokens), options);
+            Wait(a.Text, "a deterministic generation");
+            Wait(b.Text, "its twin");
+            Check.That(a.Tokens.Select(t => t.TokenId).SequenceEqual(b.Tokens.Select(t => t.TokenId)), "same seed, same tokens");
+            Generation chat = client.Generate(Prompt.Tokens(promptTokens), new GenerateOptions { ContextOverflow = "drop_oldest" });
+            Wait(chat.Text, "drop_oldest without messages");
+            Check.Equal("bad_request", Check.Failure(chat.Text, "drop_oldest on token ids").Code, "drop_oldest needs messages");
         }
 
         void IdleConnection()

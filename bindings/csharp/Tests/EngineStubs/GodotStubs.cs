@@ -53,5 +53,6 @@ public partial class LlmNode
         public static readonly Godot.StringName RequestFailed = "RequestFailed";
         public static readonly Godot.StringName RuntimeConnected = "RuntimeConnected";
         public static readonly Godot.StringName RuntimeDisconnected = "RuntimeDisconnected";
+        public static readonly Godot.StringName ToolCalled = "ToolCalled";
     }
 }

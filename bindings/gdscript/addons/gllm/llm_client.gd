@@ -12,9 +12,17 @@ extends Node
 ## for the connection (up to request_timeout_sec). A lost connection fails the open requests with
 ## "disconnected" (the runtime cancels them) and the client reconnects with back-off by itself.
 ## Options are the protocol's own field names (docs/protocol.md): max_tokens, temperature, top_k,
-## top_p, seed, stop, logprobs, priority, ignore_eos, thinking, and adapter (the name of a LoRA
-## adapter the runtime has loaded, e.g. {"adapter": "guard"}; generate and score). info()'s result
-## lists the loaded adapters in result["adapters"].
+## top_p, seed, stop, logprobs, priority, ignore_eos, thinking; for structured output json_schema (a
+## Dictionary, or JSON text), grammar with grammar_syntax ("gbnf" or "lark"), regex, choices, tools
+## (an Array of {name, description, parameters}) with tool_choice (see LlmRequest.tool_calls()); and
+## for games context_overflow ("drop_oldest": a chat too long loses its oldest turns),
+## max_tokens_per_second (pacing), deadline_ms and deterministic (with a seed, the same tokens
+## whatever else runs); and affinity (a key such as the NPC's id that a cluster, gllm serve
+## --replicas N, routes by; one runtime process ignores it); and adapter (the name of a LoRA
+## adapter the runtime has loaded, e.g. {"adapter": "guard"}; generate, score and snapshot).
+## info()'s result lists the loaded adapters in result["adapters"].
+## Saving a conversation: snapshot(chat) finishes with result["state"] (a PackedByteArray for the
+## save file); restore(state, true) puts it back in the runtime's cache, pinned until release(id).
 ##
 ## Loopback only: this client speaks only to a runtime on this machine. ZMTP's NULL mechanism has
 ## no encryption or authentication (no CurveZMQ), so other hosts are refused unless
@@ -40,7 +48,8 @@ signal error_received(code: String, message: String)
 @export var heartbeat_interval_sec := 1.0
 ## ... and take it for dead after this long.
 @export var heartbeat_timeout_sec := 5.0
-@export var max_message_bytes := 16 * 1024 * 1024
+## Largest reply accepted: a snapshot holds a whole saved state (the runtime's --max-state-size).
+@export var max_message_bytes := 256 * 1024 * 1024 + 4096
 ## The protocol is unencrypted: set this only on a network you fully trust.
 @export var allow_non_loopback := false
 
@@ -108,6 +117,42 @@ func score(prompt: Variant, candidates: Array, options: Dictionary = {}) -> LlmR
 	msg["candidates"] = candidates
 	msg.merge(options)
 	return _start(msg)
+
+
+## Saves a conversation: finishes with {state: PackedByteArray, tokens} holding the runtime's KV
+## of the prompt's whole blocks, for restore() later (here or after a restart of the runtime).
+func snapshot(prompt: Variant, options: Dictionary = {}) -> LlmRequest:
+	var msg := _new_message("snapshot")
+	_add_prompt(msg, prompt)
+	msg.merge(options)
+	return _start(msg)
+
+
+## Puts a saved state into the runtime's prefix cache: finishes with {tokens, pinned}. A pinned
+## state survives cache pressure until release(request.id) or until this client disconnects.
+func restore(state: PackedByteArray, pin := false) -> LlmRequest:
+	var msg := _new_message("restore")
+	msg["state"] = state
+	if pin:
+		msg["pin"] = true
+	return _start(msg)
+
+
+## Unpins a state restored with pin; unknown ids are ignored.
+func release(restore_id: int) -> void:
+	_transport.send(GllmMsgPack.encode({"type": "release", "id": restore_id}))
+
+
+## Used by LlmRequest.inject(): text (a String) or token ids join a running generation's context.
+func inject_request(request_id: int, injection: Variant) -> void:
+	if not _requests.has(request_id):
+		return
+	var msg := {"type": "inject", "id": request_id}
+	if typeof(injection) == TYPE_STRING:
+		msg["text"] = injection
+	else:
+		msg["token_ids"] = injection
+	_transport.send(GllmMsgPack.encode(msg))
 
 
 ## Model, limits, live statistics and loaded LoRA adapters of the runtime.
