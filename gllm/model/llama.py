@@ -10,6 +10,10 @@ attention kernels are the same for all: a layer hands its window and soft-cap to
 It works on packed batches: ``T`` new tokens of many sequences in one flat tensor, their positions, and an
 ``AttentionMetadata`` that says where each sequence's context lives in the paged KV cache. Q/K/V and the
 gate/up projections are fused into single matrices so each layer does two large matmuls instead of five.
+
+Inside a step, layers and their parts are called through ``.forward``: ``nn.Module.__call__`` checks for
+hooks on every call, and a step makes about nine such calls per layer, which on a small model is a
+measurable part of a single stream's step on the CPU (``benchmarks/cpu_step.py``).
 """
 
 from __future__ import annotations
@@ -85,21 +89,21 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``rope``: this step's cos / sin tables for this layer; queries and keys are rotated, and K/V
         stored, in one go. ``q_scale``: a multiplier per query token (``[T, 1, 1]``), if the family has one."""
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj.forward(x)
         if self.q_norm is not None:
             qkv = self._norm_heads(qkv, attn)
         q = attn.rope_write_kv(qkv, *rope, kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
         if q_scale is not None:
             q = q * q_scale
         out = attn.attention(q, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap)
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return self.o_proj.forward(out.reshape(x.shape[0], self.q_size))
 
     def _norm_heads(self, qkv: torch.Tensor, ops: AttentionBackend) -> torch.Tensor:
         """RMSNorm over each query and key head of the fused ``qkv [T, (H + 2 KV) * D]`` (values untouched)."""
         n, dim = qkv.shape[0], self.head_dim
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, _ = self.q_norm(q.reshape(-1, dim), None, ops)
-        k, _ = self.k_norm(k.reshape(-1, dim), None, ops)
+        q, _ = self.q_norm.forward(q.reshape(-1, dim), None, ops)
+        k, _ = self.k_norm.forward(k.reshape(-1, dim), None, ops)
         return torch.cat([q.view(n, -1), k.view(n, -1), v], dim=-1)
 
 
@@ -114,8 +118,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ops: AttentionBackend) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        return self.down_proj(ops.gelu_tanh_mul(gate_up) if self.gelu else ops.silu_mul(gate_up))
+        gate_up = self.gate_up_proj.forward(x)
+        return self.down_proj.forward(ops.gelu_tanh_mul(gate_up) if self.gelu else ops.silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -140,14 +144,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, rope, kv_cache, meta, ops, q_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: the last sub-layer's output, not yet added to ``residual`` (``None`` before the first layer).
         Returns this layer's MLP output and the residual stream before it."""
-        h, residual = self.input_layernorm(x, residual, ops)
-        h = self.self_attn(h, rope, kv_cache, meta, ops, q_scale)
+        h, residual = self.input_layernorm.forward(x, residual, ops)
+        h = self.self_attn.forward(h, rope, kv_cache, meta, ops, q_scale)
         if not self.sandwich:
-            h, residual = self.post_attention_layernorm(h, residual, ops)
-            return self.mlp(h, ops), residual
-        h, _ = self.post_attention_layernorm(h, None, ops)
-        h, residual = self.pre_feedforward_layernorm(h, residual, ops)
-        h, _ = self.post_feedforward_layernorm(self.mlp(h, ops), None, ops)
+            h, residual = self.post_attention_layernorm.forward(h, residual, ops)
+            return self.mlp.forward(h, ops), residual
+        h, _ = self.post_attention_layernorm.forward(h, None, ops)
+        h, residual = self.pre_feedforward_layernorm.forward(h, residual, ops)
+        h, _ = self.post_feedforward_layernorm.forward(self.mlp.forward(h, ops), None, ops)
         return h, residual
 
 
@@ -227,8 +231,8 @@ class LlamaModel(nn.Module):
         tables = {kind: rope.tables(positions, x.dtype) for kind, rope in self.ropes.items()}
         q_scale = None if self.query_scales is None else self.query_scales[positions].to(x.dtype)[:, None, None]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, tables[layer.rope_kind], kv_cache, meta, self.attn, q_scale)
-        x, _ = self.norm(x[logits_indices], residual[logits_indices], self.attn)
+            x, residual = layer.forward(x, residual, tables[layer.rope_kind], kv_cache, meta, self.attn, q_scale)
+        x, _ = self.norm.forward(x[logits_indices], residual[logits_indices], self.attn)
         logits = self.head(x).float()
         if (cap := self.config.final_logit_softcap) is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -200,9 +200,10 @@ def _pack_with_stats(
     chosen = token_ids[:, None]
     picked = logits.gather(1, chosen)
     ranks = torch.ones_like(chosen)
-    other = torch.nonzero(token_ids != argmax).squeeze(1)
-    if other.numel():
-        ranks[other] = (logits[other] > picked[other]).sum(dim=-1, keepdim=True) + 1
+    if token_ids is not argmax:  # some rows drew a token (all-greedy batches pass ``argmax`` itself)
+        other = torch.nonzero(token_ids != argmax).squeeze(1)
+        if other.numel():
+            ranks[other] = (logits[other] > picked[other]).sum(dim=-1, keepdim=True) + 1
     best = top_ids(logits, top_n)
     lse = lse[:, None]
     parts = [chosen, ranks, picked - lse, best, logits.gather(1, best) - lse]
