@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_throughput"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     params = GeneratorParams(max_batch_size=STREAMS, max_seq_len=args.prompt_tokens + args.new_tokens + 16)
     with tempfile.TemporaryDirectory() as tmp:
         engine = LLMEngine(args.model, params)
@@ -89,10 +91,13 @@ def main() -> None:
     rows = [[name, f"{summarize(r, higher_is_better=True)['median']:.1f}", f"{summarize(r, higher_is_better=True)['median'] / base:.2f}x",
              ", ".join(f"{x:.1f}" for x in r)] for name, r in rates.items()]  # fmt: skip
     table = markdown_table(["streams", "decode tok/s (median)", "vs base", "runs"], rows)
-    data = {"machine": machine_info(), "args": vars(args), "dtype": str(engine.dtype), "rates": rates}
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # shared machine: say how busy it was
+    data = {"machine": machine_info(), "args": vars(args), "dtype": str(engine.dtype), "rates": rates,
+            "load_average_1min_before_after": load}
     md = (f"# LoRA throughput: {STREAMS} streams\n\nModel {args.model} ({engine.dtype}), {args.threads} threads, "
           f"prompts {args.prompt_tokens} tokens, {args.new_tokens} new tokens per stream, adapters rank {args.rank} "
-          f"on q/k/v/o/gate/up/down; CPU {data['machine']['cpu']}.\n\n{table}\n")
+          f"on q/k/v/o/gate/up/down; CPU {data['machine']['cpu']}; load average (1 min) {load[0]} before, "
+          f"{load[1]} after.\n\n{table}\n")
     write_results(args.out, data, md)
     print(md)
 

@@ -35,16 +35,15 @@ class SitePart:
 
     out: slice
     cols: slice
-    b: torch.Tensor  # [rank, out columns], scale included
+    b: torch.Tensor  # [rank, out columns], scale included; stacked: [adapters, rank, out columns]
 
 
 @dataclass
 class SiteUpdate:
     """The low-rank update of one site for one or several adapters (see ``gllm.lora.grouped``)."""
 
-    a: torch.Tensor  # [in, total rank]
+    a: torch.Tensor  # [in, total rank]; stacked (``gllm.lora.grouped``): [adapters, in, total rank]
     parts: list[SitePart]
-    owners: torch.Tensor | None = None  # [total rank]: which adapter of a stack each column belongs to
 
 
 def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -42,7 +42,7 @@ class AdapterRegistry:
         self.config, self.dtype, self.device = config, dtype, device
         self.adapters: dict[str, LoraAdapter] = {}
         self.batch: LoraBatch | None = None
-        self._stacks = StackCache(device)
+        self._stacks = StackCache()
         for name, module in model.named_modules():
             if hasattr(module, "lora"):  # the model's Linear layers
                 module.lora = LoraHook(self, name)
