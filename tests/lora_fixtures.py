@@ -14,6 +14,8 @@ import safetensors.torch
 import torch
 import transformers
 
+from test_parity_hf import hf_greedy as hf_greedy_with_gap
+
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -43,18 +45,8 @@ def make_adapter(
 
 def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """HF generate (greedy) on one prompt: the tokens and their log-softmax."""
-    out = model.generate(
-        input_ids=torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    tokens = out.sequences[0, len(prompt) :].tolist()
-    logits = torch.cat(out.logits).float()
-    return tokens, logits.log_softmax(-1)[torch.arange(len(tokens)), tokens].tolist()
+    tokens, logprobs, _ = hf_greedy_with_gap(model, prompt, n)
+    return tokens, logprobs
 
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
