@@ -141,9 +141,9 @@ class SavedStates:
 
     def restore(self, saved: SavedState, pin: str | None = None, adapter: LoraAdapter | None = None) -> int:
         """Put a parsed state's blocks into the prefix cache (pinned under ``pin`` when given), where requests
-        under ``adapter`` (the one the state records, checked by ``LLMEngine.add_restore``) find them; returns the tokens
-        restored: all of them, or the blocks that found room when the cache is full of running requests. A
-        pin over the limit raises ``PinLimitError`` and changes nothing."""
+        under ``adapter`` (the one the state records, checked by ``LLMEngine.add_restore``) find them;
+        returns the tokens restored: all of them, or the blocks that found room when the cache is full of
+        running requests. A pin over the limit raises ``PinLimitError`` and changes nothing."""
         if pin is not None:
             self.check_pin(saved, pin, adapter)
 

@@ -122,6 +122,7 @@ def adapter_fingerprint(tensors: LoraTensors, samples: int = 64) -> str:
         digest.update(f"{module}{tuple(pair.a.shape)}{tuple(pair.b.shape)}{pair.scale!r}".encode())
         for t in (pair.a, pair.b):
             flat = t.detach().reshape(-1)
-            index = torch.arange(min(flat.numel(), samples)) * (flat.numel() - 1) // max(min(flat.numel(), samples) - 1, 1)
+            count = min(flat.numel(), samples)
+            index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)  # evenly spaced, both ends
             digest.update(flat[index].float().cpu().numpy().tobytes())
     return digest.hexdigest()

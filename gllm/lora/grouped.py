@@ -99,8 +99,8 @@ class MixedRows:
             self.slots: torch.Tensor | None = None
         else:
             self.rows = torch.tensor(flat, device=device)
-            self.slots = torch.tensor([k * self.depth + j for k, rows in enumerate(by_adapter) for j in range(len(rows))],
-                                      device=device)
+            slots = [k * self.depth + j for k, rows in enumerate(by_adapter) for j in range(len(rows))]
+            self.slots = torch.tensor(slots, device=device)
 
     def apply(self, update: SiteUpdate, x: torch.Tensor, y: torch.Tensor) -> None:
         n, depth = self.count, self.depth
