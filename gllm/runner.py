@@ -6,11 +6,13 @@ says: which tokens to compute, where they sit in their sequence, and which block
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from gllm.graphs import DecodeGraphs
+from gllm.lora import AdapterRegistry, LoraAdapter
 from gllm.model import LlamaModel
 from gllm.ops import AttentionMetadata
 from gllm.ops.invariant import RowPlan, invariant_products
@@ -26,6 +28,7 @@ class BatchChunk:
     block_table: list[int]
     num_logits: int  # how many of the last new tokens need logits (1: sampling; all: logprobs of given tokens)
     exact: bool = False  # batch-invariant: attention one query at a time, products under ``exact_plan``
+    adapter: LoraAdapter | None = None  # the LoRA adapter of the sequence, if any
 
 
 class ModelRunner:
@@ -36,6 +39,7 @@ class ModelRunner:
         self.device = device
         self.graphs: DecodeGraphs | None = None
         self.exact_plan: RowPlan | None = None  # products' shapes in steps with exact chunks (gllm.ops.invariant)
+        self.adapters: AdapterRegistry | None = None  # set once adapters may be used (``gllm.lora``)
 
     def capture_graphs(self, scratch_block: int, max_batch: int, max_len: int) -> None:
         """Capture CUDA graphs for decode batches; ``scratch_block`` is a cache block no sequence owns."""
@@ -92,8 +96,9 @@ class ModelRunner:
         )
 
     def _graphable(self, chunks: list[BatchChunk]) -> bool:
-        return self.graphs.fits(len(chunks)) and all(len(c.token_ids) == 1 and c.num_logits == 1 and not c.exact
-                                                     for c in chunks)
+        return self.graphs.fits(len(chunks)) and all(
+            len(c.token_ids) == 1 and c.num_logits == 1 and not c.exact and c.adapter is None for c in chunks
+        )
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write of forked sequences) in every layer's cache."""
@@ -122,5 +127,7 @@ class ModelRunner:
                 [c.block_table + [0] * (width - len(c.block_table)) for c in chunks],
             )
         ids, positions, meta, logits_rows = self.prepare(chunks)
-        with invariant_products(self.exact_plan if meta.exact is not None else None):
+        spans = [(c.adapter, len(c.token_ids)) for c in chunks]
+        adapters = contextlib.nullcontext() if self.adapters is None else self.adapters.rows(spans)
+        with adapters, invariant_products(self.exact_plan if meta.exact is not None else None):
             return self.model(ids if input_ids is None else input_ids, positions, self.kv_caches, meta, logits_rows)

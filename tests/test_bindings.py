@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIGS
+from lora_fixtures import make_adapter
 from tiny_chat import build_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +50,15 @@ def passed_cleanly(output: str) -> bool:
     return "FAIL" not in output and re.search(r"^\d+ passed, 0 failed$", output.rstrip(), re.MULTILINE) is not None
 
 
-def engine_greedy(model_dir: Path) -> tuple[list[int], list[float]]:
-    """The engine's own greedy tokens and logprobs for PROMPT_TOKENS: what the C# stream must reproduce."""
+def engine_greedy(model_dir: Path, adapter: Path | None = None) -> tuple[list[int], list[float]]:
+    """The engine's own greedy tokens and logprobs for PROMPT_TOKENS (under a LoRA ``adapter`` when given):
+    what the C# stream must reproduce."""
     from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine
 
-    engine = LLMEngine(str(model_dir), GeneratorParams(max_batch_size=1, max_seq_len=512))
+    adapters = {"npc": adapter} if adapter else None
+    engine = LLMEngine(str(model_dir), GeneratorParams(max_batch_size=1, max_seq_len=512), adapters=adapters)
     (result,) = engine.generate([GenerationRequest(prompt_token_ids=PROMPT_TOKENS, max_new_tokens=NUM_TOKENS,
-                                                   temperature=0.0, ignore_eos=True)])
+                                                   temperature=0.0, ignore_eos=True, adapter=adapters and "npc")])
     assert len(result.token_ids) == NUM_TOKENS
     return result.token_ids, result.logprobs
 
@@ -105,6 +108,11 @@ def test_csharp_codec_offline(csharp_build: Path):
 def test_csharp_client_against_runtime(csharp_build: Path, tmp_path: Path):
     model_dir = build_chat_model(tmp_path / "tiny", **TINY_CONFIGS["gqa_tied_llama3"])  # a tokenizer: structured output
     tokens, logprobs = engine_greedy(model_dir)
+    import transformers
+
+    make_adapter(transformers.AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "npc", seed=1)
+    adapter_tokens, _ = engine_greedy(model_dir, tmp_path / "npc")
+    assert adapter_tokens != tokens
     port, dead_port = free_ports(2)
     result = run_mono([
         str(csharp_build / "BindingsTest.exe"),
@@ -116,6 +124,8 @@ def test_csharp_client_against_runtime(csharp_build: Path, tmp_path: Path):
         "--prompt-tokens", ",".join(map(str, PROMPT_TOKENS)),
         "--expect-tokens", ",".join(map(str, tokens)),
         "--expect-logprobs", ",".join(repr(lp) for lp in logprobs),
+        "--adapter", str(tmp_path / "npc"),
+        "--expect-adapter-tokens", ",".join(map(str, adapter_tokens)),
     ])
     assert result.returncode == 0 and passed_cleanly(result.stdout), result.stdout
 

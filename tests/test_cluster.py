@@ -45,9 +45,23 @@ def ray_address(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny, ray_address, tmp_path_factory):
+def adapters(tiny, tmp_path_factory):
+    """Two LoRA adapters of the tiny model: ``npc`` loaded at start (``--adapter``), ``chess`` at run time."""
+    import transformers
+
+    from lora_fixtures import make_adapter
+
+    folder = tmp_path_factory.mktemp("adapters")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny)
+    for seed, name in enumerate(("npc", "chess"), start=1):
+        make_adapter(hf, folder / name, seed=seed)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny, adapters, ray_address, tmp_path_factory):
     server = start_server(tiny, tmp_path_factory.mktemp("cluster-log"), "--replicas", "2", "--ray-address",
-                          ray_address, *SERVE_ARGS)
+                          ray_address, *SERVE_ARGS, "--adapter", f"npc={adapters / 'npc'}")
     try:
         yield server
     finally:
@@ -176,6 +190,43 @@ def test_saved_states_go_through_the_replica_of_their_affinity(cluster):
     finally:
         sock.close(linger=0)
         gone.close(linger=0)
+
+
+def test_every_replica_serves_the_same_adapters(cluster, tiny, adapters):
+    """``--adapter`` loads on every replica; ``load_adapter`` / ``unload_adapter`` go to all of them, so a
+    request naming an adapter gets the same tokens wherever it lands."""
+    sock = dealer(cluster.endpoint)
+    local = LLMEngine(tiny, GeneratorParams(max_batch_size=BATCH, max_seq_len=2048), dtype=torch.float32,
+                      adapters={name: adapters / name for name in ("npc", "chess")})
+    try:
+        assert request(sock, {"type": "info", "id": "i"})["adapters"] == ["npc"]
+        loaded = request(sock, {"type": "load_adapter", "id": "l", "name": "chess", "path": str(adapters / "chess")})
+        assert loaded == {"type": "adapters", "id": "l", "adapters": ["chess", "npc"]}
+        missing = request(sock, {"type": "load_adapter", "id": "m", "name": "x", "path": str(adapters / "nowhere")})
+        assert missing["code"] == "bad_request" and "no such file" in missing["message"]
+        assert request(sock, {"type": "info", "id": "i"})["adapters"] == ["chess", "npc"]
+        for i in range(6):  # at once, without a key: both replicas take some
+            sock.send(encode({"type": "generate", "id": i, "prompt_token_ids": prompt(30 + i), "max_tokens": 40,
+                              "temperature": 0, "ignore_eos": True, "adapter": ("npc", "chess")[i % 2]}))
+        tokens: dict[int, list[int]] = {i: [] for i in range(6)}
+        homes = {}
+        while len(homes) < 6:
+            msg = recv(sock)
+            if msg["type"] == "token":
+                tokens[msg["id"]].append(msg["token_id"])
+            else:
+                assert msg["type"] == "done", msg
+                homes[msg["id"]] = msg["replica"]
+        for i in range(6):
+            want = local.generate([GenerationRequest(prompt_token_ids=prompt(30 + i), max_new_tokens=40, temperature=0,
+                                                     ignore_eos=True, adapter=("npc", "chess")[i % 2])])[0]
+            assert tokens[i] == want.token_ids
+        assert len(set(homes.values())) == 2
+        assert request(sock, {"type": "unload_adapter", "id": "u", "name": "chess"})["adapters"] == ["npc"]
+        gone = request(sock, {"type": "generate", "id": "g", "prompt_token_ids": [1, 2], "adapter": "chess"})
+        assert gone["code"] == "bad_request" and "unknown adapter 'chess'" in gone["message"]
+    finally:
+        sock.close(linger=0)
 
 
 def test_a_killed_replica_s_streams_go_on_elsewhere(cluster, reference, ray_address):

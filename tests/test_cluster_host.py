@@ -181,3 +181,28 @@ def test_saved_states_pins_and_injections_work_on_a_replica(host):
 
     got = asyncio.run(run())
     assert sum(m.get("injected", 0) for m in got[:-1]) == 3 and got[-1]["usage"]["injected_tokens"] == 3
+
+
+def test_adapters_load_and_serve_on_a_replica(host, tiny, tmp_path):
+    """``load_adapter`` / ``unload_adapter`` reach the replica's engine (the front end sends them to every
+    replica), and a request naming the adapter runs under it there."""
+    import transformers
+
+    from lora_fixtures import make_adapter
+
+    make_adapter(transformers.AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "npc", seed=1)
+    load = encode({"type": "load_adapter", "id": 1, "name": "npc", "path": str(tmp_path / "npc")})
+    assert asyncio.run(host.call(PEER, load)) == [{"type": "adapters", "id": 1, "adapters": ["npc"]}]
+    assert host.service.model_info()["adapters"] == ["npc"]
+    got = asyncio.run(serve(host, {b"a": (generate("a", max_tokens=8, adapter="npc"), None),
+                                   b"b": (generate("b", max_tokens=8), None)}))
+    local = LLMEngine(tiny, GeneratorParams(max_batch_size=4, max_seq_len=512), dtype=torch.float32,
+                      adapters={"npc": tmp_path / "npc"})
+    for peer, adapter in ((b"a", "npc"), (b"b", None)):
+        want = local.generate([GenerationRequest(prompt_token_ids=[3, 1, 4, 1, 5], max_new_tokens=8, temperature=0,
+                                                 ignore_eos=True, adapter=adapter)])[0].token_ids
+        assert [m["token_id"] for m in got[peer] if m["type"] == "token"] == want
+    unload = encode({"type": "unload_adapter", "id": 2, "name": "npc"})
+    assert asyncio.run(host.call(PEER, unload)) == [{"type": "adapters", "id": 2, "adapters": []}]
+    again = asyncio.run(host.call(PEER, unload))
+    assert again[0]["code"] == "bad_request" and "no adapter named 'npc'" in again[0]["message"]

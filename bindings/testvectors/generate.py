@@ -67,6 +67,11 @@ VECTORS: dict[str, dict[str, Any]] = {
                   {"name": "refuse", "parameters": '{"type": "object"}'}],
         "tool_choice": "auto",
     },
+    "to_runtime_generate_adapter": {"type": "generate", "id": "npc-9/line-1", "prompt": "Halt!", "adapter": "guard"},
+    "to_runtime_score_adapter": {"type": "score", "id": 10, "prompt": "1. e4", "candidates": [" e5", " c5"],
+                                 "adapter": "chess"},
+    "to_runtime_load_adapter": {"type": "load_adapter", "id": 11, "name": "guard", "path": "/srv/game/lora/guard"},
+    "to_runtime_unload_adapter": {"type": "unload_adapter", "id": 12, "name": "guard"},
     "to_runtime_cancel": {"type": "cancel", "id": "npc-7/line-3"},
     "to_runtime_info": {"type": "info", "id": 2},
     "to_runtime_ping": {"type": "ping"},
@@ -94,7 +99,10 @@ VECTORS: dict[str, dict[str, Any]] = {
     "to_client_info": p.info_message(2, "smollm2-135m-instruct", 49152, 2048,
                                      {**dict.fromkeys(p.INFO_STATS, 0), "kv_blocks_total": 1024},
                                      {"max_message_bytes": 1048576, "max_open_requests": 64, "max_logprobs": 20,
-                                      "max_candidates": 256, "max_stop_strings": 16}),
+                                      "max_candidates": 256, "max_stop_strings": 16}, ["chess", "guard"]),
+    "to_client_adapters": p.adapters_message(11, ["chess", "guard"]),
+    "to_client_error_forbidden": p.error_message("forbidden", "this runtime serves an unauthenticated network "
+                                                 "address (--insecure), so clients may not make it read files", 11),
     "to_client_pong": p.pong_message(None),
     # From a cluster's front end (gllm serve --replicas): the same messages with a field or two more.
     "to_client_done_cluster": {**p.done_message(12, "length", "Morning to you.", USAGE, TIMING),

@@ -84,10 +84,12 @@ def softmax(values: list[float], temperature: float = 1.0) -> list[float]:
 
 
 class ChessBot:
-    """Ranks legal moves with a running ``gllm serve``; ``temperature`` 0 plays the top-ranked move."""
+    """Ranks legal moves with a running ``gllm serve``; ``temperature`` 0 plays the top-ranked move.
+    ``adapter``: the name of a LoRA adapter the runtime has loaded (a chess adapter, ``examples/lora``)."""
 
-    def __init__(self, client: Client, temperature: float = 0.0, seed: int | None = None):
+    def __init__(self, client: Client, temperature: float = 0.0, seed: int | None = None, adapter: str | None = None):
         self.client = client
+        self.adapter = adapter
         self.temperature = temperature
         self.rng = random.Random(seed)
 
@@ -99,7 +101,7 @@ class ChessBot:
         sans = [board.san(m) for m in moves]
         prompt = prompt_for(board)
         candidates = [" " + san for san in sans]
-        result = self.client.score(prompt, candidates=candidates)
+        result = self.client.score(prompt, candidates=candidates, adapter=self.adapter)
         scores = [c.logprob for c in result.candidates]
         probs = softmax(scores)
         sizes = [len(c.token_ids) for c in result.candidates]

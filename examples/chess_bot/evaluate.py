@@ -87,8 +87,9 @@ def losses(engine: chess.engine.SimpleEngine, board: chess.Board, depth: int, ca
     return {move: min(cap, best - cp) for move, cp in scores.items()}
 
 
-def evaluate(client: Client, engine: chess.engine.SimpleEngine, samples, depth: int, cap: float) -> list[Position]:
-    bot = ChessBot(client)
+def evaluate(client: Client, engine: chess.engine.SimpleEngine, samples, depth: int, cap: float,
+             adapter: str | None = None) -> list[Position]:
+    bot = ChessBot(client, adapter=adapter)
     rows = []
     for i, (label, ply, board, game_move) in enumerate(samples):
         start = time.perf_counter()
@@ -178,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap", type=float, default=1000.0, help="largest loss counted for one move, centipawns")
     p.add_argument("--stockfish", default="/usr/games/stockfish")
     p.add_argument("--out", type=Path, default=HERE / "results" / "evaluate")
+    p.add_argument("--adapter", default=None, metavar="NAME[=PATH]",
+                   help="rank moves under a LoRA adapter: its name in the runtime; with --serve, NAME=PATH loads it")
     args = p.parse_args(argv)
 
     if args.serve:
-        with LocalRuntime(args.model) as runtime:
+        extra = ("--adapter", args.adapter) if args.adapter and "=" in args.adapter else ()
+        with LocalRuntime(args.model, extra_args=extra) as runtime:
             return run(args, runtime.endpoint)
     return run(args, args.endpoint)
 
@@ -193,13 +197,14 @@ def run(args: argparse.Namespace, endpoint: str) -> int:
         engine.configure({"Threads": 1, "Hash": 64})
         with Client(endpoint, timeout=300) as client:
             model = client.info().model
-            rows = evaluate(client, engine, samples, args.depth, args.cap)
+            adapter = args.adapter.partition("=")[0] if args.adapter else None
+            rows = evaluate(client, engine, samples, args.depth, args.cap, adapter)
         stockfish = engine.id.get("name", "Stockfish")
     finally:
         engine.quit()
     table = summarize(rows)
     settings = {
-        "model": model, "stockfish": stockfish, "depth": args.depth, "cap": args.cap, "every": args.every,
+        "model": model, "adapter": args.adapter, "stockfish": stockfish, "depth": args.depth, "cap": args.cap, "every": args.every,
         "first_ply": args.first_ply, "positions": len(rows), "games": len({r.game for r in rows}),
         "score_ms_median": statistics.median(r.score_ms for r in rows),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",

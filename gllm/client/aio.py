@@ -79,9 +79,10 @@ class AsyncClient:
                  tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
                  context_overflow: str | None = None, max_tokens_per_second: float | None = None,
                  deadline_ms: float | None = None, deterministic: bool | None = None,
-                 affinity: ClientId | None = None, timeout: float | None = None) -> AsyncStream:
+                 affinity: ClientId | None = None, adapter: str | None = None,
+                 timeout: float | None = None) -> AsyncStream:
         """A stream of the generation's tokens; the request is sent when the stream is first awaited.
-        Structured output and ``affinity`` as for ``Client.generate``."""
+        Structured output, ``affinity`` and ``adapter`` as for ``Client.generate``."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("generate", next(self._ids), **fields, max_tokens=max_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
@@ -89,7 +90,8 @@ class AsyncClient:
                                   json_schema=json_schema, grammar=grammar, grammar_syntax=grammar_syntax,
                                   regex=regex, choices=choices, tools=tools, tool_choice=tool_choice,
                                   context_overflow=context_overflow, max_tokens_per_second=max_tokens_per_second,
-                                  deadline_ms=deadline_ms, deterministic=deterministic, affinity=affinity)
+                                  deadline_ms=deadline_ms, deterministic=deterministic, affinity=affinity,
+                                  adapter=adapter)
         return AsyncStream(self, message, self.timeout if timeout is None else timeout)
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -99,19 +101,23 @@ class AsyncClient:
     async def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
                     messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
                     priority: int | None = None, thinking: bool | None = None, affinity: ClientId | None = None,
+                    adapter: str | None = None,
                     timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         message = request_message("score", next(self._ids), **fields, candidates=candidates, priority=priority,
-                                  thinking=thinking, affinity=affinity)
+                                  thinking=thinking, affinity=affinity, adapter=adapter)
         return parse_scores(await self._request(message, timeout))
 
     async def snapshot(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                        prompt_token_ids: list[int] | None = None, priority: int | None = None,
-                       affinity: ClientId | None = None, timeout: float | None = None) -> Snapshot:
-        """Save a conversation: the KV of the prompt's whole blocks, computed or taken from the cache."""
+                       affinity: ClientId | None = None, adapter: str | None = None,
+                       timeout: float | None = None) -> Snapshot:
+        """Save a conversation: the KV of the prompt's whole blocks, computed or taken from the cache
+        (under ``adapter`` when given: the state records it, and restores only where it is loaded)."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        message = request_message("snapshot", next(self._ids), **fields, priority=priority, affinity=affinity)
+        message = request_message("snapshot", next(self._ids), **fields, priority=priority, affinity=affinity,
+                                  adapter=adapter)
         return parse_snapshot(await self._request(message, timeout))
 
     async def restore(self, state: bytes, *, pin: bool = False, affinity: ClientId | None = None,
@@ -143,6 +149,16 @@ class AsyncClient:
 
     async def info(self, timeout: float | None = None) -> Info:
         return parse_info(await self._request(request_message("info", next(self._ids)), timeout))
+
+    async def load_adapter(self, name: str, path: str, timeout: float | None = None) -> list[str]:
+        """Make the runtime load a LoRA adapter from ``path`` *on its machine*; returns the adapters loaded."""
+        message = request_message("load_adapter", next(self._ids), name=name, path=str(path))
+        return expect(await self._request(message, timeout), "adapters")["adapters"]
+
+    async def unload_adapter(self, name: str, timeout: float | None = None) -> list[str]:
+        """Unload an adapter (running requests finish with it); returns the adapters still loaded."""
+        message = request_message("unload_adapter", next(self._ids), name=name)
+        return expect(await self._request(message, timeout), "adapters")["adapters"]
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip time to the runtime, in seconds."""

@@ -127,6 +127,7 @@ class Info:
     stats: dict[str, Any]  # engine and runtime statistics (kv_blocks_in_use, running, waiting, ...)
     limits: dict[str, Any]
     replicas: list[dict[str, Any]] | None = None  # a cluster's replicas: id, healthy, open_requests, load
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters loaded, by name
 
 
 def prompt_fields(prompt: str | None, messages: list[dict[str, str]] | None,
@@ -217,4 +218,4 @@ def parse_restored(msg: dict[str, Any]) -> Restored:
 def parse_info(msg: dict[str, Any]) -> Info:
     msg = expect(msg, "info")
     return Info(msg["model"], msg["vocab_size"], msg["max_seq_len"], msg["protocol_version"], msg["stats"],
-                msg.get("limits", {}), msg.get("replicas"))
+                msg.get("limits", {}), msg.get("replicas"), msg.get("adapters") or [])

@@ -81,14 +81,15 @@ class Client:
                  tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
                  context_overflow: str | None = None, max_tokens_per_second: float | None = None,
                  deadline_ms: float | None = None, deterministic: bool | None = None,
-                 affinity: ClientId | None = None, timeout: float | None = None) -> Stream:
+                 affinity: ClientId | None = None, adapter: str | None = None,
+                 timeout: float | None = None) -> Stream:
         """Start a generation; iterate the returned ``Stream`` for its tokens, then read ``stream.result``.
 
         Structured output (docs/protocol.md): at most one of ``json_schema``, ``grammar`` (GBNF, or Lark
         with ``grammar_syntax="lark"``), ``regex``, ``choices``; or ``tools`` ({name, description,
         parameters}) with ``tool_choice``. The ``Completion`` then has ``tool_calls`` and
         ``structure_complete``. ``affinity``: a key (an NPC's id) that keeps its requests on one replica
-        of a cluster."""
+        of a cluster. ``adapter``: the name of a loaded LoRA adapter to generate with."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("generate", timeout, **fields, max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, logprobs=logprobs, priority=priority,
@@ -96,7 +97,7 @@ class Client:
                                 grammar_syntax=grammar_syntax, regex=regex, choices=choices, tools=tools,
                                 tool_choice=tool_choice, context_overflow=context_overflow,
                                 max_tokens_per_second=max_tokens_per_second, deadline_ms=deadline_ms,
-                                deterministic=deterministic, affinity=affinity)
+                                deterministic=deterministic, affinity=affinity, adapter=adapter)
         return Stream(self, request_id, self.timeout if timeout is None else timeout)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -106,19 +107,22 @@ class Client:
     def score(self, prompt: str | None = None, *, candidates: list[str | list[int]],
               messages: list[dict[str, str]] | None = None, prompt_token_ids: list[int] | None = None,
               priority: int | None = None, thinking: bool | None = None, affinity: ClientId | None = None,
+              adapter: str | None = None,
               timeout: float | None = None) -> Scores:
         """Log-probability of each candidate as a continuation of the prompt, in input order."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
         request_id = self._open("score", timeout, **fields, candidates=candidates, priority=priority,
-                                thinking=thinking, affinity=affinity)
+                                thinking=thinking, affinity=affinity, adapter=adapter)
         return parse_scores(self._reply(request_id, timeout))
 
     def snapshot(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                  prompt_token_ids: list[int] | None = None, priority: int | None = None,
-                 affinity: ClientId | None = None, timeout: float | None = None) -> Snapshot:
-        """Save a conversation: the KV of the prompt's whole blocks, computed or taken from the cache."""
+                 affinity: ClientId | None = None, adapter: str | None = None,
+                 timeout: float | None = None) -> Snapshot:
+        """Save a conversation: the KV of the prompt's whole blocks, computed or taken from the cache
+        (under ``adapter`` when given: the state records it, and restores only where it is loaded)."""
         fields = prompt_fields(prompt, messages, prompt_token_ids)
-        request_id = self._open("snapshot", timeout, **fields, priority=priority, affinity=affinity)
+        request_id = self._open("snapshot", timeout, **fields, priority=priority, affinity=affinity, adapter=adapter)
         return parse_snapshot(self._reply(request_id, timeout))
 
     def restore(self, state: bytes, *, pin: bool = False, affinity: ClientId | None = None,
@@ -148,6 +152,15 @@ class Client:
     def info(self, timeout: float | None = None) -> Info:
         """Model, limits and live statistics of the runtime."""
         return parse_info(self._reply(self._open("info", timeout), timeout))
+
+    def load_adapter(self, name: str, path: str, timeout: float | None = None) -> list[str]:
+        """Make the runtime load a LoRA adapter from ``path`` *on its machine*; returns the adapters loaded."""
+        return expect(self._reply(self._open("load_adapter", timeout, name=name, path=str(path)), timeout),
+                      "adapters")["adapters"]
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> list[str]:
+        """Unload an adapter (running requests finish with it); returns the adapters still loaded."""
+        return expect(self._reply(self._open("unload_adapter", timeout, name=name), timeout), "adapters")["adapters"]
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time to the runtime, in seconds."""

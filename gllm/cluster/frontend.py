@@ -12,6 +12,8 @@ handling and shutdown (all ``Endpoint``'s). What each message does:
   goes to the replica running that request;
 * ``release`` goes to the replica holding the state that the restore of that id pinned; a client that
   disconnects has its pins released there too;
+* ``load_adapter`` and ``unload_adapter`` go to every replica (and to replicas that start later), so that
+  a request naming an adapter finds it wherever it is routed; ``info`` lists the adapters they reported;
 * any other message type goes to one replica, the one of its ``affinity`` key if it has one (so state a
   replica keeps for a key is found again under that key), else the least loaded; its replies come back.
 
@@ -102,6 +104,8 @@ class FrontEnd(Endpoint):
                     self.relay.unpin(key)
                 else:
                     self.pins.add(peer, req.client_id, key)
+            if msg is not None and msg["type"] == "adapters":
+                self.model["adapters"] = msg["adapters"]
             if msg is not None and (req is None or not req.orphaned):
                 self.send(peer, msg)
 
@@ -125,6 +129,9 @@ class FrontEnd(Endpoint):
             if (key := self.pins.pop(peer, req.id)) is not None:
                 self.relay.unpin(key)
             return
+        if isinstance(req, (protocol.LoadAdapter, protocol.UnloadAdapter)):
+            self.relay.change_adapter(peer, req, protocol.encode(msg))
+            return
         client_id = getattr(req, "id", None)
         about = self.requests.find(peer, client_id) if client_id is not None else None
         self.relay.forward(peer, client_id, protocol.encode(msg), protocol.affinity_of(msg),
@@ -140,6 +147,7 @@ class FrontEnd(Endpoint):
                  "replicas_healthy": sum(r["healthy"] for r in replicas),
                  "failovers": self.relay.counters["failovers"]}
         msg = protocol.info_message(request_id, self.model["model"], self.model["vocab_size"],
-                                    self.model["max_seq_len"], stats, admission.reported(self.limits))
+                                    self.model["max_seq_len"], stats, admission.reported(self.limits),
+                                    self.model.get("adapters", []))
         msg["replicas"] = replicas
         return msg

@@ -66,7 +66,8 @@ def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveSe
     try:
         serve.start(proxy_location="Disabled")
         config = ReplicaConfig(str(args.model), args.device, args.dtype, args.quantize, threads, args.max_batch_size,
-                               args.max_seq_len, args.kv_blocks, args.kv_memory, args.max_pinned_memory, limits)
+                               args.max_seq_len, args.kv_blocks, args.kv_memory, args.max_pinned_memory, limits,
+                               tuple(args.adapter))
         capacity = REQUESTS_PER_SLOT * args.max_batch_size
         app = EngineReplica.options(
             num_replicas=args.replicas,

@@ -20,6 +20,11 @@ the same way; a state pinned on a lost replica is gone with it.
 
 A replica holds a pinned state under the key of the ``restore`` that pinned it; ``unpin`` drops that key
 there, which releases it.
+
+Every replica serves the same LoRA adapters: those of ``--adapter`` from its start, and each
+``load_adapter`` / ``unload_adapter`` is sent to all of them (``change_adapter``). A load that fails on
+one is undone on the others, and the client gets that replica's error. The changes are kept, and a
+replica that connects later (one Serve started in place of a lost one) makes them before it takes requests.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class Relay:
         self._connected: set[str] = set()  # replicas whose reply stream is open: requests may go there
         self._waiting: collections.deque[Job] = collections.deque()
         self._pinned: dict[str, str] = {}  # key of a restore that pinned a state -> the replica holding it
+        self._adapter_changes: dict[str, str | None] = {}  # adapter name -> path loaded at run time, or None: unloaded
         self._lock = threading.Lock()  # the router, as ``view`` reads it from the front end's thread
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gllm-relay", daemon=True)
@@ -108,6 +114,10 @@ class Relay:
         """Hand a message that opens no request to one replica and deliver its replies: the replica of the
         open request ``about`` names (the message's id is one), else the affinity's, else the least loaded."""
         self._loop.call_soon_threadsafe(self._spawn, self._forward(peer, client_id, frame, affinity, about))
+
+    def change_adapter(self, peer: bytes, req: protocol.LoadAdapter | protocol.UnloadAdapter, frame: bytes) -> None:
+        """Load or unload an adapter on every replica and deliver one reply: ``adapters``, or the first error."""
+        self._loop.call_soon_threadsafe(self._spawn, self._change_adapter(peer, req, frame))
 
     def describe(self, timeout_s: float) -> dict[str, Any]:
         """The model as a replica describes it; waits for the first replica to be up."""
@@ -194,6 +204,7 @@ class Relay:
                 if isinstance(item, str):  # the replica's id: it serves this channel, or it is another one
                     if item != replica:
                         return  # the replica meant was gone; the next refresh tries again if it is listed
+                    await self._replay_adapters(replica)
                     self._connected.add(replica)
                     continue
                 for peer, msg in item:
@@ -332,6 +343,34 @@ class Relay:
             return
         for msg in await self._call(replica, peer_there, frame, client_id):
             self.deliver(None, peer, msg)
+
+    async def _change_adapter(self, peer: bytes, req: protocol.LoadAdapter | protocol.UnloadAdapter,
+                              frame: bytes) -> None:
+        replicas = sorted(self._connected)
+        if not replicas:
+            self.deliver(None, peer, protocol.error_message("internal", "no replica is running", req.id))
+            return
+        answers = await asyncio.gather(*(self._call(r, peer, frame, req.id) for r in replicas))
+        firsts = [a[0] if a else protocol.error_message("internal", "the replica did not answer", req.id)
+                  for a in answers]
+        failed = [m for m in firsts if m["type"] != "adapters"]
+        if failed and isinstance(req, protocol.LoadAdapter):  # undone where it loaded: all serve the same
+            undo = protocol.encode({"type": "unload_adapter", "name": req.name})
+            await asyncio.gather(*(self._call(r, peer, undo) for r, m in zip(replicas, firsts)
+                                   if m["type"] == "adapters"))
+        elif not failed:
+            self._adapter_changes[req.name] = req.path if isinstance(req, protocol.LoadAdapter) else None
+        self.deliver(None, peer, failed[0] if failed else firsts[0])
+
+    async def _replay_adapters(self, replica: str) -> None:
+        """Make a replica that connects now serve the adapters the others serve (see the module docstring)."""
+        for name, path in self._adapter_changes.items():
+            await self._call(replica, b"adapters", protocol.encode({"type": "unload_adapter", "name": name}))
+            if path is not None:
+                answer = await self._call(replica, b"adapters", protocol.encode(
+                    {"type": "load_adapter", "name": name, "path": path}))
+                if not answer or answer[0]["type"] != "adapters":
+                    log.warning("replica %s could not load adapter %r: %s", replica, name, answer)
 
     async def _call(self, replica: str, peer: bytes, frame: bytes,
                     client_id: ClientId | None = None) -> list[dict[str, Any]]:

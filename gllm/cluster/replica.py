@@ -41,6 +41,7 @@ class ReplicaConfig:
     kv_memory: int | None = None
     max_pinned_memory: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    adapters: tuple[tuple[str, str], ...] = ()  # LoRA adapters (name, path) every replica loads at start
 
 
 @serve.deployment
@@ -58,7 +59,7 @@ class EngineReplica:
                                  max_pinned_memory=config.max_pinned_memory)
         grammar_limits = GrammarLimits(config.limits.max_grammar_size, config.limits.grammar_fuel)
         engine = LLMEngine(config.model, params, device=config.device, dtype=config.dtype, quantize=config.quantize,
-                           grammar_limits=grammar_limits)
+                           grammar_limits=grammar_limits, adapters=dict(config.adapters))
         engine.constraints.warm_up()  # structured output's tokenizer, built while the replica starts
         gc.collect()
         gc.freeze()  # as gllm serve does: start-up objects out of the collector's walks

@@ -6,7 +6,8 @@ where no block is being written:
 
 * ``snapshot``: the KV of a prompt's full blocks, with their token ids and the model's fingerprint, as bytes
   (``gllm.engine.snapshot``); ``restore`` puts them back into the prefix cache, optionally pinned until
-  ``release``.
+  ``release``. A snapshot under a LoRA adapter records it (name and fingerprint); its restore needs the
+  same adapter loaded, and its blocks then serve that adapter's requests only.
 * ``context_overflow="drop_oldest"`` on a chat request: the oldest turns after the system messages are left
   out until the chat fits ``max_seq_len`` minus the tokens asked for (``fit_chat``).
 * ``inject``: tokens appended to a running generation's context at its current position; the next token
@@ -29,6 +30,7 @@ from gllm.engine.saved_states import RestoreResult, SavedStates, SnapshotJob, Sn
 from gllm.engine.sequence import Sequence, Status
 from gllm.engine.snapshot import SavedState, StateFormat, model_fingerprint
 from gllm.kv import PinLimitError
+from gllm.lora import LoraAdapter
 from gllm.ops.block_linear import BlockWeight
 from gllm.ops.invariant import probe_plan
 from gllm.sample import SamplingRow
@@ -78,7 +80,7 @@ class GameState:
             pinned = (self.block_manager.pool.num_blocks // 2 if params.max_pinned_memory is None
                       else params.max_pinned_memory // fmt.bytes_for(1))
         self.states = SavedStates(self.block_manager, self.runner.kv_caches, fmt, pinned)
-        self._restores: collections.deque[tuple[str, SavedState | None, str | None]] = collections.deque()
+        self._restores: collections.deque[tuple[str, SavedState, str | None, LoraAdapter | None]] = collections.deque()
         self._releases: collections.deque[str] = collections.deque()
         self._injections: collections.deque[tuple[str, list[int]]] = collections.deque()
 
@@ -87,6 +89,7 @@ class GameState:
         """Queue the snapshot of a prompt's full blocks; the step that finishes it returns a
         ``SnapshotResult`` holding the state."""
         req.validate()
+        adapter = self._adapter(req.adapter)
         if not self.block_manager.enable_prefix_caching:
             raise ValueError("snapshots are taken from the prefix cache, and this engine has it switched off")
         ids = self.prompt_ids(req)
@@ -98,28 +101,46 @@ class GameState:
         self._check_room(full)
         request_id = self._new_request_id(req.request_id)
         seq = Sequence(request_id=request_id, token_ids=ids[:full], num_prompt_tokens=full, max_tokens=full,
-                       sampling=SamplingRow(0.0), priority=req.priority, arrival=next(self._arrivals), samples=False)
+                       sampling=SamplingRow(0.0), priority=req.priority, arrival=next(self._arrivals), samples=False,
+                       adapter=adapter)
         self._submit(SnapshotJob(seq, self.states))
         return request_id
 
     def snapshot(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-                 prompt_token_ids: list[int] | None = None) -> bytes:
+                 prompt_token_ids: list[int] | None = None, adapter: str | None = None) -> bytes:
         """The saved state of a prompt, computed (or taken from the prefix cache) on this thread."""
-        result = self._run([self.add_snapshot(SnapshotRequest(prompt, messages, prompt_token_ids))])[0]
+        req = SnapshotRequest(prompt, messages, prompt_token_ids, adapter=adapter)
+        result = self._run([self.add_snapshot(req)])[0]
         if result.state is None:
             raise RuntimeError(f"the snapshot failed: {result.error or result.finish_reason}")
         return result.state
 
     def add_restore(self, state: bytes, pin: str | None = None, request_id: str | None = None,
                     max_bytes: int | None = None) -> str:
-        """Check a state (``ValueError`` if it is damaged or from another model) and queue putting it into
-        the prefix cache, pinned under the name ``pin`` when given; the next step returns a ``RestoreResult``."""
+        """Check a state (``ValueError`` if it is damaged, from another model, or computed under a LoRA
+        adapter that is not loaded) and queue putting it into the prefix cache, pinned under the name ``pin``
+        when given; the next step returns a ``RestoreResult``."""
         saved = self.states.parse(state, max_bytes)
+        adapter = self._state_adapter(saved)
         if pin is not None:
-            self.states.check_pin(saved, pin)
+            self.states.check_pin(saved, pin, adapter)
         request_id = self._new_request_id(request_id)
-        self._restores.append((request_id, saved, pin))
+        self._restores.append((request_id, saved, pin, adapter))
         return request_id
+
+    def _state_adapter(self, saved: SavedState) -> LoraAdapter | None:
+        """The loaded adapter a state's K/V was computed under: the same name and the same fingerprint."""
+        if saved.adapter is None:
+            return None
+        name = saved.adapter.name
+        adapter = self.adapters.adapters.get(name)
+        if adapter is None:
+            raise ValueError(f"the state was computed under the LoRA adapter {name!r}, which is not loaded: "
+                             "load it, then restore")
+        if adapter.fingerprint != saved.adapter.fingerprint:
+            raise ValueError(f"the state was computed under another LoRA adapter than the one loaded as {name!r} "
+                             f"(fingerprint {saved.adapter.fingerprint}, loaded {adapter.fingerprint})")
+        return adapter
 
     def restore(self, state: bytes, pin: str | None = None) -> int:
         """Put a saved state into the prefix cache now; returns how many tokens it restored."""
@@ -138,9 +159,9 @@ class GameState:
         while self._releases:
             self.states.pins.release(self._releases.popleft())
         while self._restores:
-            request_id, saved, pin = self._restores.popleft()
+            request_id, saved, pin, adapter = self._restores.popleft()
             try:
-                tokens = self.states.restore(saved, pin)
+                tokens = self.states.restore(saved, pin, adapter)
                 out.finished.append(RestoreResult(request_id, tokens, "restored", pin is not None))
             except ValueError as exc:  # the limit or the name, taken since the checks of ``add_restore``
                 out.finished.append(RestoreResult(request_id, 0, "error", error=str(exc),

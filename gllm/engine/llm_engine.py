@@ -25,6 +25,7 @@ from gllm.engine.streaming import AsyncDriver
 from gllm.kv import BlockManager, allocate_kv_cache, bytes_per_block
 from gllm.loader import LoadedModel, is_gguf, load_model
 from gllm.loader.registry import DEFAULT_MODEL
+from gllm.lora import AdapterRegistry, LoraAdapter
 from gllm.model import LlamaModel
 from gllm.ops import block_linear
 from gllm.ops.backend import select_backend
@@ -84,6 +85,7 @@ class LLMEngine(AsyncDriver, GameState):
         quantize: str | None = None,
         overlap: bool | None = None,
         grammar_limits: GrammarLimits = GrammarLimits(),
+        adapters: dict[str, str | Path] | None = None,
     ):
         """``dtype="auto"`` picks the fastest precision that keeps quality (``resolve_dtype``). On the CPU
         a GGUF model's matrices stay in the file's blocks (Q4_0 ... Q8_0, Q4_K, Q5_K, Q6_K) and every
@@ -92,7 +94,7 @@ class LLMEngine(AsyncDriver, GameState):
         (a ``LoadedModel`` loaded with ``blocks=True`` still multiplies from its blocks, in float32).
         ``quantize="int8"`` (CPU, bfloat16) instead stores weight-only int8 copies of dequantized weights
         (``gllm.ops.linear``). ``grammar_limits`` bound the work one request's structured-output grammar
-        may ask for."""
+        may ask for. ``adapters``: LoRA adapters to load at start, ``{name: path}`` (see ``load_adapter``)."""
         super().__init__()
         self.params = params = gen_params or GeneratorParams()
         self.device = torch.device(device)
@@ -124,6 +126,9 @@ class LLMEngine(AsyncDriver, GameState):
         # One block more than the pool hands out: the scratch block that CUDA graphs' padding rows write to.
         kv = allocate_kv_cache(cfg, num_blocks + 1, params.block_size, dtype, self.device)
         self.runner = ModelRunner(self.model, kv, params.block_size, self.device)
+        self.adapters = self.runner.adapters = AdapterRegistry(self.model, cfg, dtype, self.device)
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, path)
         if cuda_graphs and self.device.type == "cuda":
             self.runner.capture_graphs(num_blocks, params.max_batch_size, self.max_seq_len)
         # Queue each decode step before reading the last one's tokens (``step``); it pays where the device
@@ -198,9 +203,22 @@ class LLMEngine(AsyncDriver, GameState):
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
+    def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """Load a LoRA adapter (a PEFT folder or a GGUF LoRA file) that requests can then name. A file
+        that does not fit the model raises ``gllm.lora.AdapterError`` (a ``ValueError``), changing nothing."""
+        return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter: new requests can no longer name it; running ones finish with it."""
+        self.adapters.unload(name)
+
+    def _adapter(self, name: str | None) -> LoraAdapter | None:
+        return None if name is None else self.adapters.get(name)
+
     def add_request(self, req: GenerationRequest) -> str:
         """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input."""
         req.validate()
+        adapter = self._adapter(req.adapter)
         ids, dropped_turns = self.fitted_prompt(req)
         resumed = self._check_ids([t for t, _, _ in req.resume], "resume") if req.resume else []
         timing = self._sequence_timing(req)
@@ -227,6 +245,7 @@ class LLMEngine(AsyncDriver, GameState):
                 fork_index=i,
                 logits_from=0 if req.prompt_logprobs else None,
                 constraint=None if grammar is None else self.constraints.compiler.constraint(grammar),
+                adapter=adapter,
                 **timing,
             ))
         seqs[0].pending_forks = seqs[1:]
@@ -242,6 +261,7 @@ class LLMEngine(AsyncDriver, GameState):
     def add_score(self, req: ScoreRequest) -> str:
         """Validate and queue a score request; returns its id. See ``gllm.engine.scoring`` for tokenization."""
         req.validate()
+        adapter = self._adapter(req.adapter)
         prompt = self.prompt_ids(req)
         targets, texts = [], []
         for c in req.candidates:
@@ -261,7 +281,7 @@ class LLMEngine(AsyncDriver, GameState):
         self._check_room(longest)
         request_id = self._new_request_id(req.request_id)
         common = dict(num_prompt_tokens=len(prompt), max_tokens=longest, sampling=SamplingRow(0.0),
-                      priority=req.priority, samples=False)
+                      priority=req.priority, samples=False, adapter=adapter)
         parent = Sequence(request_id=request_id, token_ids=list(prompt), arrival=next(self._arrivals), **common)
         cands = [
             Sequence(request_id=f"{request_id}#{i}", token_ids=prompt + t[:-1], arrival=next(self._arrivals),
@@ -322,7 +342,7 @@ class LLMEngine(AsyncDriver, GameState):
             c.seq.scheduled_time = c.seq.scheduled_time or now
         chunks = [
             BatchChunk(c.seq.token_ids[c.start : c.start + c.num_tokens] or [0], c.start, c.seq.block_table, c.num_logits,
-                       c.seq.exact)
+                       c.seq.exact, c.seq.adapter)
             for c in plan.chunks
         ]
         self._counters["steps"] += 1

@@ -65,6 +65,7 @@ class GenerationRequest:
     # number len(resume). Greedy and seeded requests continue exactly: a seeded one skips their draws.
     resume: list[tuple[int, float, int]] | None = None
     request_id: str | None = None  # assigned by the engine when missing
+    adapter: str | None = None  # name of a loaded LoRA adapter to apply (``LLMEngine.load_adapter``)
     # Structured output (gllm.constrain): at most one of json_schema, grammar, regex, choices; and tools.
     json_schema: dict[str, Any] | bool | None = None  # a JSON Schema; {} or True: any JSON object
     grammar: str | None = None  # GBNF, or Lark with grammar_syntax="lark"
@@ -114,6 +115,11 @@ class GenerationRequest:
             not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)
         ):
             raise ValueError("stop must be a list of non-empty strings")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError("adapter must be the name of a loaded adapter (a string)")
+        if self.adapter is not None and self.deterministic:
+            raise ValueError("deterministic requests run without a LoRA adapter (its grouped products are not "
+                             "batch-invariant)")
         self.output_constraint.check()
         check_tools(self.tools, self.tool_choice)
         if self.calls_tools and self.output_constraint.given:

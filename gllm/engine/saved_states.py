@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gllm.engine.sequence import Sequence, Status
-from gllm.engine.snapshot import SavedState, StateFormat
+from gllm.engine.sequence import Sequence, Status, cache_salt
+from gllm.engine.snapshot import SavedState, StateAdapter, StateFormat
 from gllm.kv import BlockManager, Pins, read_blocks, write_blocks
+from gllm.lora import LoraAdapter
 
 
 @dataclass
 class SnapshotRequest:
     """The prompt whose KV to save. Give exactly one of ``prompt``, ``messages`` or ``prompt_token_ids``;
-    only its full blocks are saved (the tail shorter than a block is not)."""
+    only its full blocks are saved (the tail shorter than a block is not). Under ``adapter`` (a loaded LoRA
+    adapter's name) the K/V is that adapter's, and the state records it: it restores only where the same
+    adapter is loaded, into the prefix cache of that adapter's requests."""
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
@@ -30,11 +33,14 @@ class SnapshotRequest:
     priority: int = 0
     max_bytes: int | None = None  # refuse (ValueError) a state that would be larger
     request_id: str | None = None
+    adapter: str | None = None
 
     def validate(self) -> None:
         given = [n for n in ("prompt", "messages", "prompt_token_ids") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError("adapter must be the name of a loaded adapter (a string)")
 
 
 @dataclass
@@ -84,7 +90,7 @@ class SnapshotJob:
         state = None
         if reason == "saved":
             try:
-                state = self.states.save(seq.token_ids)
+                state = self.states.save(seq.token_ids, seq.adapter)
             except Exception as exc:  # the blocks should be there: say so rather than fail the step
                 reason, self.error = "error", f"{type(exc).__name__}: {exc}"[:200]
         end = time.perf_counter()
@@ -109,12 +115,13 @@ class SavedStates:
             raise ValueError(f"the state of {num_blocks * self.blocks.block_size} tokens would be {size} bytes; "
                              f"the limit is {max_bytes} bytes")
 
-    def save(self, token_ids: list[int]) -> bytes:
-        """The state of ``token_ids`` (whole blocks, all in the prefix cache now)."""
-        found = self.blocks.cached_prefix(token_ids)
+    def save(self, token_ids: list[int], adapter: LoraAdapter | None = None) -> bytes:
+        """The state of ``token_ids`` (whole blocks, all in the prefix cache now, computed under ``adapter``)."""
+        found = self.blocks.cached_prefix(token_ids, cache_salt(False, adapter))
         if len(found) * self.blocks.block_size != len(token_ids):
             raise RuntimeError(f"only {len(found)} of the snapshot's blocks are in the prefix cache")
-        return self.format.encode(token_ids, read_blocks(self.kv_caches, found))
+        recorded = None if adapter is None else StateAdapter(adapter.name, adapter.fingerprint)
+        return self.format.encode(token_ids, read_blocks(self.kv_caches, found), recorded)
 
     def parse(self, state: bytes, max_bytes: int | None = None) -> SavedState:
         """Check a state before anything changes; ``ValueError`` (``StateError``) says what is wrong."""
@@ -124,25 +131,26 @@ class SavedStates:
             raise ValueError(f"the state is {len(state)} bytes; the limit is {max_bytes} bytes")
         return self.format.decode(state)
 
-    def check_pin(self, saved: SavedState, pin: str) -> None:
+    def check_pin(self, saved: SavedState, pin: str, adapter: LoraAdapter | None = None) -> None:
         """Raise ``PinLimitError`` (a ``ValueError``) if pinning ``saved`` would go over the limit, and
         ``ValueError`` if the name already pins a state."""
         if pin in self.pins:
             raise ValueError(f"{pin!r} already pins a state; release it first")
-        cached = self.blocks.cached_prefix(saved.token_ids)
+        cached = self.blocks.cached_prefix(saved.token_ids, cache_salt(False, adapter))
         self.pins.check(cached, extra=len(saved.token_ids) // self.blocks.block_size - len(cached))
 
-    def restore(self, saved: SavedState, pin: str | None = None) -> int:
-        """Put a parsed state's blocks into the prefix cache (pinned under ``pin`` when given); returns the
-        tokens restored: all of them, or the blocks that found room when the cache is full of running
-        requests. A pin over the limit raises ``PinLimitError`` and changes nothing."""
+    def restore(self, saved: SavedState, pin: str | None = None, adapter: LoraAdapter | None = None) -> int:
+        """Put a parsed state's blocks into the prefix cache (pinned under ``pin`` when given), where requests
+        under ``adapter`` (the one the state records, checked by ``LLMEngine.add_restore``) find them;
+        returns the tokens restored: all of them, or the blocks that found room when the cache is full of
+        running requests. A pin over the limit raises ``PinLimitError`` and changes nothing."""
         if pin is not None:
-            self.check_pin(saved, pin)
+            self.check_pin(saved, pin, adapter)
 
         def fill(indexes: list[int], blocks: list[int]) -> None:
             write_blocks(self.kv_caches, blocks, saved.kv[:, :, indexes])
 
-        held = self.blocks.hold_prefix(saved.token_ids, fill)
+        held = self.blocks.hold_prefix(saved.token_ids, fill, cache_salt(False, adapter))
         restored = len(held) * self.blocks.block_size
         if pin is not None:
             self.pins.pin(pin, held)

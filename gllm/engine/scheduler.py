@@ -111,7 +111,8 @@ class Scheduler:
                 i += 1
         if not plan.preempted:
             budget = self._admit(plan, budget)
-        plan.chunks.sort(key=lambda c: c.num_tokens > 1)
+        # decodes first; rows of one LoRA adapter side by side, so that they form one group (gllm.lora)
+        plan.chunks.sort(key=lambda c: (c.num_tokens > 1, c.seq.adapter_uid))
         return plan
 
     def plan_ahead(self, plan: SchedulePlan) -> SchedulePlan | None:

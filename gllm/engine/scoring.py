@@ -23,6 +23,7 @@ class ScoreRequest:
     priority: int = 0
     thinking: bool = False  # with messages: the chat template's thinking switch (see GenerationRequest)
     request_id: str | None = None
+    adapter: str | None = None  # name of a loaded LoRA adapter to score under
 
     def validate(self) -> None:
         given = [n for n in ("prompt", "messages", "prompt_token_ids") if getattr(self, n) is not None]
@@ -36,6 +37,8 @@ class ScoreRequest:
                     raise ValueError(f"candidate {i} is an empty string")
             elif not isinstance(c, list) or not c or not all(isinstance(t, int) for t in c):
                 raise ValueError(f"candidate {i} must be a non-empty string or a non-empty list of token ids")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise ValueError("adapter must be the name of a loaded adapter (a string)")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gllm.kv import BlockKey
+from gllm.lora import LoraAdapter
 from gllm.sample import SamplingRow
 
 if TYPE_CHECKING:
@@ -16,6 +17,14 @@ if TYPE_CHECKING:
 
 
 EXACT_SALT = 0x6578616374  # the first parent hash of exact sequences' blocks
+
+
+def cache_salt(exact: bool, adapter: LoraAdapter | None) -> int | None:
+    """The first parent hash of a sequence's cached blocks: exact sequences share blocks only among
+    themselves, and K/V computed under a LoRA adapter only with the same adapter (its ``uid``, never reused
+    in a process, so an adapter reloaded under the same name does not match either)."""
+    salt = EXACT_SALT if exact else None
+    return salt if adapter is None else hash((salt, "lora", adapter.uid))
 
 
 class Status(enum.Enum):
@@ -52,6 +61,7 @@ class Sequence:
     pending_forks: list["Sequence"] = field(default_factory=list)  # start from this one's state once its prompt is done
     samples: bool = True  # False for scoring: the sequence only computes logprobs of given tokens
     logits_from: int | None = None  # every position from here on needs logits (prompt logprobs, scoring)
+    adapter: LoraAdapter | None = None  # the LoRA adapter applied to this sequence's rows
     arrival_time: float = field(default_factory=time.perf_counter)
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -83,8 +93,13 @@ class Sequence:
 
     @property
     def cache_salt(self) -> int | None:
-        """Where its blocks' hash chain starts: exact sequences share blocks only among themselves."""
-        return EXACT_SALT if self.exact else None
+        """Where its blocks' hash chain starts (see ``cache_salt``)."""
+        return cache_salt(self.exact, self.adapter)
+
+    @property
+    def adapter_uid(self) -> int:
+        """Its LoRA adapter's identity (0: none); the runner groups rows by it."""
+        return 0 if self.adapter is None else self.adapter.uid
 
     def inject(self, token_ids: list[int], limit: int) -> bool:
         """Append tokens to the context at the current position (they are computed before the next sample);

@@ -7,7 +7,9 @@ A state is a safetensors file (so no code ever runs on load, and any safetensors
   then values of each layer (``gllm.kv.transfer``);
 * metadata (strings): ``format`` = ``gllm-kv-state``, ``version`` = ``1``, ``fingerprint`` (below),
   ``model``, ``dtype``, ``block_size``, ``tokens``, and ``crc32`` of the two tensors' bytes, so a damaged
-  state is refused rather than restored into wrong attention.
+  state is refused rather than restored into wrong attention; for K/V computed under a LoRA adapter also
+  ``adapter`` (its name) and ``adapter_fingerprint`` (``gllm.lora.adapter.adapter_fingerprint``), without
+  which a state is the base model's.
 
 The fingerprint says which model computed the K/V: the architecture (every ``ModelConfig`` field), the
 dtype, the block size, the weight-only quantization, whether products read the GGUF blocks, and a sample
@@ -60,9 +62,18 @@ def model_fingerprint(config: ModelConfig, weights: dict[str, torch.Tensor], dty
 
 
 @dataclass(frozen=True)
+class StateAdapter:
+    """The LoRA adapter a state's K/V was computed under: its name and fingerprint."""
+
+    name: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class SavedState:
     token_ids: list[int]
     kv: torch.Tensor  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+    adapter: StateAdapter | None = None
 
 
 @dataclass(frozen=True)
@@ -81,12 +92,14 @@ class StateFormat:
         layers, heads, dim = self.kv_shape
         return 2 * layers * num_blocks * self.block_size * heads * dim * torch.empty((), dtype=self.dtype).element_size()
 
-    def encode(self, token_ids: list[int], kv: torch.Tensor) -> bytes:
+    def encode(self, token_ids: list[int], kv: torch.Tensor, adapter: StateAdapter | None = None) -> bytes:
         tokens = torch.tensor(token_ids, dtype=torch.int32)
         kv = kv.contiguous()
         meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": self.fingerprint, "model": self.model,
                 "dtype": _name(self.dtype), "block_size": str(self.block_size), "tokens": str(len(token_ids)),
                 "crc32": _crc32(tokens, kv)}
+        if adapter is not None:
+            meta.update(adapter=adapter.name, adapter_fingerprint=adapter.fingerprint)
         return safetensors.torch.save({"token_ids": tokens, "kv": kv}, metadata=meta)
 
     def decode(self, state: bytes) -> SavedState:
@@ -122,7 +135,13 @@ class StateFormat:
         ids = tokens.tolist()
         if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
             raise StateError("the state is damaged: it has token ids outside the vocabulary")
-        return SavedState(ids, kv)
+        adapter = None
+        if "adapter" in meta or "adapter_fingerprint" in meta:
+            name, fingerprint = meta.get("adapter"), meta.get("adapter_fingerprint")
+            if not isinstance(name, str) or not isinstance(fingerprint, str):
+                raise StateError("the state is damaged: it names a LoRA adapter without both its name and fingerprint")
+            adapter = StateAdapter(name, fingerprint)
+        return SavedState(ids, kv, adapter)
 
 
 def _metadata(state: bytes) -> dict[str, str]:

@@ -123,11 +123,11 @@ class BlockManager:
                 self.pool.free(block_table[i])
                 block_table[i] = self.released
 
-    def cached_prefix(self, token_ids: list[int]) -> list[int]:
-        """The cached blocks of the longest cached run of ``token_ids``' full blocks, taking no reference:
-        read them before anything allocates a block."""
+    def cached_prefix(self, token_ids: list[int], salt: int | None = None) -> list[int]:
+        """The cached blocks of the longest cached run of ``token_ids``' full blocks (hash chain from
+        ``salt``), taking no reference: read them before anything allocates a block."""
         blocks: list[int] = []
-        parent = None
+        parent = salt
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
             key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]))
             block = self.pool.lookup(key)
@@ -137,8 +137,9 @@ class BlockManager:
             parent = key.hash
         return blocks
 
-    def hold_prefix(self, token_ids: list[int], fill: Callable[[list[int], list[int]], None]) -> list[int]:
-        """One reference to a cached block for each full block of ``token_ids``, in order.
+    def hold_prefix(self, token_ids: list[int], fill: Callable[[list[int], list[int]], None],
+                    salt: int | None = None) -> list[int]:
+        """One reference to a cached block for each full block of ``token_ids`` (hash chain from ``salt``), in order.
 
         A block the prefix cache already holds is shared; the others take free blocks, which
         ``fill(indexes, blocks)`` writes (block ``indexes[i]`` of the tokens into ``blocks[i]``) before they
@@ -147,7 +148,7 @@ class BlockManager:
         """
         held: list[int] = []
         fresh: list[tuple[int, int, BlockKey]] = []
-        parent = None
+        parent = salt
         for i, start in enumerate(range(0, len(token_ids) - self.block_size + 1, self.block_size)):
             key = BlockKey(parent, tuple(token_ids[start : start + self.block_size]))
             parent = key.hash

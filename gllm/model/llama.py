@@ -50,15 +50,20 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """An ``nn.Linear`` whose product can be handed to a repacked kernel (``gllm.ops.linear``); the bias,
-    if any, is added after it."""
+    if any, is added after it.
+
+    ``lora``, when adapters are loaded (``gllm.lora``), adds per-row low-rank updates beside the base
+    product, whatever kernel computed it: ``lora(x, y)`` returns ``y`` plus the step's updates."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.kernel: Kernel | None = None
+        self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = dense(x, self.weight) if self.kernel is None else self.kernel(x)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y if self.lora is None else self.lora(x, y)
 
 
 class Attention(nn.Module):

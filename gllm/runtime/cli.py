@@ -48,6 +48,14 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def adapter_arg(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` of ``--adapter``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a PEFT folder or a GGUF LoRA file), got {text!r}")
+    return name, path
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     from gllm.cli import add_model_args
     from gllm.runtime.limits import ServerLimits
@@ -92,6 +100,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         help="client public keys: a file of keys, one a line, or a folder of *.pub files")
     access.add_argument("--insecure", action="store_true",
                         help="serve a non-loopback address without CurveZMQ: anyone who reaches it can use it")
+    p.add_argument("--adapter", type=adapter_arg, action="append", default=[], metavar="NAME=PATH",
+                   help="load a LoRA adapter (PEFT folder or GGUF LoRA file) that requests can name; repeatable "
+                        "(with --replicas, every replica loads it)")
     cluster = p.add_argument_group("cluster", "engine replicas on Ray Serve behind this endpoint (pip install "
                                    "gllm[cluster]); see docs/cluster.md")
     cluster.add_argument("--replicas", type=positive_int, default=None, metavar="N",
@@ -156,7 +167,8 @@ def serve(args: argparse.Namespace) -> int:
                              max_pinned_memory=args.max_pinned_memory)
     try:
         engine = LLMEngine(args.model, params, **engine_options(args),
-                           grammar_limits=GrammarLimits(args.max_grammar_size, args.grammar_fuel))
+                           grammar_limits=GrammarLimits(args.max_grammar_size, args.grammar_fuel),
+                           adapters=dict(args.adapter))
     except (ValueError, OSError):
         raise  # they name the file and what is wrong with it; gllm.cli.main prints them as one line
     except Exception as exc:  # anything else while loading (torch, memory): one line too, not a traceback

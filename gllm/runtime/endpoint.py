@@ -18,7 +18,8 @@ How a vanished client is noticed, all by libzmq itself:
 
 What a request *does* is the subclass's: ``submit`` opens one (``generate``, ``score``, ``snapshot``,
 ``restore``), ``cancel`` asks it to end with ``done{cancelled}``, ``abandon`` stops it without a reply (its
-client is gone), ``forward`` handles any other message type (``inject``, ``release``), ``peer_gone`` lets
+client is gone), ``forward`` handles any other message type (``inject``, ``release``, ``load_adapter``,
+``unload_adapter``: those two only from a client allowed to make the runtime read files), ``peer_gone`` lets
 go of what a vanished client kept (its pinned states), and ``info`` answers ``info``. Admission (sizes,
 duplicate ids, open requests per client, clients at once) and the bookkeeping of open requests are here,
 the same for both.
@@ -34,8 +35,8 @@ from typing import Any
 
 import zmq
 
-from gllm.runtime import admission, protocol
-from gllm.runtime.access import CurveServer
+from gllm.runtime import adapters, admission, protocol
+from gllm.runtime.access import CurveServer, is_local
 from gllm.runtime.connections import ConnectionTracker
 from gllm.runtime.limits import ServerLimits
 from gllm.runtime.outbox import Outboxes
@@ -70,6 +71,7 @@ class Endpoint(abc.ABC):
     def __init__(self, endpoint: str, limits: ServerLimits = ServerLimits(), context: zmq.Context | None = None,
                  curve: CurveServer | None = None):
         self.limits = limits
+        self.adapter_loading = curve is not None or is_local(endpoint)  # clients may make the runtime read files
         self.requests = OpenRequests()
         # A context of its own unless one is given: ending it at shutdown is what makes libzmq deliver the
         # replies still queued in it (within the linger time) before the process leaves.
@@ -285,6 +287,7 @@ class Endpoint(abc.ABC):
             admission.check_open(self.requests, peer, req.id, self.limits)
             self.submit(peer, req, msg)
         else:
+            adapters.check_allowed(req, self.adapter_loading)
             self.forward(peer, req, msg)
 
     def _refuse_client(self, peer: bytes, frame: bytes) -> None:

@@ -173,3 +173,10 @@ def tool(v: Any) -> dict[str, Any]:
             raise Invalid("parameters must be a JSON Schema object")
         out["parameters"] = params
     return out
+
+
+# LoRA adapters --------------------------------------------------------------------------------------
+MAX_ADAPTER_NAME_CHARS = 64
+MAX_PATH_CHARS = 4096
+adapter_name = string(MAX_ADAPTER_NAME_CHARS, nonempty=True)  # its characters: the engine checks them
+file_path = string(MAX_PATH_CHARS, nonempty=True)  # a path on the runtime's machine (load_adapter)

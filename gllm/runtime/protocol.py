@@ -22,12 +22,15 @@ import msgpack
 
 from gllm.runtime.fields import (  # noqa: F401  (ClientId and the limits are part of this module's API)
     INT32_MAX,
+    MAX_ADAPTER_NAME_CHARS,
     MAX_ID_CHARS,
+    MAX_PATH_CHARS,
     UINT64_MAX,
     Check,
     ClientId,
     Invalid,
     brief,
+    adapter_name,
     array_of,
     binary,
     boolean,
@@ -35,6 +38,7 @@ from gllm.runtime.fields import (  # noqa: F401  (ClientId and the limits are pa
     chat_message,
     client_id,
     describe,
+    file_path,
     GRAMMAR_SYNTAXES,
     integer,
     json_schema,
@@ -48,7 +52,7 @@ from gllm.runtime.fields import (  # noqa: F401  (ClientId and the limits are pa
 PROTOCOL_VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # loopback only, unless the user binds elsewhere
 ERROR_CODES = ("bad_request", "unknown_type", "too_long", "overloaded", "shutting_down", "internal",
-               "slow_client")
+               "slow_client", "forbidden")
 FINISH_REASONS = ("stop", "length", "cancelled")
 # Counters an ``info`` reply's ``stats`` always carries (0 until they first count); more may come with them.
 INFO_STATS = ("kv_blocks_total", "kv_blocks_in_use", "kv_blocks_cached", "running", "waiting", "open_requests",
@@ -101,6 +105,7 @@ class Generate:
     max_tokens_per_second: float | None = None
     deadline_ms: float | None = None
     deterministic: bool = False
+    adapter: str | None = None
 
 
 @dataclass
@@ -112,6 +117,7 @@ class Score:
     candidates: list[str | list[int]] = field(default_factory=list)
     priority: int = 0
     thinking: bool = False
+    adapter: str | None = None
 
 
 @dataclass
@@ -127,6 +133,7 @@ class Snapshot:
     messages: list[dict[str, str]] | None = None
     prompt_token_ids: list[int] | None = None
     priority: int = 0
+    adapter: str | None = None  # the K/V is computed under this adapter, and the state records it
 
 
 @dataclass
@@ -158,7 +165,21 @@ class Ping:
     id: ClientId | None = None
 
 
-Request = Union[Generate, Score, Cancel, Info, Ping, Snapshot, Restore, Release, Inject]
+# LoRA adapters loaded and unloaded while the runtime serves (``gllm.runtime.adapters``)
+@dataclass
+class LoadAdapter:
+    name: str
+    path: str
+    id: ClientId | None = None
+
+
+@dataclass
+class UnloadAdapter:
+    name: str
+    id: ClientId | None = None
+
+
+Request = Union[Generate, Score, Cancel, Info, Ping, Snapshot, Restore, Release, Inject, LoadAdapter, UnloadAdapter]
 # The messages that open a request: it stays open until one of the ``FINAL_REPLIES`` answers it.
 OPENING = (Generate, Score, Snapshot, Restore)
 FINAL_REPLIES = ("done", "scores", "snapshot", "restored", "error")
@@ -173,7 +194,6 @@ CONTEXT_OVERFLOW = ("error", "drop_oldest")
 # Messages that name another message's request: an error answering them carries a nil id, since that
 # request goes on (and ids of bad messages are echoed only for the requests they open or end).
 _NAMES_OTHER_REQUEST = ("inject", "release")
-
 
 # type -> (dataclass, {field: check}, required fields). Every field a type knows is listed here.
 SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
@@ -201,6 +221,7 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "max_tokens_per_second": number(0.0, 1e6, lo_open=True),
         "deadline_ms": number(0.0, 1e9),
         "deterministic": boolean,
+        "adapter": adapter_name,
     }, ("id",)),
     "score": (Score, {
         "id": client_id,
@@ -208,14 +229,19 @@ SCHEMAS: dict[str, tuple[type, dict[str, Check], tuple[str, ...]]] = {
         "candidates": array_of(candidate, nonempty=True),
         "priority": _PRIORITY,
         "thinking": boolean,
+        "adapter": adapter_name,
     }, ("id", "candidates")),
     "cancel": (Cancel, {"id": client_id}, ("id",)),
-    "snapshot": (Snapshot, {"id": client_id, **_PROMPT_CHECKS, "priority": _PRIORITY}, ("id",)),
+    "snapshot": (Snapshot, {"id": client_id, **_PROMPT_CHECKS, "priority": _PRIORITY, "adapter": adapter_name},
+                 ("id",)),
     "restore": (Restore, {"id": client_id, "state": binary, "pin": boolean}, ("id", "state")),
     "release": (Release, {"id": client_id}, ("id",)),
     "inject": (Inject, {"id": client_id, "text": string(), "token_ids": token_ids}, ("id",)),
     "info": (Info, {"id": client_id}, ()),
     "ping": (Ping, {"id": client_id}, ()),
+    "load_adapter": (LoadAdapter, {"id": client_id, "name": adapter_name, "path": file_path},
+                     ("name", "path")),
+    "unload_adapter": (UnloadAdapter, {"id": client_id, "name": adapter_name}, ("name",)),
 }
 # Fields any client message may carry besides its schema's: its type, and the key that a cluster's front end
 # routes by (``affinity``: messages with the same key go to the same replica while it is healthy). One
@@ -384,9 +410,14 @@ def error_message(code: str, message: str, request_id: ClientId | None = None) -
 
 
 def info_message(request_id: ClientId | None, model: str, vocab_size: int, max_seq_len: int,
-                 stats: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+                 stats: dict[str, Any], limits: dict[str, Any], adapters: list[str] = ()) -> dict[str, Any]:
     return {"type": "info", "id": request_id, "model": model, "vocab_size": vocab_size, "max_seq_len": max_seq_len,
-            "protocol_version": PROTOCOL_VERSION, "stats": stats, "limits": limits}
+            "protocol_version": PROTOCOL_VERSION, "stats": stats, "limits": limits, "adapters": list(adapters)}
+
+
+def adapters_message(request_id: ClientId | None, adapters: list[str]) -> dict[str, Any]:
+    """The reply to ``load_adapter`` and ``unload_adapter``: the adapters loaded now, by name."""
+    return {"type": "adapters", "id": request_id, "adapters": adapters}
 
 
 def pong_message(request_id: ClientId | None) -> dict[str, Any]:

@@ -65,4 +65,4 @@ class Server(Endpoint):
         stats = {**self.service.stats(), **self.client_stats(), "gc_frozen_objects": gc.get_freeze_count()}
         model = self.service.model_info()
         return protocol.info_message(request_id, model["model"], model["vocab_size"], model["max_seq_len"], stats,
-                                     admission.reported(self.limits))
+                                     admission.reported(self.limits), model["adapters"])

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from gllm.constrain import GrammarLimitError
 from gllm.engine import GenerationRequest, LLMEngine, RestoreResult, ScoreRequest, SnapshotRequest, TokenDelta
 from gllm.kv import PinLimitError
-from gllm.runtime import admission, protocol, replies
+from gllm.runtime import adapters, admission, protocol, replies
 from gllm.runtime.game_state import GameStateRequests
 from gllm.runtime.limits import ServerLimits
 from gllm.runtime.protocol import ProtocolError
@@ -61,7 +61,7 @@ class EngineService:
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
                     ignore_eos=req.ignore_eos, thinking=req.thinking, resume=resume, request_id=open_req.engine_id,
                     context_overflow=req.context_overflow, max_tokens_per_second=req.max_tokens_per_second,
-                    deadline_ms=req.deadline_ms, deterministic=req.deterministic,
+                    deadline_ms=req.deadline_ms, deterministic=req.deterministic, adapter=req.adapter,
                     **{name: getattr(req, name) for name in STRUCTURE_FIELDS})
                 if req.context_overflow == "drop_oldest":  # the turns left out are counted here, tokenizing
                     ids, open_req.dropped_turns = self.engine.fitted_prompt(gen, self.limits.max_prompt_tokens)
@@ -70,13 +70,13 @@ class EngineService:
             elif isinstance(req, protocol.Snapshot):
                 open_req = self.requests.new(peer, req.id, "snapshot")
                 self.game.snapshot(open_req, self._tokenized(SnapshotRequest(
-                    **prompt, priority=req.priority, request_id=open_req.engine_id), req.id))
+                    **prompt, priority=req.priority, request_id=open_req.engine_id, adapter=req.adapter), req.id))
             else:
                 open_req = self.requests.new(peer, req.id, "score")
                 self._check_candidates(req)
                 self.engine.add_score(self._tokenized(ScoreRequest(
                     **prompt, candidates=req.candidates, priority=req.priority, thinking=req.thinking,
-                    request_id=open_req.engine_id), req.id))
+                    request_id=open_req.engine_id, adapter=req.adapter), req.id))
         except GrammarLimitError as exc:
             raise admission.over_limit("too_long", exc.limit, self.limits, str(exc), req.id) from None
         except ValueError as exc:
@@ -88,11 +88,14 @@ class EngineService:
         self.engine.abort(req.engine_id)
 
     def forward(self, peer: bytes, req: protocol.Request) -> None:
-        """Message types beyond ping, info, cancel and those that open a request: ``inject`` and ``release``."""
+        """Message types beyond ping, info, cancel and those that open a request: ``inject``, ``release``,
+        ``load_adapter`` and ``unload_adapter`` (whoever forwards these has checked that the client may)."""
         if isinstance(req, protocol.Inject):
             self.game.inject(peer, req)
         elif isinstance(req, protocol.Release):
             self.game.release(peer, req)
+        elif isinstance(req, (protocol.LoadAdapter, protocol.UnloadAdapter)):
+            self.send(peer, adapters.handle(self.engine, req))
         else:
             raise ProtocolError("unknown_type", f"this runtime does not handle {type(req).__name__} messages",
                                 getattr(req, "id", None))
@@ -172,9 +175,9 @@ class EngineService:
 
     # -------------------------------------------------------------------------------------------- info
     def model_info(self) -> dict[str, Any]:
-        """What ``info`` says of the model: its name, vocabulary size and longest sequence."""
+        """What ``info`` says of the model: its name, vocabulary size, longest sequence and LoRA adapters."""
         return {"model": self.engine.model_name, "vocab_size": self.engine.config.vocab_size,
-                "max_seq_len": self.engine.max_seq_len}
+                "max_seq_len": self.engine.max_seq_len, "adapters": adapters.loaded(self.engine)}
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters, every ``INFO_STATS`` name present."""

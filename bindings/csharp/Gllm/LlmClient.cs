@@ -113,23 +113,23 @@ namespace Gllm
         }
 
         /// <summary>Log-probability of each candidate text as a continuation of the prompt; affinity as in
-        /// GenerateOptions.</summary>
+        /// GenerateOptions; under a loaded LoRA adapter when <paramref name="adapter"/> names one.</summary>
         public Task<ScoreResult> Score(Prompt prompt, IEnumerable<string> candidates, int? priority = null,
-                                       string affinity = null)
+                                       string affinity = null, string adapter = null)
         {
-            return Score(prompt, new List<object>(candidates), priority, affinity);
+            return Score(prompt, new List<object>(candidates), priority, affinity, adapter);
         }
 
         /// <summary>Log-probability of each candidate, given as token ids.</summary>
         public Task<ScoreResult> Score(Prompt prompt, IEnumerable<int[]> candidates, int? priority = null,
-                                       string affinity = null)
+                                       string affinity = null, string adapter = null)
         {
             var list = new List<object>();
             foreach (int[] ids in candidates) list.Add(ids);
-            return Score(prompt, list, priority, affinity);
+            return Score(prompt, list, priority, affinity, adapter);
         }
 
-        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority, string affinity)
+        Task<ScoreResult> Score(Prompt prompt, List<object> candidates, int? priority, string affinity, string adapter)
         {
             long id = NewId();
             var message = Request("score", id);
@@ -137,19 +137,22 @@ namespace Gllm
             message["candidates"] = candidates;
             if (priority.HasValue) message["priority"] = priority.Value;
             if (affinity != null) message["affinity"] = affinity;
+            if (adapter != null) message["adapter"] = adapter;
             var reply = new SingleReply<ScoreResult>("scores", ScoreResult.From, events);
             Open(id, reply, message);
             return reply.Task;
         }
 
         /// <summary>Saves a conversation: the runtime's KV of the prompt's whole blocks (computed, or taken
-        /// from its prefix cache), for Restore later. See ConversationState for a save-file format.</summary>
-        public Task<SavedState> Snapshot(Prompt prompt, int? priority = null)
+        /// from its prefix cache), for Restore later. See ConversationState for a save-file format. Under a LoRA
+        /// adapter the state records it and restores only where that adapter is loaded.</summary>
+        public Task<SavedState> Snapshot(Prompt prompt, int? priority = null, string adapter = null)
         {
             long id = NewId();
             var message = Request("snapshot", id);
             prompt.AddTo(message);
             if (priority.HasValue) message["priority"] = priority.Value;
+            if (adapter != null) message["adapter"] = adapter;
             var reply = new SingleReply<SavedState>("snapshot", SavedState.From, events);
             Open(id, reply, message);
             return reply.Task;

@@ -123,6 +123,8 @@ namespace Gllm
         public double? DeadlineMs;
         /// <summary>With a Seed: the same tokens alone or beside any other requests (exact replay; costs speed).</summary>
         public bool? Deterministic;
+        /// <summary>Name of a LoRA adapter loaded in the runtime (a personality, a faction); null: the base model.</summary>
+        public string Adapter;
 
         internal void AddTo(Dictionary<string, object> m)
         {
@@ -148,6 +150,7 @@ namespace Gllm
             Put(m, "max_tokens_per_second", MaxTokensPerSecond);
             Put(m, "deadline_ms", DeadlineMs);
             Put(m, "deterministic", Deterministic);
+            if (Adapter != null) m["adapter"] = Adapter;
         }
 
         static void Put<T>(Dictionary<string, object> m, string key, T? value) where T : struct

@@ -227,9 +227,13 @@ namespace Gllm
         public int VocabSize, MaxSeqLen, ProtocolVersion;
         /// <summary>Live counters (running, waiting, kv_blocks_in_use, ...) and the runtime's limits, as sent.</summary>
         public Dictionary<string, object> Stats, Limits;
+        /// <summary>Names of the LoRA adapters loaded, for GenerateOptions.Adapter and Score's adapter.</summary>
+        public List<string> Adapters;
 
         internal static RuntimeInfo From(Dictionary<string, object> m)
         {
+            var adapters = new List<string>();
+            foreach (object name in Fields.List(m, "adapters")) if (name is string) adapters.Add((string)name);
             return new RuntimeInfo
             {
                 Model = Fields.String(m, "model"),
@@ -238,6 +242,7 @@ namespace Gllm
                 ProtocolVersion = (int)Fields.Long(m, "protocol_version"),
                 Stats = Fields.Map(m, "stats"),
                 Limits = Fields.Map(m, "limits"),
+                Adapters = adapters,
             };
         }
     }

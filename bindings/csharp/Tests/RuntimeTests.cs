@@ -13,8 +13,8 @@ namespace Gllm.Tests
     public sealed class RuntimeTests : IDisposable
     {
         const double StartSeconds = 180, WaitSeconds = 60;
-        readonly string python, model, endpoint, deadEndpoint;
-        readonly int[] promptTokens, expectTokens;
+        readonly string python, model, endpoint, deadEndpoint, adapter;
+        readonly int[] promptTokens, expectTokens, expectAdapterTokens;
         readonly double[] expectLogprobs;
         readonly int mainThread = Thread.CurrentThread.ManagedThreadId;
         RuntimeProcess runtime;
@@ -29,6 +29,8 @@ namespace Gllm.Tests
             promptTokens = Program.Ints(args["prompt-tokens"]);
             expectTokens = Program.Ints(args["expect-tokens"]);
             expectLogprobs = Program.Doubles(args["expect-logprobs"]);
+            adapter = args["adapter"];  // a LoRA adapter folder, served as "npc"
+            expectAdapterTokens = Program.Ints(args["expect-adapter-tokens"]);
         }
 
         public void AddSteps(List<KeyValuePair<string, Action>> steps)
@@ -38,6 +40,7 @@ namespace Gllm.Tests
             steps.Add(Step("connect, ping and info", ConnectPingInfo));
             steps.Add(Step("greedy stream equals the engine's tokens (events on the context's thread)", GreedyOnContext));
             steps.Add(Step("score matches the greedy tokens' logprobs", Score));
+            steps.Add(Step("a LoRA adapter per request: info lists it, generate and score use it", Adapter));
             steps.Add(Step("cancel mid-stream", CancelMidStream));
             steps.Add(Step("error replies for bad requests", Errors));
             steps.Add(Step("structured output: a JSON schema, choices, a tool call, a refused schema", Structured));
@@ -91,7 +94,7 @@ namespace Gllm.Tests
 
         RuntimeProcess Launch()
         {
-            var process = RuntimeProcess.Start(python, "-m gllm " + RuntimeProcess.ServeArguments(endpoint, model), endpoint);
+            var process = RuntimeProcess.Start(python, "-m gllm " + RuntimeProcess.ServeArguments(endpoint, model) + " --adapter npc=" + adapter, endpoint);
             process.WaitReady(TimeSpan.FromSeconds(StartSeconds)).Wait();
             return process;
         }
@@ -191,6 +194,21 @@ namespace Gllm.Tests
             Check.Close(r.Candidates[1].TokenLogprobs.Sum(), r.Candidates[1].Logprob, 1e-6, "logprob is the sum of token logprobs");
             Check.That(r.Candidates[2].Logprob <= r.Candidates[0].Logprob, "a greedy token scores at least as well as another");
             Check.Equal(0, r.Best, "Best");
+        }
+
+        void Adapter()
+        {
+            Check.That(Result(client.Info(), "Info").Adapters.SequenceEqual(new[] { "npc" }), "info lists the adapter");
+            var options = new GenerateOptions { MaxTokens = expectAdapterTokens.Length, Temperature = 0, IgnoreEos = true, Adapter = "npc" };
+            Generation g = client.Generate(Prompt.Tokens(promptTokens), options);
+            Wait(g.Text, "adapter stream");
+            int[] got = g.Tokens.Select(t => t.TokenId).ToArray();
+            Check.That(got.SequenceEqual(expectAdapterTokens), "tokens under the adapter: " + string.Join(",", got));
+            var candidates = new[] { new[] { expectTokens[0] } };
+            double plain = Result(client.Score(Prompt.Tokens(promptTokens), candidates), "Score").Candidates[0].Logprob;
+            double adapted = Result(client.Score(Prompt.Tokens(promptTokens), candidates, adapter: "npc"), "Score").Candidates[0].Logprob;
+            Check.Close(expectLogprobs[0], plain, 1e-3, "score without the adapter");
+            Check.That(Math.Abs(adapted - plain) > 1e-3, "the adapter changes the score: " + adapted + " vs " + plain);
         }
 
         void Structured()

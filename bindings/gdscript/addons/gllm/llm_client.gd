@@ -18,7 +18,9 @@ extends Node
 ## for games context_overflow ("drop_oldest": a chat too long loses its oldest turns),
 ## max_tokens_per_second (pacing), deadline_ms and deterministic (with a seed, the same tokens
 ## whatever else runs); and affinity (a key such as the NPC's id that a cluster, gllm serve
-## --replicas N, routes by; one runtime process ignores it).
+## --replicas N, routes by; one runtime process ignores it); and adapter (the name of a LoRA
+## adapter the runtime has loaded, e.g. {"adapter": "guard"}; generate, score and snapshot).
+## info()'s result lists the loaded adapters in result["adapters"].
 ## Saving a conversation: snapshot(chat) finishes with result["state"] (a PackedByteArray for the
 ## save file); restore(state, true) puts it back in the runtime's cache, pinned until release(id).
 ##
@@ -153,7 +155,7 @@ func inject_request(request_id: int, injection: Variant) -> void:
 	_transport.send(GllmMsgPack.encode(msg))
 
 
-## Model, limits and live statistics of the runtime.
+## Model, limits, live statistics and loaded LoRA adapters of the runtime.
 func info() -> LlmRequest:
 	return _start(_new_message("info"))
 
