@@ -21,8 +21,12 @@ unused ``[PAD<id>]`` tokens up to the shape's vocabulary, as llama.cpp's convert
 A shape with ``llama3`` RoPE scaling gets llama.cpp's ``rope_freqs.weight`` (per-dimension frequency
 factors) unless ``--plain-rope`` asks for a file without it.
 
-A new shape is one line in ``SHAPES``: its architecture (``llama``, ``qwen2``: biases on Q/K/V,
-``qwen3``: RMSNorm on Q and K) and sizes.
+A new shape is one line in ``SHAPES``: its architecture and sizes. Each architecture brings the tensors
+llama.cpp's loader asks of it: ``qwen2`` biases on Q/K/V, ``qwen3`` and ``gemma3`` RMSNorm on Q and K,
+``gemma2`` / ``gemma3`` norms after attention and MLP too, ``phi3`` fused ``attn_qkv`` and a gate-and-up
+``ffn_up``; ``smollm3`` and ``mistral3`` have Llama's tensors. A shape's sliding window, soft-caps,
+partial rotary and YaRN scaling are written as metadata. Random weights make LongRoPE's factors
+pointless, so Phi files carry none (the factors change no cost).
 
     python benchmarks/make_gguf.py --shape smollm2-1.7b --mix q4_k_m --out-dir ~/models
     python benchmarks/make_gguf.py --list
@@ -62,13 +66,18 @@ class Shape:
     context: int
     head_dim: int | None = None  # None: hidden // heads
     rms_eps: float = 1e-5
-    rope_scaling: dict[str, Any] = field(default_factory=dict)  # HF rope_scaling; only "llama3" is written
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # HF rope_scaling: "llama3" or "yarn"
+    window: int = 0  # sliding window of the local layers (Gemma: every 2nd / 5 of every 6 layers)
+    softcaps: tuple[float, float] | None = None  # attention-logit and final-logit soft-caps (Gemma 2)
+    rotary_dim: int | None = None  # head dimensions RoPE rotates, when not all (Phi-4-mini)
 
     @property
     def dim(self) -> int:
         return self.head_dim or self.hidden // self.heads
 
 
+YARN_ROPE = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16384, "beta_fast": 32.0,
+             "beta_slow": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}  # fmt: skip
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}  # fmt: skip
 
@@ -80,10 +89,20 @@ SHAPES: dict[str, Shape] = {
     "qwen2.5-1.5b": Shape("qwen2", 1536, 28, 12, 2, 8960, 151936, True, 1e6, 32768, rms_eps=1e-6),
     "qwen3-0.6b": Shape("qwen3", 1024, 28, 16, 8, 3072, 151936, True, 1e6, 40960, head_dim=128, rms_eps=1e-6),
     "qwen3-1.7b": Shape("qwen3", 2048, 28, 16, 8, 6144, 151936, True, 1e6, 40960, head_dim=128, rms_eps=1e-6),
-}
+    "gemma3-1b": Shape("gemma3", 1152, 26, 4, 1, 6912, 262144, True, 1e6, 32768, head_dim=256, rms_eps=1e-6,
+                       window=512),
+    "gemma2-2b": Shape("gemma2", 2304, 26, 8, 4, 9216, 256000, True, 10000.0, 8192, head_dim=256, rms_eps=1e-6,
+                       window=4096, softcaps=(50.0, 30.0)),
+    "phi4-mini": Shape("phi3", 3072, 32, 24, 8, 8192, 200064, True, 10000.0, 131072, rotary_dim=96),
+    "smollm3-3b": Shape("smollm3", 2048, 36, 16, 4, 11008, 128256, True, 5e6, 65536, rms_eps=1e-6),
+    "ministral3-3b": Shape("mistral3", 3072, 26, 32, 8, 9216, 131072, True, 1e6, 262144, head_dim=128,
+                           rope_scaling=YARN_ROPE),
+}  # fmt: skip
 
 ARCH_BIASES = {"qwen2"}  # Q, K and V projections have a bias
-ARCH_QK_NORM = {"qwen3"}  # per-head RMSNorm on Q and K
+ARCH_QK_NORM = {"qwen3", "gemma3"}  # per-head RMSNorm on Q and K
+ARCH_POST_NORMS = {"gemma2", "gemma3"}  # the attention and MLP outputs are normed too
+ARCH_FUSED = {"phi3"}  # Q/K/V in one matrix, gate and up in one
 
 # llama_ftype of each mix (general.file_type), as llama-quantize writes it
 MIXES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15}
@@ -121,6 +140,8 @@ def block_type(mix: str, role: str, layer: int, shape: Shape, columns: int) -> s
         kind = "Q4_0"
     elif role in ("attn_v", "ffn_down") and use_more_bits(layer, shape.layers):
         kind = "Q6_K"
+    elif role == "attn_qkv":
+        kind = "Q5_K"
     else:
         kind = "Q4_K"
     if columns % BLOCKS[kind][0]:
@@ -153,7 +174,10 @@ def tensors(shape: Shape, mix: str, rope_freqs: bool) -> Iterator[Tensor]:
     for i in range(shape.layers):
         p = f"blk.{i}."
         yield Tensor(p + "attn_norm.weight", 0, h, "F32")
-        for stem, rows in (("attn_q", q_rows), ("attn_k", kv_rows), ("attn_v", kv_rows)):
+        fused, post_norms = shape.arch in ARCH_FUSED, shape.arch in ARCH_POST_NORMS
+        if fused:
+            yield matrix(p + "attn_qkv.weight", q_rows + 2 * kv_rows, h, i)
+        for stem, rows in () if fused else (("attn_q", q_rows), ("attn_k", kv_rows), ("attn_v", kv_rows)):
             yield matrix(f"{p}{stem}.weight", rows, h, i)
             if shape.arch in ARCH_BIASES:
                 yield Tensor(f"{p}{stem}.bias", 0, rows, "F32")
@@ -161,10 +185,15 @@ def tensors(shape: Shape, mix: str, rope_freqs: bool) -> Iterator[Tensor]:
             yield Tensor(p + "attn_q_norm.weight", 0, shape.dim, "F32")
             yield Tensor(p + "attn_k_norm.weight", 0, shape.dim, "F32")
         yield matrix(p + "attn_output.weight", h, q_rows, i)
+        if post_norms:
+            yield Tensor(p + "post_attention_norm.weight", 0, h, "F32")
         yield Tensor(p + "ffn_norm.weight", 0, h, "F32")
-        yield matrix(p + "ffn_gate.weight", shape.ffn, h, i)
-        yield matrix(p + "ffn_up.weight", shape.ffn, h, i)
+        if not fused:
+            yield matrix(p + "ffn_gate.weight", shape.ffn, h, i)
+        yield matrix(p + "ffn_up.weight", (2 if fused else 1) * shape.ffn, h, i)
         yield matrix(p + "ffn_down.weight", h, shape.ffn, i)
+        if post_norms:
+            yield Tensor(p + "post_ffw_norm.weight", 0, h, "F32")
     yield Tensor("output_norm.weight", 0, h, "F32")
     if not shape.tied:
         yield matrix("output.weight", shape.vocab, h)
@@ -270,12 +299,32 @@ def add_metadata(writer: Any, shape: Shape, name: str, mix: str) -> None:
     writer.add_head_count(shape.heads)
     writer.add_head_count_kv(shape.kv_heads)
     writer.add_rope_freq_base(shape.rope_theta)
-    writer.add_rope_dimension_count(shape.dim)
+    writer.add_rope_dimension_count(shape.rotary_dim or shape.dim)
     writer.add_layer_norm_rms_eps(shape.rms_eps)
     writer.add_vocab_size(shape.vocab)
     if shape.dim != shape.hidden // shape.heads:
         writer.add_key_length(shape.dim)
         writer.add_value_length(shape.dim)
+    if shape.window:
+        writer.add_sliding_window(shape.window)
+    if shape.softcaps:
+        writer.add_attn_logit_softcapping(shape.softcaps[0])
+        writer.add_final_logit_softcapping(shape.softcaps[1])
+    if shape.rope_scaling.get("rope_type") == "yarn":
+        add_yarn(writer, shape.rope_scaling)
+
+
+def add_yarn(writer: Any, scaling: dict[str, Any]) -> None:
+    """YaRN as llama.cpp's converter writes it for Ministral 3 (whose ``mscale`` equals ``mscale_all_dim``)."""
+    from gguf import RopeScalingType
+
+    writer.add_rope_scaling_type(RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling["factor"])
+    writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    writer.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+    writer.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
+    writer.add_rope_scaling_yarn_log_mul(scaling["mscale_all_dim"])
+    writer.add_attn_temperature_scale(scaling["llama_4_scaling_beta"])
 
 
 def write_gguf(path: Path, shape: Shape, mix: str, name: str = "custom", seed: int = 0,

@@ -110,3 +110,34 @@ def test_written_file_reads_back_and_runs_in_the_engine(tmp_path: Path, tokenize
     result = engine.generate([request])[0]
     assert len(result.token_ids) == 4 and all(np.isfinite(result.logprobs))
     assert engine.tokenizer.decode([vocab - 1]) == f"[PAD{vocab - 1}]"
+
+
+# What each family's file must switch on in the engine's config (the shape's own sizes shrunk, its
+# architecture's switches kept).
+FAMILY_SWITCHES = {
+    "gemma3-1b": {"family": "gemma3_text", "qk_norm": True, "sandwich_norms": True, "sliding_window": 512,
+                  "local_layers": (0, 1, 2, 3, 4), "hidden_act": "gelu_tanh"},
+    "gemma2-2b": {"family": "gemma2", "sandwich_norms": True, "sliding_window": 4096, "local_layers": (0, 2, 4),
+                  "attn_logit_softcap": 50.0, "final_logit_softcap": 30.0},
+    "phi4-mini": {"family": "phi3", "fused_checkpoint": True, "rotary_dim": 48},
+    "smollm3-3b": {"family": "smollm3", "nope_layers": (3,)},
+    "ministral3-3b": {"family": "ministral3"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_SWITCHES))
+def test_family_shapes_load_with_their_switches(name: str, tmp_path: Path, tokenizer: dict) -> None:
+    full = SHAPES[name]
+    rotary = full.rotary_dim and full.rotary_dim * 64 // full.dim
+    shape = replace(full, hidden=256, layers=6, heads=4, kv_heads=2, ffn=512, head_dim=64 if full.head_dim else None,
+                    vocab=len(tokenizer["tokenizer.ggml.tokens"]), rotary_dim=rotary)  # fmt: skip
+    path = tmp_path / f"{name}.gguf"
+    make_gguf.write_gguf(path, shape, "q4_k_m", name, tokenizer=tokenizer)
+    engine = LLMEngine(str(path), GeneratorParams(max_batch_size=2, max_seq_len=128), dtype=torch.float32)
+    for key, value in FAMILY_SWITCHES[name].items():
+        assert getattr(engine.config, key) == value, key
+    if full.rope_scaling:
+        assert engine.config.rope_scaling["rope_type"] == full.rope_scaling["rope_type"]
+    request = GenerationRequest(prompt_token_ids=list(range(40)), max_new_tokens=4, temperature=0, ignore_eos=True)
+    result = engine.generate([request])[0]
+    assert len(result.token_ids) == 4 and all(np.isfinite(result.logprobs))
