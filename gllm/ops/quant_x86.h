@@ -57,14 +57,9 @@ inline float hsum(__m256 v) {
 // (batch invariance, gllm/ops/invariant.py).
 
 // Activation rows m, m + 1, ...: row r's values at q + r * k, its steps at d + r * k / 4, and so on.
-struct Rows {
-    const int8_t* q;
-    const float* d;
-    const float* s16;
-    const float* s32;
-    int64_t k;
+struct Rows : QuantActs {
     Rows(const QuantActs& a, int64_t m)
-        : q(a.q + m * a.k), d(a.d + m * (a.k / 4)), s16(a.s16 + m * (a.k / 16)), s32(a.s32 + m * (a.k / 32)), k(a.k) {}
+        : QuantActs{a.q + m * a.k, a.d + m * (a.k / 4), a.s16 + m * (a.k / 16), a.s32 + m * (a.k / 32), a.k} {}
     const int8_t* values(int r, int64_t at) const { return q + r * k + at; }
     __m256 steps(int r, int64_t at) const { return _mm256_loadu_ps(d + r * (k / 4) + at / 4); }  // 32 values at ``at``
 };
