@@ -129,10 +129,14 @@ def report(out: str | os.PathLike[str], data: dict[str, Any], markdown: str) -> 
     return 0
 
 
-def resolved_dtype(name: str) -> str:
-    """The precision ``gllm serve --dtype name`` runs in on this machine (``auto`` resolved)."""
+def resolved_dtype(name: str, model: str = "smollm2-135m-instruct") -> str:
+    """The precision ``gllm serve --model model --dtype name`` runs in on this machine, ``auto`` resolved as
+    the engine does (a GGUF model whose products read its blocks runs in bfloat16 on any CPU)."""
     import torch
 
     from gllm.engine.llm_engine import resolve_dtype
+    from gllm.loader import is_gguf
+    from gllm.ops import block_linear
 
-    return str(resolve_dtype(name, torch.device("cpu"))).removeprefix("torch.")
+    blocks = block_linear.available() and is_gguf(model)
+    return str(resolve_dtype(name, torch.device("cpu"), blocks)).removeprefix("torch.")
