@@ -6,7 +6,7 @@ import collections
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from gllm.engine.constrained import Constraints
 from gllm.engine.game_state import GameState
 from gllm.engine.jobs import GenerationJob, ScoreJob
 from gllm.engine.params import GenerationRequest, GenerationResult, GeneratorParams, TokenDelta
+from gllm.engine.prompts import Prompts, resolve_dtype
 from gllm.engine.saved_states import SnapshotJob
 from gllm.engine.scheduler import SchedulePlan, Scheduler
 from gllm.engine.scoring import ScoreRequest, ScoreResult
@@ -37,21 +38,6 @@ from gllm.sample.sampler import PendingSample
 log = logging.getLogger(__name__)
 
 
-def resolve_dtype(dtype: torch.dtype | str, device: torch.device, blocks: bool = False) -> torch.dtype:
-    """``"auto"``: bfloat16 on a GPU, on a CPU with bfloat16 kernels, and on any CPU when the weights stay
-    in a GGUF file's blocks (``blocks``: the products then round activations to int8 whatever their
-    dtype, and the KV cache takes half the memory); it passes the quality check
-    (``benchmarks/quality.py``). Else float32. A dtype or its name is kept."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        fast = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or packing_supported(torch.bfloat16, device)
-        return torch.bfloat16 if fast or (blocks and device.type == "cpu") else torch.float32
-    if dtype in ("float32", "bfloat16"):
-        return getattr(torch, dtype)
-    raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32' or 'bfloat16'")
-
-
 @dataclass
 class Launched:
     """A step queued on the device: its plan, the sequences it samples (row order) and their samples."""
@@ -67,7 +53,7 @@ class StepOutput:
     finished: list[GenerationResult] = field(default_factory=list)
 
 
-class LLMEngine(AsyncDriver, GameState):
+class LLMEngine(AsyncDriver, GameState, Prompts):
     """A Llama model, its paged KV cache, a scheduler and a sampler.
 
     ``add_request`` / ``abort`` may be called from any thread: they queue work that the next ``step``
@@ -156,47 +142,6 @@ class LLMEngine(AsyncDriver, GameState):
         return p.max_batch_size * -(-self.max_seq_len // p.block_size)
 
     # ----------------------------------------------------------------- requests
-    def _check_ids(self, ids: list[int], what: str) -> list[int]:
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"{what} has ids outside the vocabulary (0..{self.config.vocab_size - 1}): {bad[:5]}")
-        return list(ids)
-
-    def prompt_ids(self, req: GenerationRequest | ScoreRequest) -> list[int]:
-        """Token ids of a request's prompt (text tokenized, or chat template applied)."""
-        if req.prompt_token_ids is not None:
-            ids = self._check_ids(req.prompt_token_ids, "prompt_token_ids")
-        elif self.tokenizer is None:
-            raise ValueError(f"model {self.model_name} has no tokenizer: pass prompt_token_ids")
-        elif req.messages is not None:
-            if not req.messages:
-                raise ValueError("messages is empty")
-            ids = self.chat_ids(req)
-        else:
-            ids = self.tokenizer.encode(req.prompt) if req.prompt else []
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_seq_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}, which leaves no room for new tokens"
-            )
-        return ids
-
-    def chat_ids(self, req: GenerationRequest | ScoreRequest, messages: list[dict[str, str]] | None = None) -> list[int]:
-        """Token ids of ``req``'s chat prompt, or of ``messages`` in its place (a chat with turns left out),
-        with the request's tools and thinking switch."""
-        if messages is not None:
-            req = replace(req, messages=messages)
-        messages, tools = self.constraints.chat(req)
-        return self.tokenizer.apply_chat_template(messages, tools=tools, thinking=req.thinking)
-
-    def _check_room(self, max_tokens: int) -> None:
-        if self.block_manager.peak_blocks(max_tokens, self.params.token_budget) > self.block_manager.pool.num_blocks:
-            raise ValueError(
-                f"the KV cache ({self.block_manager.pool.num_blocks} blocks) cannot hold {max_tokens} tokens; "
-                "give the engine more KV blocks or ask for fewer tokens"
-            )
-
     def _new_request_id(self, given: str | None) -> str:
         request_id = given or f"req-{next(self._ids)}"
         if request_id in self._jobs:
