@@ -55,8 +55,9 @@ QUESTIONS = [
     "Is it safe to sleep outside the wall tonight?",
     "Who in this village could guide me through the forest?",
 ]
-REFERENCE = ("llama.cpp server on this machine, 16 slots, ~190-token prompts: p99 time to first token 9.8 s "
-             "at 16 NPCs, 8.5 tokens/s per NPC (figure given in the issue, not re-measured here)")
+REFERENCE = ("llama.cpp server, 16 slots, ~190-token prompts: p99 time to first token 9.8 s at 16 NPCs, 8.5 "
+             "tokens/s per NPC (an earlier measurement on another machine, not re-measured in this run: not a "
+             "side-by-side comparison)")
 COMPARISON = ("Note on the comparison: here about 190 of each prompt's ~220 tokens come from the prefix cache, so an "
               "NPC's first token needs only its ~30-45 new prompt tokens computed; the reference figure may include "
               "prefilling whole prompts, so the two TTFTs need not measure the same work. Tokens/s per NPC compare "
