@@ -12,6 +12,7 @@ import asyncio
 import io
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,12 @@ def test_streamed_json_replies_show_the_spoken_words_alone():
     for piece in ('{"', 'say": "', "Good", ' day', '", "mood": "', "happy", '"}'):
         terminal.token("Bram", Token(index=0, token_id=0, text=piece, logprob=0.0, rank=1))
     assert out.getvalue().endswith("[Bram]Good day")
+    # a reply cut off by the player is not whole JSON: the transcript shows the words said so far
+    bram = SimpleNamespace(name="Bram", persona=SimpleNamespace(role="blacksmith"))
+    cut = SimpleNamespace(npc=bram, cancelled=True, parsed=None, text='{"say": "Good day, trav', tokens=[],
+                          ttft_ms=None, tokens_per_s=None, cached_tokens=0)
+    terminal.transcript(SimpleNamespace(replies=[cut]))
+    assert "Bram (blacksmith): Good day, trav —" in out.getvalue()
 
 
 def test_each_npc_stream_is_its_own(village_run, server):

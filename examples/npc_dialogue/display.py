@@ -89,8 +89,9 @@ class Terminal:
             answer = reply.parsed
             if answer is not None:  # a structured answer: the line, then what the game reads from it
                 text = f"{answer['say']}  [{answer['mood']}; {action_words(answer['action'])}]"
-            else:
-                text = " ".join(reply.text.split())  # one line per reply, whatever newlines the model wrote
+            else:  # one line per reply, whatever newlines the model wrote; a cut-off JSON reply, its words
+                text = SpokenWords().feed(reply.text) if self.spoken_only else reply.text
+                text = " ".join(text.split())
             self._write(f"  {self._paint(reply.npc.name, label)}: {text}{ending}\n")
             if self.show_logprobs:
                 self._write(self._dim(f"    {least_sure(reply)}") + "\n")
