@@ -18,6 +18,9 @@ replica would have sent, and the client sees one stream. A request that cannot b
 whose ``open`` raised on the replica (a fault, not a loss). A ``snapshot`` or ``restore`` is opened again
 the same way; a state pinned on a lost replica is gone with it.
 
+A message about an open request (an ``inject``) goes to its replica under the request's key; one that
+comes while the request still waits for a replica is held and sent after its ``open`` lands.
+
 A replica holds a pinned state under the key of the ``restore`` that pinned it; ``unpin`` drops that key
 there, which releases it.
 
@@ -74,6 +77,8 @@ class Job:
     lost: list[str] = field(default_factory=list)  # replicas that died under it
     lost_at: float | None = None
     cancelled: bool = False
+    opened: bool = False  # the ``open`` has landed on ``replica``
+    held: list[tuple[bytes, ClientId | None, bytes]] = field(default_factory=list)  # messages about it, for then
 
 
 class Relay:
@@ -237,6 +242,11 @@ class Relay:
         if landed != planned:  # the planned replica was gone when the call left
             self._spawn(self._drop(landed, job.key))
             self._lose(job, planned, "it was gone when the request was sent")
+            return
+        job.opened = True
+        for peer, client_id, frame in job.held:  # messages that came while it waited (an ``inject``)
+            self._spawn(self._forward(peer, client_id, frame, None, job.key))
+        job.held.clear()
 
     def _lost(self, replica: str, why: str) -> None:
         """``replica`` is gone: route nothing more there, and move its requests."""
@@ -273,6 +283,7 @@ class Relay:
         log.warning("replica %s is gone (%s); request %s goes on elsewhere after %d token(s)", replica, why,
                     job.key, len(job.tokens))
         self._release(job)
+        job.opened = False
         self.counters["failovers"] += 1
         job.lost.append(replica)
         job.lost_at = time.monotonic()
@@ -332,7 +343,10 @@ class Relay:
     async def _forward(self, peer: bytes, client_id: ClientId | None, frame: bytes, affinity: ClientId | None,
                        about: str | None) -> None:
         job = self._jobs.get(about) if about else None
-        if job is not None and job.replica:  # about an open request: its replica, under its own peer
+        if job is not None and not job.opened:  # still waiting for a replica: sent when it is opened there
+            job.held.append((peer, client_id, frame))
+            return
+        if job is not None:  # about an open request: its replica, under its own peer
             replica, peer_there = job.replica, job.key.encode()
         else:
             with self._lock:
