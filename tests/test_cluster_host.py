@@ -42,15 +42,17 @@ def generate(request_id, **fields) -> bytes:
 
 
 async def serve(host: ReplicaHost, requests: dict[bytes, tuple], cancel_after: dict[bytes, int] | None = None,
-                leave_after: int | None = None) -> dict[bytes, list[dict]]:
-    """Subscribe, open ``requests`` (peer -> (frame, resume)), and collect each peer's replies until every
-    request has ended; ``cancel_after``: send a cancel once a peer has that many replies; ``leave_after``:
-    leave the subscription after that many batches."""
+                leave_after: int | None = None, inject_after: dict[bytes, tuple[int, list[int]]] | None = None,
+                ) -> dict[bytes, list[dict]]:  # fmt: skip
+    """Subscribe, open ``requests`` (peer -> (frame, resume[, injected])), and collect each peer's replies
+    until every request has ended; ``cancel_after``: send a cancel once a peer has that many replies;
+    ``inject_after``: (that many replies, token ids) to inject then; ``leave_after``: leave the subscription
+    after that many batches."""
     got: dict[bytes, list[dict]] = {peer: [] for peer in requests}
     channel = host.subscribe()
     pending = asyncio.ensure_future(channel.__anext__())
-    for peer, (frame, resume) in requests.items():
-        host.open(peer, frame, resume)
+    for peer, (frame, *resume) in requests.items():
+        host.open(peer, frame, *resume)
     batches = 0
     while any(not r or r[-1]["type"] not in protocol.FINAL_REPLIES for r in got.values()):
         batch = await pending
@@ -59,6 +61,9 @@ async def serve(host: ReplicaHost, requests: dict[bytes, tuple], cancel_after: d
             got[peer].append(msg)
             if cancel_after and len(got[peer]) == cancel_after.get(peer):
                 assert await host.call(peer, encode({"type": "cancel", "id": msg["id"]})) == []
+            if inject_after and len(got[peer]) == inject_after.get(peer, (None,))[0]:
+                inject = {"type": "inject", "id": msg["id"], "token_ids": inject_after[peer][1]}
+                assert await host.call(peer, encode(inject)) == []
         if leave_after is not None and batches >= leave_after:
             break
         pending = asyncio.ensure_future(channel.__anext__())
@@ -84,6 +89,21 @@ def test_a_resumed_request_starts_after_the_tokens_given(host):
     assert [m["index"] for m in rest[:-1]] == list(range(8, 20))
     assert [m["token_id"] for m in rest[:-1]] == [m["token_id"] for m in whole[8:]]
     assert rest[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_token_replies_carry_injected_ids_that_a_resumed_request_puts_back(host):
+    """In a replica, a token after an injection names its ids, for the front end to carry to another replica
+    on a failover; opened again with them in place, the request goes on with the same tokens."""
+    event = [9, 8, 7, 6]
+    whole = asyncio.run(serve(host, {b"i": (generate("i", max_tokens=16), None)}, inject_after={b"i": (3, event)}))
+    tokens = whole[b"i"][:-1]
+    [landed] = [m for m in tokens if "injected_ids" in m]
+    assert landed["injected_ids"] == [event] and landed["injected"] == len(event)
+    where = landed["index"]
+    given = [(m["token_id"], m["logprob"], m["rank"]) for m in tokens[: where + 2]]
+    rest = asyncio.run(serve(host, {b"j": (generate("j", max_tokens=16), given, [(where, event)])}))[b"j"]
+    assert [m["token_id"] for m in rest[:-1]] == [m["token_id"] for m in tokens[where + 2 :]]
+    assert rest[-1]["usage"]["injected_tokens"] == len(event)
 
 
 def test_cancel_ends_a_request_with_done_cancelled(host):

@@ -295,6 +295,51 @@ def test_prompt_is_pgn_movetext():
     assert '[FEN "8/8/3k4/8/8/8/8/R3K3 b - - 0 40"]' in bot.prompt_for(black_first)
 
 
+class StandInStockfish:
+    """Answers ``analyse`` as Stockfish does under MultiPV: every root move with a score (a fixed one per
+    move, from its name), so the evaluation's bookkeeping can be checked without Stockfish."""
+
+    def analyse(self, board, limit, multipv):
+        cp = lambda move: sum(map(ord, move.uci())) % 400  # noqa: E731
+        return [{"pv": [m], "score": chess.engine.PovScore(chess.engine.Cp(cp(m)), board.turn)}
+                for m in board.legal_moves]  # fmt: skip
+
+
+@needs_chess
+def test_evaluation_ranks_each_position_with_and_without_an_adapter(server, engine, tmp_path):
+    import chess.engine
+    import evaluate
+    import transformers
+
+    from gllm.loader.registry import resolve
+    from lora_fixtures import make_adapter
+
+    path = resolve(MODEL)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    make_adapter(hf.eval(), tmp_path / "chess", seed=5, r=4, std=0.1)
+    engine.load_adapter("chess", tmp_path / "chess")
+    samples = evaluate.positions_from(EXAMPLES / "chess_bot" / "games.pgn", every=40, first_ply=10)[:3]
+    with Client(server.endpoint, timeout=120) as client:
+        client.load_adapter("chess", str(tmp_path / "chess"))
+        rows = evaluate.evaluate(client, StandInStockfish(), samples, depth=1, cap=1000.0, adapter="chess")
+    for (_, _, board, _), row in zip(samples, rows):
+        loss = evaluate.losses(StandInStockfish(), board, 1, 1000.0)
+        moves = list(board.legal_moves)
+        [scored] = engine.score([ScoreRequest(prompt=bot.prompt_for(board), adapter="chess",
+                                              candidates=[" " + board.san(m) for m in moves])])  # fmt: skip
+        top = moves[max(range(len(moves)), key=lambda i: scored.candidates[i].logprob)]
+        assert row.adapter_move == board.san(top) and row.adapter_loss == loss[top]
+        assert row.bot_loss == loss[board.parse_san(row.bot_move)]
+    table = evaluate.summarize(rows)
+    paired = table["bot - bot under the adapter (paired)"]["mean_cpl"]
+    assert paired == pytest.approx(sum(r.bot_loss - r.adapter_loss for r in rows) / len(rows))
+    settings = {"positions": 3, "every": 40, "first_ply": 10, "games": 1, "model": MODEL, "stockfish": "stand-in",
+                "depth": 1, "cap": 1000.0, "score_ms_median": 1.0, "machine": "test", "adapter": "chess"}  # fmt: skip
+    evaluate.write_results(rows, table, settings, tmp_path / "evaluate")
+    text = (tmp_path / "evaluate.md").read_text()
+    assert "| bot under the adapter (sum of logprobs, greedy) |" in text and "bot - bot under the adapter" in text
+
+
 # ------------------------------------------------------------------------------------- --serve helper
 def test_serve_local_starts_and_always_stops_its_runtime(tmp_path):
     model = build_tiny_llama(tmp_path / "tiny")

@@ -95,3 +95,51 @@ def test_held_back_text_and_a_stop_string_carry_over(tmp_path):
         client_text = "".join(d.text for d in first[:k]) + "".join(d.text for d in rest)
         assert client_text == stopped.text and resumed.text == stopped.text
         assert resumed.finish_reason == "stop" and resumed.token_ids == stopped.token_ids
+
+
+def run_with_injection(engine: LLMEngine, req: GenerationRequest, after: int, ids: list[int]):
+    """Step one request, injecting ``ids`` once ``after`` tokens have come out; its deltas and result."""
+    request_id = engine.add_request(req)
+    deltas, result, sent = [], None, False
+    while result is None:
+        out = engine.step()
+        deltas += [d for d in out.deltas if d.request_id == request_id]
+        if len(deltas) >= after and not sent:
+            engine.inject(request_id, token_ids=ids)
+            sent = True
+        result = next((r for r in out.finished if r.request_id == request_id), None)
+    return deltas, result
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=4.0, top_p=0.95, seed=77)],
+                         ids=["greedy", "seeded"])
+def test_a_resumed_stream_keeps_the_injections_in_their_places(engine, sampling):
+    """A generation that was injected into and then resumed elsewhere (a replica failing over) goes on with
+    the same tokens only when the injected ones are put back where they came in."""
+    req = lambda **kw: GenerationRequest(prompt_token_ids=PROMPT, max_new_tokens=20, ignore_eos=True,  # noqa: E731
+                                         **sampling, **kw)
+    event = [11, 12, 13, 14, 15]
+    deltas, full = run_with_injection(engine, req(), after=4, ids=event)
+    [landed] = [d for d in deltas if d.injected]
+    assert landed.injected == len(event) and landed.injected_ids == [event]
+    assert full.num_injected_tokens == len(event) and len(full.token_ids) == 20
+    where = landed.index
+    for k in (where, where + 3):  # resumed right after the injection landed, and a few tokens later
+        rest, resumed = run(engine, req(resume=streamed(full, k), resume_injected=[(where, event)]))
+        assert [d.token_id for d in rest] == full.token_ids[k:]
+        assert resumed.token_ids == full.token_ids and resumed.num_injected_tokens == len(event)
+        assert resumed.prompt_token_ids == PROMPT
+    # Without the injection the resumed stream sees another context: it goes elsewhere.
+    rest, _ = run(engine, req(resume=streamed(full, where + 3)))
+    assert [d.token_id for d in rest] != full.token_ids[where + 3 :]
+    assert engine.stats()["kv_blocks_in_use"] == 0
+
+
+def test_resume_injected_must_fit_the_resumed_tokens(engine):
+    with pytest.raises(ValueError, match="within 0..len"):
+        engine.add_request(GenerationRequest(prompt_token_ids=PROMPT, resume=[(1, -0.5, 1)],
+                                             resume_injected=[(2, [5])]))  # fmt: skip
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request(GenerationRequest(prompt_token_ids=PROMPT, resume=[(1, -0.5, 1)],
+                                             resume_injected=[(1, [10**6])]))  # fmt: skip
+    assert not engine.has_work()

@@ -12,7 +12,9 @@ not swamp the average. Compared, on the same positions:
 * the bot: the top-ranked move of one ``score`` request (greedy, as ``play.py`` plays by default);
 * the bot with length-normalised scores (mean logprob per token instead of the sum), for information;
 * a uniformly random legal move: its *expected* loss, the mean over all legal moves (no sampling noise);
-* the move actually played in the game, by a 19th-century master.
+* the move actually played in the game, by a 19th-century master;
+* with ``--adapter``, the bot again under that LoRA adapter (the same positions, the same Stockfish
+  analysis), and the paired difference bot - bot with the adapter.
 
 The headline is the paired difference random - bot over positions, with its standard error: the bot is
 better than chance only if that difference is clearly above zero. Results go to ``results/evaluate.json``
@@ -60,6 +62,8 @@ class Position:
     random_loss: float  # expected over a uniform choice
     game_loss: float
     score_ms: float
+    adapter_move: str | None = None  # SAN, top move under the adapter (with --adapter)
+    adapter_loss: float | None = None
 
 
 def positions_from(pgn_path: Path, every: int, first_ply: int) -> list[tuple[str, int, chess.Board, chess.Move]]:
@@ -89,13 +93,15 @@ def losses(engine: chess.engine.SimpleEngine, board: chess.Board, depth: int, ca
 
 def evaluate(client: Client, engine: chess.engine.SimpleEngine, samples, depth: int, cap: float,
              adapter: str | None = None) -> list[Position]:
-    bot = ChessBot(client, adapter=adapter)
+    bot = ChessBot(client)
+    tuned = ChessBot(client, adapter=adapter) if adapter else None
     rows = []
     for i, (label, ply, board, game_move) in enumerate(samples):
         start = time.perf_counter()
         choice = bot.rank(board)
         score_ms = (time.perf_counter() - start) * 1000
         norm = max(choice.ranking, key=lambda r: r.logprob / r.num_tokens)
+        tuned_move = tuned.rank(board).move if tuned else None
         loss = losses(engine, board, depth, cap)
         best = min(loss, key=loss.get)
         rows.append(Position(
@@ -103,10 +109,13 @@ def evaluate(client: Client, engine: chess.engine.SimpleEngine, samples, depth: 
             bot_move=choice.move.san, bot_norm_move=norm.san, game_move=board.san(game_move),
             best_move=board.san(best), bot_loss=loss[choice.move.move], bot_norm_loss=loss[norm.move],
             random_loss=statistics.fmean(loss.values()), game_loss=loss[game_move], score_ms=score_ms,
+            adapter_move=tuned_move.san if tuned_move else None,
+            adapter_loss=loss[tuned_move.move] if tuned_move else None,
         ))
         r = rows[-1]
+        with_adapter = f", adapter {r.adapter_move} ({r.adapter_loss:.0f})" if tuned else ""
         print(f"[{i + 1}/{len(samples)}] {label} ply {ply}: bot {r.bot_move} ({r.bot_loss:.0f} cp), "
-              f"game {r.game_move} ({r.game_loss:.0f}), random {r.random_loss:.0f}, best {r.best_move}, "
+              f"game {r.game_move} ({r.game_loss:.0f}){with_adapter}, random {r.random_loss:.0f}, best {r.best_move}, "
               f"{r.num_legal} moves ranked in {score_ms:.0f} ms", file=sys.stderr, flush=True)
     return rows
 
@@ -132,11 +141,17 @@ def summarize(rows: list[Position]) -> dict[str, dict[str, float]]:
         "uniformly random legal move (expected)": column(lambda r: r.random_loss),
         "move played in the game": column(lambda r: r.game_loss),
     }
+    tuned = rows and rows[0].adapter_loss is not None
+    if tuned:
+        table["bot under the adapter (sum of logprobs, greedy)"] = column(lambda r: r.adapter_loss)
     # A random mover's "blunder rate" and "best move" share are expectations too, not 0/1 per position;
     # they are left out rather than shown wrong.
     table["uniformly random legal move (expected)"].update(blunders=math.nan, best_move=math.nan)
     diff, diff_se = mean_se([r.random_loss - r.bot_loss for r in rows])
     table["random - bot (paired)"] = {"mean_cpl": diff, "se": diff_se}
+    if tuned:
+        diff, diff_se = mean_se([r.bot_loss - r.adapter_loss for r in rows])
+        table["bot - bot under the adapter (paired)"] = {"mean_cpl": diff, "se": diff_se}
     return table
 
 
@@ -163,7 +178,11 @@ def write_results(rows: list[Position], table: dict, settings: dict, out: Path) 
                          f"{pct(c['blunders'])} | {pct(c['best_move'])} |")
     d = table["random - bot (paired)"]
     lines += ["", f"Paired difference, random - bot: {d['mean_cpl']:.0f} cp (± {d['se']:.0f} s.e.); "
-              "positive means the bot loses less than a random mover.", ""]
+              "positive means the bot loses less than a random mover."]
+    if (d := table.get("bot - bot under the adapter (paired)")) is not None:
+        lines += ["", f"Paired difference, bot - bot under the adapter `{settings['adapter']}`: {d['mean_cpl']:.0f} cp "
+                  f"(± {d['se']:.0f} s.e.); positive means the adapter makes the bot lose less."]
+    lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
@@ -180,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stockfish", default="/usr/games/stockfish")
     p.add_argument("--out", type=Path, default=HERE / "results" / "evaluate")
     p.add_argument("--adapter", default=None, metavar="NAME[=PATH]",
-                   help="rank moves under a LoRA adapter: its name in the runtime; with --serve, NAME=PATH loads it")
+                   help="also rank every position under a LoRA adapter: its name in the runtime; "
+                        "with --serve, NAME=PATH loads it")
     args = p.parse_args(argv)
 
     if args.serve:

@@ -69,6 +69,8 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true",
+                   help="run the products in bfloat16 (torch.autocast; fast on CPUs with AMX or AVX512-BF16)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,16 +82,19 @@ def main() -> int:
     model = peft.get_peft_model(base, config)
     model.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    rng, deadline, step = random.Random(args.seed), time.monotonic() + 60 * args.minutes, 0
+    started = time.monotonic()
+    rng, deadline, step = random.Random(args.seed), started + 60 * args.minutes, 0
     model.train()
     for epoch in range(args.epochs):
         for ids, mask, labels in batches(examples, tokenizer, args.batch_size, rng):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-            print(f"epoch {epoch} step {step} loss {loss.item():.4f}", file=sys.stderr, flush=True)
+            print(f"epoch {epoch} step {step} loss {loss.item():.4f} at {time.monotonic() - started:.0f} s",
+                  file=sys.stderr, flush=True)
             if step % args.save_every == 0:
                 model.save_pretrained(args.out)
             if time.monotonic() > deadline:

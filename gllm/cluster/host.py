@@ -42,6 +42,7 @@ class ReplicaHost:
         self.engine = engine
         self.limits = limits
         self.service = EngineService(engine, limits, self._collect)
+        self.service.report_injected_ids = True  # the front end strips them (see ``Relay``)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._turn_replies: Batch = []
         self._captured: list[Reply] | None = None  # replies of the message ``call`` is handling
@@ -79,11 +80,12 @@ class ReplicaHost:
                 self._subscriber = None
                 self._commands.put(("drop_all", b""))
 
-    def open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None) -> None:
+    def open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None,
+             injected: list[tuple[int, list[int]]] | None = None) -> None:
         """Open the request in ``frame`` (one of ``protocol.OPENING``) under ``peer``; its replies (or its
         error) come through ``subscribe``. ``resume``: tokens of this generation already streamed by another
-        replica."""
-        self._commands.put(("open", peer, frame, resume))
+        replica; ``injected``: the injections among them (``GenerationRequest.resume_injected``)."""
+        self._commands.put(("open", peer, frame, resume, injected))
 
     def drop(self, peer: bytes) -> None:
         """End the requests opened under ``peer`` without a reply, and release the states pinned under it
@@ -149,7 +151,8 @@ class ReplicaHost:
                 replies, self._captured = self._captured, None
                 self._loop.call_soon_threadsafe(_resolve, done, replies)
 
-    def _open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None) -> None:
+    def _open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None,
+              injected: list[tuple[int, list[int]]] | None) -> None:
         request_id = None
         try:
             msg, req = admission.read_message(frame, self.limits)
@@ -157,7 +160,10 @@ class ReplicaHost:
             if not isinstance(req, protocol.OPENING):
                 raise ProtocolError("bad_request", f"a {msg['type']!r} message opens no request", request_id)
             admission.check_open(self.service.requests, peer, req.id, self.limits)
-            self.service.submit(peer, req, resume if isinstance(req, protocol.Generate) else None)
+            if isinstance(req, protocol.Generate):
+                self.service.submit(peer, req, resume, injected)
+            else:
+                self.service.submit(peer, req)
         except ProtocolError as exc:
             self._collect(peer, protocol.error_message(exc.code, exc.message, exc.request_id or request_id))
         except Exception as exc:  # a bug of ours: this request fails, the replica goes on

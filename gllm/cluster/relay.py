@@ -19,7 +19,10 @@ whose ``open`` raised on the replica (a fault, not a loss). A ``snapshot`` or ``
 the same way; a state pinned on a lost replica is gone with it.
 
 A message about an open request (an ``inject``) goes to its replica under the request's key; one that
-comes while the request still waits for a replica is held and sent after its ``open`` lands.
+comes while the request still waits for a replica is held and sent after its ``open`` lands. A replica's
+``token`` replies carry the ids of the injections that came right before them (``injected_ids``, which
+the relay takes out): a request that fails over is opened again with them in their places among the
+tokens relayed, and an injection sent that no token has followed yet is sent again after the new ``open``.
 
 A replica holds a pinned state under the key of the ``restore`` that pinned it; ``unpin`` drops that key
 there, which releases it.
@@ -79,6 +82,8 @@ class Job:
     cancelled: bool = False
     opened: bool = False  # the ``open`` has landed on ``replica``
     held: list[tuple[bytes, ClientId | None, bytes]] = field(default_factory=list)  # messages about it, for then
+    injects: list[tuple[bytes, ClientId | None, bytes]] = field(default_factory=list)  # sent, not yet followed by a token
+    injected: list[tuple[int, list[int]]] = field(default_factory=list)  # (index of the token after, ids)
 
 
 class Relay:
@@ -230,7 +235,8 @@ class Relay:
         """Open ``job`` on the replica the router chose, after any tokens relayed already."""
         planned = job.replica
         try:
-            landed = await self.handle.open.remote(job.key.encode(), job.frame, job.tokens or None, route=planned)
+            landed = await self.handle.open.remote(job.key.encode(), job.frame, job.tokens or None,
+                                                   job.injected or None, route=planned)
         except RayActorError as exc:
             self._lose(job, planned, f"{type(exc).__name__}")
             return
@@ -260,6 +266,9 @@ class Relay:
     def _relay(self, job: Job, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
         if kind == "token":
+            if injected := msg.pop("injected_ids", None):
+                del job.injects[: len(injected)]  # injections apply in the order they were sent
+                job.injected.append((len(job.tokens), [t for ids in injected for t in ids]))
             job.tokens.append((msg["token_id"], msg["logprob"], msg["rank"]))
             job.text.append(msg["text"])
             job.first_token_at = job.first_token_at or time.monotonic()
@@ -284,6 +293,7 @@ class Relay:
                     job.key, len(job.tokens))
         self._release(job)
         job.opened = False
+        job.held[:0], job.injects = job.injects, []  # no token followed them there: sent again after the open
         self.counters["failovers"] += 1
         job.lost.append(replica)
         job.lost_at = time.monotonic()
@@ -348,6 +358,9 @@ class Relay:
             return
         if job is not None:  # about an open request: its replica, under its own peer
             replica, peer_there = job.replica, job.key.encode()
+            inject = (peer, client_id, frame) if _is_inject(frame) else None
+            if inject:
+                job.injects.append(inject)
         else:
             with self._lock:
                 replica = self.router.target(affinity)
@@ -355,7 +368,10 @@ class Relay:
         if replica is None:
             self.deliver(None, peer, protocol.error_message("internal", "no replica is running", client_id))
             return
-        for msg in await self._call(replica, peer_there, frame, client_id):
+        replies = await self._call(replica, peer_there, frame, client_id)
+        if job is not None and inject and inject in job.injects and any(m["type"] == "error" for m in replies):
+            job.injects.remove(inject)  # refused there: it never lands, and is not sent again
+        for msg in replies:
             self.deliver(None, peer, msg)
 
     async def _change_adapter(self, peer: bytes, req: protocol.LoadAdapter | protocol.UnloadAdapter,
@@ -408,6 +424,13 @@ def _cancelled(job: Job) -> dict[str, Any]:
     timing = {"queued_ms": None, "ttft_ms": _ms(job.arrival, job.first_token_at),
               "total_ms": _ms(job.arrival, time.monotonic())}
     return protocol.done_message(job.client_id, "cancelled", text, usage, timing)
+
+
+def _is_inject(frame: bytes) -> bool:
+    try:
+        return protocol.decode(frame).get("type") == "inject"
+    except Exception:  # the replica answers a bad frame with its own error
+        return False
 
 
 def _ms(start: float, t: float | None) -> float | None:

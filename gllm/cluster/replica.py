@@ -77,9 +77,9 @@ class EngineReplica:
             yield batch
 
     def open(self, peer: bytes, frame: bytes, resume: list[tuple[int, float, int]] | None = None,
-             route: str | None = None) -> str:
+             injected: list[tuple[int, list[int]]] | None = None, route: str | None = None) -> str:
         """Open a request (its replies come through ``replies``); returns where it landed."""
-        self.host.open(peer, frame, resume)
+        self.host.open(peer, frame, resume, injected)
         return self.replica_id
 
     def drop(self, peer: bytes, route: str | None = None) -> None:

@@ -219,7 +219,7 @@ class GameState:
                 if seq.status is Status.FINISHED:
                     continue
                 if seq.inject(ids, self.max_seq_len):
-                    job.outputs[seq].injected(len(ids))
+                    job.outputs[seq].injected(ids)
                 else:
                     self.scheduler.finish(seq, "length")  # the context is full
 

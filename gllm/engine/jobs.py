@@ -6,6 +6,7 @@ is one job of a prompt sequence plus one sequence per candidate that forks from 
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 
@@ -100,11 +101,18 @@ class GenerationJob:
         delta.request_id, delta.fork = self.request_id, seq.fork_index
         return delta, final
 
-    def replay(self, seq: Sequence, tokens: list[tuple[int, float, int]]) -> str | None:
+    def replay(self, seq: Sequence, tokens: list[tuple[int, float, int]],
+               injected: list[tuple[int, list[int]]] = ()) -> str | None:
         """Take (token id, logprob, rank) of tokens already in ``seq`` and handed out elsewhere, as if sampled
         here, so that text, held-back text and indexes go on from them; returns the finish reason they reach
-        (a stop string, or the last one being a stop token or reaching the length)."""
+        (a stop string, or the last one being a stop token or reaching the length). ``injected``: the
+        injections among them, (index of the token they came before, ids), counted as injected here too."""
+        before = collections.defaultdict(list)
+        for index, ids in injected:
+            before[index].append(ids)
         for i, (token, logprob, rank) in enumerate(tokens):
+            for ids in before.pop(i, ()):
+                self.outputs[seq].injected(ids)
             last = i == len(tokens) - 1
             end = None
             if last and token in seq.eos_token_ids:
@@ -114,6 +122,8 @@ class GenerationJob:
             _, reason = self.on_token(seq, token, logprob, rank, [], end)
             if reason is not None:
                 return reason
+        for ids in before.pop(len(tokens), ()):  # after the last one: the next token's delta says so
+            self.outputs[seq].injected(ids)
         return None
 
     @property

@@ -166,8 +166,10 @@ class LLMEngine(AsyncDriver, GameState, Prompts):
         adapter = self._adapter(req.adapter)
         ids, dropped_turns = self.fitted_prompt(req)
         resumed = self._check_ids([t for t, _, _ in req.resume], "resume") if req.resume else []
+        injected = [(i, self._check_ids(t, "resume_injected")) for i, t in req.resume_injected or ()]
         timing = self._sequence_timing(req)
-        max_tokens = min(len(ids) + req.max_new_tokens, self.max_seq_len)
+        # Injected tokens do not count against max_new_tokens (as for ``inject``).
+        max_tokens = min(len(ids) + req.max_new_tokens + sum(len(t) for _, t in injected), self.max_seq_len)
         self._check_room(max_tokens)
         grammar = self.constraints.compile(req)  # None without one; refused here when it does not compile
         request_id = self._new_request_id(req.request_id)
@@ -180,7 +182,7 @@ class LLMEngine(AsyncDriver, GameState, Prompts):
                     torch.rand(1, device=self.device, generator=generator)
             seqs.append(Sequence(
                 request_id=request_id if i == 0 else f"{request_id}#{i}",
-                token_ids=ids + resumed,
+                token_ids=ids + _interleave(resumed, injected),
                 num_prompt_tokens=len(ids),
                 max_tokens=max_tokens,
                 sampling=SamplingRow(req.temperature, req.top_k, req.top_p, req.logprobs, generator),
@@ -199,7 +201,7 @@ class LLMEngine(AsyncDriver, GameState, Prompts):
             if seqs[0].constraint is not None and not seqs[0].constraint.replay(resumed):
                 raise ValueError("the resumed tokens do not follow the request's grammar")
             # Tokens handed out already; a stream whose end was lost on the way ends at once.
-            seqs[0].finish_reason = job.replay(seqs[0], req.resume)
+            seqs[0].finish_reason = job.replay(seqs[0], req.resume, injected)
         self._submit(job)
         return request_id
 
@@ -421,3 +423,14 @@ class LLMEngine(AsyncDriver, GameState, Prompts):
             **self.game_state_stats(),
             **self._counters,
         }
+
+
+def _interleave(resumed: list[int], injected: list[tuple[int, list[int]]]) -> list[int]:
+    """The resumed tokens with each injection put back before the token it came before."""
+    out, pending = [], list(injected)
+    for i, token in enumerate(resumed + [None]):
+        while pending and pending[0][0] == i:
+            out += pending.pop(0)[1]
+        if token is not None:
+            out.append(token)
+    return out

@@ -24,7 +24,7 @@ class RequestOutput:
         self.emitted = 0  # characters of ``text`` already handed out
         self.token_ids: list[int] = []  # the sampled tokens (the sequence's also holds injected ones)
         self.num_injected = 0
-        self._injected_now = 0  # tokens injected since the last sampled token
+        self._injected_now: list[list[int]] = []  # injections since the last sampled token
         self.logprobs: list[float] = []
         self.ranks: list[int] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
@@ -56,14 +56,14 @@ class RequestOutput:
         new_text = self.text[self.emitted : end]
         self.emitted = end
         delta = TokenDelta(self.seq.request_id, index, token_id, new_text, logprob, rank, top, reason is not None, reason,
-                           injected=self._injected_now)
-        self._injected_now = 0
+                           injected=sum(map(len, self._injected_now)), injected_ids=self._injected_now)
+        self._injected_now = []
         return delta, reason
 
-    def injected(self, num_tokens: int) -> None:
+    def injected(self, token_ids: list[int]) -> None:
         """Tokens were appended to the context: the next token's delta says so."""
-        self._injected_now += num_tokens
-        self.num_injected += num_tokens
+        self._injected_now.append(token_ids)
+        self.num_injected += len(token_ids)
 
     def _find_stop(self) -> int | None:
         window_start = max(0, self.emitted - max(map(len, self.stop)))

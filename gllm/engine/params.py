@@ -64,6 +64,9 @@ class GenerationRequest:
     # that died mid-stream): it goes on after them as if it had sampled them itself, its next token being
     # number len(resume). Greedy and seeded requests continue exactly: a seeded one skips their draws.
     resume: list[tuple[int, float, int]] | None = None
+    # Injections among those tokens: (index of the resumed token they came right before, their ids), in order;
+    # an index of len(resume) puts them after the last one.
+    resume_injected: list[tuple[int, list[int]]] | None = None
     request_id: str | None = None  # assigned by the engine when missing
     adapter: str | None = None  # name of a loaded LoRA adapter to apply (``LLMEngine.load_adapter``)
     # Structured output (gllm.constrain): at most one of json_schema, grammar, regex, choices; and tools.
@@ -109,6 +112,10 @@ class GenerationRequest:
             raise ValueError(f"n must be an integer >= 1 (got {self.n})")
         if self.resume is not None and self.n != 1:
             raise ValueError(f"a resumed request continues one stream: n must be 1 (got {self.n})")
+        if self.resume_injected:
+            places = [i for i, _ in self.resume_injected]
+            if places != sorted(places) or places[0] < 0 or places[-1] > len(self.resume or ()):
+                raise ValueError("resume_injected: indexes must be in order, within 0..len(resume)")
         if self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 (got {self.logprobs})")
         if self.stop is not None and (
@@ -150,6 +157,7 @@ class TokenDelta:
     finish_reason: str | None = None
     fork: int = 0  # which of the request's n continuations
     injected: int = 0  # tokens injected into the context just before this one (``LLMEngine.inject``)
+    injected_ids: list[list[int]] = field(default_factory=list)  # those tokens, one list per injection
 
 
 @dataclass

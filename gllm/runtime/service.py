@@ -43,12 +43,16 @@ class EngineService:
         self.game = GameStateRequests(engine, self.requests, limits)
         self._step_failures = 0
         self._token_texts: dict[int, str] = {}
+        # A replica's front end keeps the ids of injections, to carry them to another replica on a failover:
+        # its ``token`` replies then hold them (``injected_ids``, a list per injection), beside the count.
+        self.report_injected_ids = False
 
     # --------------------------------------------------------------------------------------- requests
-    def submit(self, peer: bytes, req: Opening, resume: list[tuple[int, float, int]] | None = None) -> None:
+    def submit(self, peer: bytes, req: Opening, resume: list[tuple[int, float, int]] | None = None,
+               injected: list[tuple[int, list[int]]] | None = None) -> None:
         """Open an admitted request; ``ProtocolError`` when the engine refuses it (nothing changes then).
-        ``resume``: (token id, logprob, rank) of tokens already streamed for this generation elsewhere; it goes
-        on after them (see ``GenerationRequest.resume``)."""
+        ``resume``: (token id, logprob, rank) of tokens already streamed for this generation elsewhere, and
+        ``injected`` the injections among them; it goes on after them (see ``GenerationRequest.resume``)."""
         prompt = {name: getattr(req, name, None) for name in ("prompt", "messages", "prompt_token_ids")}
         try:
             if isinstance(req, protocol.Restore):
@@ -59,7 +63,8 @@ class EngineService:
                 gen = GenerationRequest(
                     **prompt, max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, priority=req.priority,
-                    ignore_eos=req.ignore_eos, thinking=req.thinking, resume=resume, request_id=open_req.engine_id,
+                    ignore_eos=req.ignore_eos, thinking=req.thinking, resume=resume, resume_injected=injected,
+                    request_id=open_req.engine_id,
                     context_overflow=req.context_overflow, max_tokens_per_second=req.max_tokens_per_second,
                     deadline_ms=req.deadline_ms, deterministic=req.deterministic, adapter=req.adapter,
                     **{name: getattr(req, name) for name in STRUCTURE_FIELDS})
@@ -151,8 +156,11 @@ class EngineService:
         if req is None or req.orphaned:
             return
         top = [[t, self._token_text(t), lp] for t, lp in delta.top_logprobs] if req.top_n else None
-        self.send(req.peer, protocol.token_message(req.client_id, delta.index, delta.token_id, delta.text,
-                                                   delta.logprob, delta.rank, top, delta.injected))
+        msg = protocol.token_message(req.client_id, delta.index, delta.token_id, delta.text, delta.logprob,
+                                     delta.rank, top, delta.injected)
+        if self.report_injected_ids and delta.injected_ids:
+            msg["injected_ids"] = delta.injected_ids
+        self.send(req.peer, msg)
 
     def _on_finished(self, result: replies.Result) -> None:
         req = self.requests.close(result.request_id)
