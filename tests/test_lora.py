@@ -21,9 +21,9 @@ def greedy(prompt, adapter=None) -> GenerationRequest:
     return GenerationRequest(prompt_token_ids=prompt, max_new_tokens=NEW_TOKENS, temperature=0, adapter=adapter)
 
 
-def assert_same(result, tokens, logprobs):
+def assert_same(result, tokens, logprobs, tolerance=1e-4):
     assert result.token_ids == tokens
-    assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs)) < tolerance
 
 
 def test_adapter_matches_peft_unmerged_and_merged(gqa_model, tmp_path):
@@ -32,11 +32,12 @@ def test_adapter_matches_peft_unmerged_and_merged(gqa_model, tmp_path):
     e = engine(folder, npc=tmp_path / "npc")
     results = e.generate([greedy(p, "npc") for p in PROMPTS])
     base = e.generate([greedy(p) for p in PROMPTS])
+    unmerged = [hf_greedy(peft_model, p, NEW_TOKENS) for p in PROMPTS]  # before the merge changes the model
     merged = peft_model.merge_and_unload()
-    for prompt, result, plain in zip(PROMPTS, results, base):
-        tokens, logprobs = hf_greedy(peft_model, prompt, NEW_TOKENS)
-        assert_same(result, tokens, logprobs)
-        assert_same(result, *hf_greedy(merged, prompt, NEW_TOKENS))
+    for prompt, result, plain, reference in zip(PROMPTS, results, base, unmerged):
+        assert_same(result, *reference)  # the same sums as the engine's: its base product plus B(Ax)
+        # Merged, HF's own logprobs move by up to ~7e-5 on this model (W + BA rounded in float32).
+        assert_same(result, *hf_greedy(merged, prompt, NEW_TOKENS), tolerance=2e-4)
         assert plain.token_ids != result.token_ids  # the adapter changes what the model says
     assert_same(base[0], *hf_greedy(hf, PROMPTS[0], NEW_TOKENS))
     assert e.stats()["kv_blocks_in_use"] == 0
