@@ -55,6 +55,17 @@ def batches(examples: list[dict], tokenizer, batch_size: int, rng: random.Random
                torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]))  # fmt: skip
 
 
+def completion_loss(net: transformers.PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the completion's tokens, with the output head run only where they are predicted
+    (a few positions a row, not all of a long prompt's: a vocabulary of 49,152 makes those logits the
+    largest tensors of a step)."""
+    hidden = net.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    logits = net.get_output_embeddings()(hidden[rows, cols])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][rows, cols])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -88,7 +99,7 @@ def main() -> int:
     for epoch in range(args.epochs):
         for ids, mask, labels in batches(examples, tokenizer, args.batch_size, rng):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = completion_loss(model.get_base_model(), ids, mask, labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -11,6 +11,12 @@ batching engine if each generation were a call. Here generations are opened by s
 through one reply stream per replica (``relay``); the front end keeps at most ``REQUESTS_PER_SLOT`` times
 the batch size open per replica (a running batch and one more waiting in the engine's queue), and
 ``max_ongoing_requests`` is that plus ``CONTROL_CALLS``, so that no call ever waits in Serve's router.
+
+SIGTERM or SIGINT while the replicas start (which can take minutes) stops the start-up: the calls that
+wait on Ray run on a thread of their own, so that the main thread, where Python runs signal handlers,
+is never stuck in one. The clean-up (removing the Serve application, ending a Ray instance of its own) is
+given ``CLEANUP_TIMEOUT_S`` and then left, so that a Ray cluster that vanished meanwhile cannot hold the
+process; a second signal during the clean-up exits at once.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import gc
 import logging
 import os
 import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import zmq
 
@@ -34,9 +44,61 @@ CONTROL_CALLS = 16
 LOCAL_OBJECT_STORE_BYTES = 256 << 20
 HEALTH_CHECK_PERIOD_S = 2.0
 READY_TIMEOUT_S = 600.0  # a replica loading a large model from a slow disk
+CLEANUP_TIMEOUT_S = 30.0
+SIGNAL_CHECK_S = 0.2
+T = TypeVar("T")
+
+
+class StartupInterrupted(Exception):
+    """SIGTERM or SIGINT came before the front end was serving."""
+
+
+class Signals:
+    """What SIGTERM and SIGINT do in each phase: stop the start-up, stop the front end, or end the process."""
+
+    def __init__(self):
+        self.on_signal: Callable[[], None] = self._interrupt_startup
+
+    def install(self) -> None:  # again after ray.init, which puts in handlers of its own
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.on_signal())
+
+    def _interrupt_startup(self) -> None:
+        self.on_signal = self._exit_now
+        raise StartupInterrupted
+
+    @staticmethod
+    def _exit_now() -> None:
+        log.warning("a second signal during the clean-up: exiting now")
+        os._exit(1)
+
+
+def waiting(call: Callable[[], T]) -> T:
+    """``call()`` on a thread of its own, waited for in short naps that let signal handlers run."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, call()))
+        except BaseException as exc:  # handed to the caller
+            result.append((False, exc))
+
+    thread = threading.Thread(target=run, name="gllm-cluster-start", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(SIGNAL_CHECK_S)
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveServer | None) -> int:
+    if args.ray_address is not None:
+        # Ray 2.60 starts clusters (``ray start --head``) with token authentication, which a driver uses only
+        # when told to before Ray is imported; the token is the one ``ray start`` wrote (~/.ray/auth_token),
+        # or RAY_AUTH_TOKEN.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
         from ray import serve
@@ -56,12 +118,15 @@ def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveSe
     except zmq.ZMQError as exc:
         log.error("cannot bind %s: %s", args.bind, exc)
         return 1
+    signals = Signals()
+    signals.install()
     own_ray = args.ray_address is None
     if own_ray:
         ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas * threads), include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
     else:
         ray.init(address=args.ray_address, log_to_driver=True)
+    signals.install()
     relay, ran = None, False
     try:
         serve.start(proxy_location="Disabled")
@@ -78,25 +143,39 @@ def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveSe
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ).bind(config)
         log.info("starting %d replica(s) of %s, %d thread(s) each", args.replicas, args.model, threads)
-        handle = serve.run(app, name=APP_NAME, route_prefix=None)
+        handle = waiting(lambda: serve.run(app, name=APP_NAME, route_prefix=None))
         router = Router(capacity, max_imbalance=max(1, args.max_batch_size // 2), policy=args.routing)
         relay = Relay(handle, router, front.deliver)
-        front.attach(relay, relay.describe(READY_TIMEOUT_S))
+        front.attach(relay, waiting(lambda: relay.describe(READY_TIMEOUT_S)))
         gc.collect()
         gc.freeze()  # as gllm serve does: start-up objects (Ray's included) out of every full collection
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: front.stop())
+        signals.on_signal = front.stop
         ran = True
         front.run()
+    except StartupInterrupted:
+        log.info("stopped while the replicas were starting")
     finally:
+        signals.on_signal = signals._exit_now
         if not ran:
             front.close()
         if relay is not None:
             relay.stop()
-        try:
-            serve.delete(APP_NAME)
-        finally:
-            if own_ray:
-                serve.shutdown()
-                ray.shutdown()
+
+        def clean_up() -> None:
+            try:
+                serve.delete(APP_NAME)
+            finally:
+                if own_ray:
+                    serve.shutdown()
+                    ray.shutdown()
+
+        cleaner = threading.Thread(target=clean_up, name="gllm-cluster-cleanup", daemon=True)
+        cleaner.start()
+        deadline = time.monotonic() + CLEANUP_TIMEOUT_S
+        while cleaner.is_alive() and time.monotonic() < deadline:
+            cleaner.join(SIGNAL_CHECK_S)
+        if cleaner.is_alive():  # Ray's own exit hooks would wait for it again: leave now
+            log.warning("Ray did not answer the clean-up within %g s (is it gone?): leaving it", CLEANUP_TIMEOUT_S)
+            logging.shutdown()
+            os._exit(0)
     return 0
