@@ -61,6 +61,9 @@ class FakeHandle:
 
     async def _call(self, peer: bytes, frame: bytes, route: str) -> list:
         self.sent.append((route, "call", peer, frame))
+        msg = protocol.decode(frame)
+        if msg["type"] in ("load_adapter", "unload_adapter"):  # as a replica answers them
+            return [protocol.adapters_message(msg.get("id"), [msg["name"]] if msg["type"] == "load_adapter" else [])]
         return []
 
     async def _drop(self, key: bytes, route: str) -> None:
@@ -155,6 +158,30 @@ def test_a_failover_carries_the_injections_to_the_next_replica():
         assert calls("r2") == [("r2", "call", b"k1", second)]
         assert [m["token_id"] for m in delivered] == [5, 6, 9]
         assert delivered[1]["injected"] == 2 and not any("injected_ids" in m for m in delivered)
+    finally:
+        relay.stop()
+        BOARD.publish({})
+
+
+def test_a_replica_that_connects_later_loads_the_adapters_first():
+    """An adapter loaded at run time on every replica is loaded on one that Serve starts later (in place of
+    a lost one) before any request may go there."""
+    handle = FakeHandle()
+    delivered = []
+    BOARD.publish({"r1": {}})
+    relay = Relay(handle, Router(capacity=4, max_imbalance=4), lambda key, peer, msg: delivered.append(msg))
+    try:
+        wait_for(lambda: "r1" in relay._connected)
+        load = protocol.LoadAdapter(name="chess", path="/srv/lora/chess", id=1)
+        relay.change_adapter(b"client", load, protocol.encode({"type": "load_adapter", "id": 1, "name": "chess",
+                                                               "path": "/srv/lora/chess"}))  # fmt: skip
+        wait_for(lambda: delivered)
+        assert delivered == [protocol.adapters_message(1, ["chess"])]
+        BOARD.publish({"r1": {}, "r2": {}})
+        wait_for(lambda: "r2" in relay._connected)
+        to_r2 = [protocol.decode(frame) for replica, _, _, frame in handle.sent if replica == "r2"]
+        assert to_r2 == [{"type": "unload_adapter", "name": "chess"},
+                         {"type": "load_adapter", "name": "chess", "path": "/srv/lora/chess"}]
     finally:
         relay.stop()
         BOARD.publish({})

@@ -70,6 +70,8 @@ VECTORS: dict[str, dict[str, Any]] = {
     "to_runtime_generate_adapter": {"type": "generate", "id": "npc-9/line-1", "prompt": "Halt!", "adapter": "guard"},
     "to_runtime_score_adapter": {"type": "score", "id": 10, "prompt": "1. e4", "candidates": [" e5", " c5"],
                                  "adapter": "chess"},
+    "to_runtime_snapshot_adapter": {"type": "snapshot", "id": "guard/save-1", "prompt": "Halt! Who goes there?",
+                                    "adapter": "guard"},
     "to_runtime_load_adapter": {"type": "load_adapter", "id": 11, "name": "guard", "path": "/srv/game/lora/guard"},
     "to_runtime_unload_adapter": {"type": "unload_adapter", "id": 12, "name": "guard"},
     "to_runtime_cancel": {"type": "cancel", "id": "npc-7/line-3"},

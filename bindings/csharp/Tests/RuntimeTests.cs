@@ -209,6 +209,17 @@ namespace Gllm.Tests
             double adapted = Result(client.Score(Prompt.Tokens(promptTokens), candidates, adapter: "npc"), "Score").Candidates[0].Logprob;
             Check.Close(expectLogprobs[0], plain, 1e-3, "score without the adapter");
             Check.That(Math.Abs(adapted - plain) > 1e-3, "the adapter changes the score: " + adapted + " vs " + plain);
+            // A state saved under the adapter serves only requests under it.
+            int[] chat = LongPrompt().Select(t => t + 3).ToArray();  // a prompt no other step caches
+            SavedState saved = Result(client.Snapshot(Prompt.Tokens(chat), adapter: "npc"), "Snapshot under the adapter");
+            Check.Equal(32, saved.Tokens, "tokens in the state saved under the adapter");
+            Check.Equal(32, Result(client.Restore(saved.State), "Restore under the adapter").Tokens, "restored tokens");
+            foreach (string name in new[] { null, "npc" })
+            {
+                Generation turn = client.Generate(Prompt.Tokens(chat), new GenerateOptions { MaxTokens = 1, Temperature = 0, Adapter = name });
+                Wait(turn.Text, "a generation over the restored prefix");
+                Check.Equal(name == null ? 0 : 32, turn.Result.Usage.CachedTokens, "cached tokens, adapter " + (name ?? "none"));
+            }
         }
 
         void IdleConnection()
