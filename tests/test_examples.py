@@ -325,11 +325,12 @@ def test_evaluation_ranks_each_position_with_and_without_an_adapter(server, engi
     for (_, _, board, _), row in zip(samples, rows):
         loss = evaluate.losses(StandInStockfish(), board, 1, 1000.0)
         moves = list(board.legal_moves)
-        [scored] = engine.score([ScoreRequest(prompt=bot.prompt_for(board), adapter="chess",
-                                              candidates=[" " + board.san(m) for m in moves])])  # fmt: skip
+        scored = engine.score(ScoreRequest(prompt=bot.prompt_for(board), adapter="chess",
+                                           candidates=[" " + board.san(m) for m in moves]))  # fmt: skip
         top = moves[max(range(len(moves)), key=lambda i: scored.candidates[i].logprob)]
         assert row.adapter_move == board.san(top) and row.adapter_loss == loss[top]
         assert row.bot_loss == loss[board.parse_san(row.bot_move)]
+    assert any(r.adapter_move != r.bot_move for r in rows)  # the adapter is strong enough to change a choice
     table = evaluate.summarize(rows)
     paired = table["bot - bot under the adapter (paired)"]["mean_cpl"]
     assert paired == pytest.approx(sum(r.bot_loss - r.adapter_loss for r in rows) / len(rows))
