@@ -112,7 +112,8 @@ class LLMEngine(AsyncDriver, GameState, Prompts):
         # One block more than the pool hands out: the scratch block that CUDA graphs' padding rows write to.
         kv = allocate_kv_cache(cfg, num_blocks + 1, params.block_size, dtype, self.device)
         self.runner = ModelRunner(self.model, kv, params.block_size, self.device)
-        self.adapters = self.runner.adapters = AdapterRegistry(self.model, cfg, dtype, self.device)
+        self.adapters = self.runner.adapters = AdapterRegistry(self.model, cfg, dtype, self.device,
+                                                               triton=self.attention.name == "triton")
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
         if cuda_graphs and self.device.type == "cuda":

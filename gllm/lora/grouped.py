@@ -12,6 +12,9 @@ site adds ``(x @ A) @ B`` for the rows of each adapter. How the rows are grouped
   every row's own update only: each adapter's matrices are read once, and no row is multiplied by
   another adapter's. A projection that an adapter leaves alone, or a smaller rank, is zero padding.
 
+Where the attention runs on Triton (CUDA), the remaining rows go through two Triton kernels instead
+(``gllm.lora.triton_lora``), which read each row's adapter straight from the stacks, without padding.
+
 Stacks depend only on which adapters are in the batch; they are kept for the last few sets, since a
 game's running requests keep the same adapters for many steps. What a step needs besides them (the
 row layout) is computed once per step, not per site.
@@ -25,6 +28,7 @@ from collections import OrderedDict
 import torch
 
 from gllm.lora.adapter import LoraAdapter, SitePart, SiteUpdate
+from gllm.lora.triton_lora import triton_add_updates
 
 LARGE_GROUP = 16  # rows of one adapter from which a group runs its own products
 STACKS_KEPT = 4
@@ -90,10 +94,16 @@ class MixedRows:
     by adapter (stack order), and ``slots``, their places in ``[adapters * depth]``; ``slots`` is None
     when each adapter has one row and ``rows`` is a slice (the input is then used as it is)."""
 
-    def __init__(self, stacked: dict[str, SiteUpdate], by_adapter: list[list[int]], device: torch.device):
+    def __init__(self, stacked: dict[str, SiteUpdate], by_adapter: list[list[int]], device: torch.device,
+                 triton: bool = False):
         self.stacked = stacked
         self.count, self.depth = len(by_adapter), max(map(len, by_adapter))
         flat = [r for rows in by_adapter for r in rows]
+        self.triton = triton
+        if triton:  # each row with its adapter's place in the stacks
+            self.row_index = torch.tensor(flat, device=device, dtype=torch.int32)
+            self.row_slot = torch.tensor([k for k, rows in enumerate(by_adapter) for _ in rows], device=device,
+                                         dtype=torch.int32)
         if self.depth == 1 and flat == list(range(flat[0], flat[0] + len(flat))):
             self.rows: Rows = slice(flat[0], flat[0] + len(flat))
             self.slots: torch.Tensor | None = None
@@ -103,6 +113,9 @@ class MixedRows:
             self.slots = torch.tensor(slots, device=device)
 
     def apply(self, update: SiteUpdate, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.triton:
+            triton_add_updates(update, x if x.stride(-1) == 1 else x.contiguous(), y, self.row_index, self.row_slot)
+            return
         n, depth = self.count, self.depth
         if self.slots is None:
             xs = x[self.rows].unsqueeze(1)
@@ -122,7 +135,8 @@ class LoraBatch:
     """The adapters of one step's rows. ``spans``: each chunk's adapter (or None) and row count, in
     packed order; consecutive chunks under one adapter form one group."""
 
-    def __init__(self, spans: list[tuple[LoraAdapter | None, int]], stacks: StackCache, device: torch.device):
+    def __init__(self, spans: list[tuple[LoraAdapter | None, int]], stacks: StackCache, device: torch.device,
+                 triton: bool = False):
         runs: list[list] = []  # [adapter, start, stop]
         row = 0
         for adapter, n in spans:
@@ -143,7 +157,7 @@ class LoraBatch:
                           else torch.tensor(index, device=device))
             self.groups.append((adapter, rows))
         elif by_adapter:
-            self.mixed = MixedRows(stacks.get(tuple(by_adapter)), list(by_adapter.values()), device)
+            self.mixed = MixedRows(stacks.get(tuple(by_adapter)), list(by_adapter.values()), device, triton)
 
     def apply(self, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add the updates of ``site`` to ``y`` (its base output for input ``x``), in place; return ``y``."""

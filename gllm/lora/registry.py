@@ -38,8 +38,10 @@ class LoraHook:
 class AdapterRegistry:
     """Adapters by name for one model; ``rows`` makes a step's batch apply them."""
 
-    def __init__(self, model: nn.Module, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: nn.Module, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 triton: bool = False):
         self.config, self.dtype, self.device = config, dtype, device
+        self.triton = triton  # mixed rows through the Triton kernels (where the attention runs on Triton)
         self.adapters: dict[str, LoraAdapter] = {}
         self.batch: LoraBatch | None = None
         self._stacks = StackCache()
@@ -78,7 +80,7 @@ class AdapterRegistry:
         if not any(adapter is not None for adapter, _ in spans):
             yield
             return
-        self.batch = LoraBatch(spans, self._stacks, self.device)
+        self.batch = LoraBatch(spans, self._stacks, self.device, self.triton)
         try:
             yield
         finally:
