@@ -1,8 +1,11 @@
 """The grouped low-rank products of a mixed batch against a plain per-row loop, for every row layout the
 runner can hand them: one row per adapter in stack order, several rows per adapter, rows out of order,
-large groups beside small ones, rows without an adapter, and adapters of different ranks and targets."""
+large groups beside small ones, rows without an adapter, and adapters of different ranks and targets; in
+float64 (torch's batched products) and in float32 and bfloat16 (the C++ kernels of ``lora_rows.cpp``)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -10,26 +13,32 @@ import torch
 from gllm.config import ModelConfig
 from gllm.lora.adapter import SITES, LoraAdapter, projection_shapes
 from gllm.lora.files import LoraPair, LoraTensors
+from gllm.lora import grouped
 from gllm.lora.grouped import LARGE_GROUP, LoraBatch, StackCache
+from gllm.ops import cpu_kernels
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                      num_kv_heads=2, head_dim=8)
 SHAPES = projection_shapes(CONFIG)
 
 
-def adapter(seed: int, rank: int, targets: tuple[str, ...]) -> LoraAdapter:
+def adapter(seed: int, rank: int, targets: tuple[str, ...], dtype: torch.dtype = torch.float64) -> LoraAdapter:
     gen = torch.Generator().manual_seed(seed)
     pairs = {}
     for module, (out, inp) in SHAPES.items():
         if module.rsplit(".", 1)[-1] in targets:
             pairs[module] = LoraPair(torch.randn(rank, inp, generator=gen), torch.randn(out, rank, generator=gen),
                                      scale=0.5)
-    return LoraAdapter(f"a{seed}", LoraTensors(f"test-{seed}", pairs), CONFIG, torch.float64, torch.device("cpu"))
+    return LoraAdapter(f"a{seed}", LoraTensors(f"test-{seed}", pairs), CONFIG, dtype, torch.device("cpu"))
 
 
-ADAPTERS = [adapter(0, 4, ("q_proj", "v_proj", "down_proj")), adapter(1, 8, ("k_proj", "o_proj", "up_proj")),
-            adapter(2, 2, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))]
-A, B, C = ADAPTERS
+@functools.cache
+def adapters(dtype: torch.dtype) -> tuple[LoraAdapter, ...]:
+    return (adapter(0, 4, ("q_proj", "v_proj", "down_proj"), dtype), adapter(1, 8, ("k_proj", "o_proj", "up_proj"), dtype),
+            adapter(2, 2, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), dtype))
+
+
+A, B, C = 0, 1, 2  # in LAYOUTS: which of ``adapters(dtype)``
 LAYOUTS = {  # spans: (adapter, rows) per chunk, in packed order
     "one row each, stack order": [(A, 1), (B, 1), (C, 1)],
     "several rows per adapter": [(A, 1), (A, 1), (B, 1), (C, 1), (C, 1), (C, 1)],
@@ -60,16 +69,31 @@ def reference(site: str, spans, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return out
 
 
+TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's size
+
+
+@pytest.mark.parametrize("dtype", TOLERANCES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_grouped_products_equal_a_per_row_loop(layout):
-    spans = LAYOUTS[layout]
+def test_grouped_products_equal_a_per_row_loop(layout, dtype, monkeypatch):
+    kernel_calls = []
+    real = grouped.cpu_lora_rows
+    monkeypatch.setattr(grouped, "cpu_lora_rows", lambda *args: kernel_calls.append(real(*args)) or kernel_calls[-1])
+    mine = adapters(dtype)
+    spans = [(None if a is None else mine[a], n) for a, n in LAYOUTS[layout]]
+    exact = [(None if a is None else adapters(torch.float64)[a], n) for a, n in LAYOUTS[layout]]
     rows = sum(n for _, n in spans)
     batch = LoraBatch(spans, StackCache(), torch.device("cpu"))
     gen = torch.Generator().manual_seed(7)
     for site in [f"layers.0.{s}" for s in SITES]:
         inp = SHAPES[f"model.layers.0.{SITES[site.split('.', 2)[2]][0]}"][1]
         out = sum(SHAPES[f"model.layers.0.{p}"][0] for p in SITES[site.split(".", 2)[2]])
-        x = torch.randn(rows, inp, generator=gen, dtype=torch.float64)
-        y = torch.randn(rows, out, generator=gen, dtype=torch.float64)
-        want = reference(site, spans, x, y)
-        torch.testing.assert_close(batch.apply(site, x, y.clone()), want, rtol=1e-12, atol=1e-12)
+        x = torch.randn(rows, inp, generator=gen, dtype=torch.float64).to(dtype)
+        y = torch.randn(rows, out, generator=gen, dtype=torch.float64).to(dtype)
+        want = reference(site, exact, x.double(), y.double())  # the same inputs, summed in float64
+        got = batch.apply(site, x, y.clone()).double()
+        assert (got - want).abs().max() <= TOLERANCES[dtype] * want.abs().max()
+    mixed = batch.mixed is not None
+    if dtype != torch.float64 and mixed and cpu_kernels.available():
+        assert kernel_calls and all(kernel_calls)  # the C++ kernels took the mixed rows
+    else:
+        assert not any(kernel_calls)

@@ -12,8 +12,9 @@ site adds ``(x @ A) @ B`` for the rows of each adapter. How the rows are grouped
   every row's own update only: each adapter's matrices are read once, and no row is multiplied by
   another adapter's. A projection that an adapter leaves alone, or a smaller rank, is zero padding.
 
-Where the attention runs on Triton (CUDA), the remaining rows go through two Triton kernels instead
-(``gllm.lora.triton_lora``), which read each row's adapter straight from the stacks, without padding.
+Two kernels do the same without the padding and the gathered copies, reading each row's adapter in place
+from the stacks: on the CPU those of ``lora_rows.cpp`` (when the C++ kernels build), where the attention
+runs on Triton (CUDA) those of ``gllm.lora.triton_lora``. ``bmm`` is the fallback.
 
 Stacks depend only on which adapters are in the batch; they are kept for the last few sets, since a
 game's running requests keep the same adapters for many steps. What a step needs besides them (the
@@ -29,6 +30,7 @@ import torch
 
 from gllm.lora.adapter import LoraAdapter, SitePart, SiteUpdate
 from gllm.lora.triton_lora import triton_add_updates
+from gllm.ops.cpu_kernels import cpu_lora_rows
 
 LARGE_GROUP = 16  # rows of one adapter from which a group runs its own products
 STACKS_KEPT = 4
@@ -100,10 +102,11 @@ class MixedRows:
         self.count, self.depth = len(by_adapter), max(map(len, by_adapter))
         flat = [r for rows in by_adapter for r in rows]
         self.triton = triton
-        if triton:  # each row with its adapter's place in the stacks
-            self.row_index = torch.tensor(flat, device=device, dtype=torch.int32)
-            self.row_slot = torch.tensor([k for k, rows in enumerate(by_adapter) for _ in rows], device=device,
-                                         dtype=torch.int32)
+        self.on_cpu = device.type == "cpu"
+        # each row with its adapter's place in the stacks, for the kernels
+        self.row_index = torch.tensor(flat, device=device, dtype=torch.int32)
+        self.row_slot = torch.tensor([k for k, rows in enumerate(by_adapter) for _ in rows], device=device,
+                                     dtype=torch.int32)
         if self.depth == 1 and flat == list(range(flat[0], flat[0] + len(flat))):
             self.rows: Rows = slice(flat[0], flat[0] + len(flat))
             self.slots: torch.Tensor | None = None
@@ -115,6 +118,8 @@ class MixedRows:
     def apply(self, update: SiteUpdate, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.triton:
             triton_add_updates(update, x if x.stride(-1) == 1 else x.contiguous(), y, self.row_index, self.row_slot)
+            return
+        if self.on_cpu and cpu_lora_rows(update.a, update.parts, x, y, self.row_index, self.row_slot):
             return
         n, depth = self.count, self.depth
         if self.slots is None:

@@ -34,6 +34,7 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl"]
 SOURCES = {  # source: its x86 target flags
     "cpu_kernels.cpp": [],
+    "lora_rows.cpp": [],
     "quant_dispatch.cpp": [],
     "quant_portable.cpp": [],
     "quant_avx2.cpp": _AVX2,

@@ -36,6 +36,8 @@ SIGNATURES = {  # name: argument types, result type, dtypes it is compiled for
     "rope_write_kv": ([_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT], None, SUFFIX),
     "decode_attention": ([_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _I64, _FLOAT, _INT], _INT, SUFFIX),
     "argmax_logsumexp": ([_PTR] + [_I64] * 3 + [_PTR, _PTR, _INT], None, [torch.float32]),
+    "lora_shrink": ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _INT], _INT, SUFFIX),
+    "lora_expand": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _INT], None, SUFFIX),
 }
 
 
@@ -171,3 +173,27 @@ def cpu_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     argmax, lse = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
     fn(logits.data_ptr(), rows, vocab, logits.stride(0), argmax.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     return (argmax, lse) if rows == 0 or bool(torch.isfinite(lse).all()) else None
+
+
+def cpu_lora_rows(a: torch.Tensor, parts, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
+                  slots: torch.Tensor) -> bool:
+    """``y[rows[i], part.out] += (x[rows[i]] @ a[slots[i]])[part.cols] @ part.b[slots[i]]`` for every ``i`` and
+    part (``lora_rows.cpp``), in place; False, changing nothing, when the kernels cannot take these tensors.
+    ``a``: ``[adapters, in, R]``; each part's ``b``: ``[adapters, w, out columns]``; ``rows``, ``slots``: int32."""
+    dtype = x.dtype
+    shrink, expand = kernels().get(("lora_shrink", dtype)), kernels().get(("lora_expand", dtype))
+    tensors = [a, y, *(part.b for part in parts)]
+    if (shrink is None or x.stride(-1) != 1 or y.stride(-1) != 1 or any(t.dtype != dtype for t in tensors)
+            or not all(t.is_contiguous() for t in [a, *(part.b for part in parts)])):
+        return False
+    count, (d_in, rank) = rows.numel(), a.shape[1:]
+    u = torch.empty(count, rank, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    if shrink(x.data_ptr(), x.stride(0), rows.data_ptr(), slots.data_ptr(), count, a.data_ptr(), d_in, rank,
+              u.data_ptr(), threads):
+        return False  # a total rank above the kernel's limit
+    for part in parts:
+        width, out = part.b.shape[1:]
+        expand(u.data_ptr(), rank, part.cols.start, width, rows.data_ptr(), slots.data_ptr(), count,
+               part.b.data_ptr(), out, y.data_ptr(), y.stride(0), part.out.start, threads)
+    return True
