@@ -30,6 +30,7 @@ import torch
 
 from gllm.lora.adapter import LoraAdapter, SitePart, SiteUpdate
 from gllm.lora.triton_lora import triton_add_updates
+from gllm.ops import cpu_kernels
 from gllm.ops.cpu_kernels import cpu_lora_rows
 
 LARGE_GROUP = 16  # rows of one adapter from which a group runs its own products
@@ -107,6 +108,10 @@ class MixedRows:
         self.row_index = torch.tensor(flat, device=device, dtype=torch.int32)
         self.row_slot = torch.tensor([k for k, rows in enumerate(by_adapter) for _ in rows], device=device,
                                      dtype=torch.int32)
+        starts = [0]
+        for rows in by_adapter:
+            starts.append(starts[-1] + len(rows))
+        self.group_starts = torch.tensor(starts, dtype=torch.int32)
         if self.depth == 1 and flat == list(range(flat[0], flat[0] + len(flat))):
             self.rows: Rows = slice(flat[0], flat[0] + len(flat))
             self.slots: torch.Tensor | None = None
@@ -119,7 +124,7 @@ class MixedRows:
         if self.triton:
             triton_add_updates(update, x if x.stride(-1) == 1 else x.contiguous(), y, self.row_index, self.row_slot)
             return
-        if self.on_cpu and cpu_lora_rows(update.a, update.parts, x, y, self.row_index, self.row_slot):
+        if self.on_cpu and cpu_lora_rows(update.a, update.parts, x, y, self.row_index, self.group_starts):
             return
         n, depth = self.count, self.depth
         if self.slots is None:
@@ -156,7 +161,8 @@ class LoraBatch:
         for a, s, e in runs:
             if e - s < LARGE_GROUP:
                 by_adapter.setdefault(a, []).extend(range(s, e))
-        if len(by_adapter) == 1:
+        kernels = device.type == "cpu" and cpu_kernels.available()  # they read one adapter once per 8 rows too
+        if len(by_adapter) == 1 and not kernels:
             (adapter, index), = by_adapter.items()
             rows: Rows = (slice(index[0], index[-1] + 1) if index[-1] - index[0] + 1 == len(index)
                           else torch.tensor(index, device=device))

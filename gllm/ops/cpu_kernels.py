@@ -176,10 +176,11 @@ def cpu_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def cpu_lora_rows(a: torch.Tensor, parts, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
-                  slots: torch.Tensor) -> bool:
-    """``y[rows[i], part.out] += (x[rows[i]] @ a[slots[i]])[part.cols] @ part.b[slots[i]]`` for every ``i`` and
-    part (``lora_rows.cpp``), in place; False, changing nothing, when the kernels cannot take these tensors.
-    ``a``: ``[adapters, in, R]``; each part's ``b``: ``[adapters, w, out columns]``; ``rows``, ``slots``: int32."""
+                  starts: torch.Tensor) -> bool:
+    """``y[rows[i], part.out] += (x[rows[i]] @ a[g])[part.cols] @ part.b[g]`` for every part and every ``i`` of
+    group ``g`` (``starts[g] <= i < starts[g + 1]``), in place (``lora_rows.cpp``); False, changing nothing,
+    when the kernels cannot take these tensors. ``a``: ``[adapters, in, R]``; each part's ``b``:
+    ``[adapters, w, out columns]``; ``rows``, ``starts``: int32."""
     dtype = x.dtype
     shrink, expand = kernels().get(("lora_shrink", dtype)), kernels().get(("lora_expand", dtype))
     tensors = [a, y, *(part.b for part in parts)]
@@ -189,11 +190,12 @@ def cpu_lora_rows(a: torch.Tensor, parts, x: torch.Tensor, y: torch.Tensor, rows
     count, (d_in, rank) = rows.numel(), a.shape[1:]
     u = torch.empty(count, rank, dtype=torch.float32)
     threads = torch.get_num_threads()
-    if shrink(x.data_ptr(), x.stride(0), rows.data_ptr(), slots.data_ptr(), count, a.data_ptr(), d_in, rank,
+    groups = starts.numel() - 1
+    if shrink(x.data_ptr(), x.stride(0), rows.data_ptr(), starts.data_ptr(), groups, a.data_ptr(), d_in, rank,
               u.data_ptr(), threads):
         return False  # a total rank above the kernel's limit
     for part in parts:
         width, out = part.b.shape[1:]
-        expand(u.data_ptr(), rank, part.cols.start, width, rows.data_ptr(), slots.data_ptr(), count,
+        expand(u.data_ptr(), rank, part.cols.start, width, rows.data_ptr(), starts.data_ptr(), groups,
                part.b.data_ptr(), out, y.data_ptr(), y.stride(0), part.out.start, threads)
     return True
