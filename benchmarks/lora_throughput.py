@@ -4,7 +4,8 @@ Every stream decodes ``--new-tokens`` greedy tokens after a ``--prompt-tokens`` 
 engine at once. The adapters are random PEFT files (rank ``--rank`` on q, k, v, o, gate, up and down,
 what a personality adapter trained on every projection looks like), written to a temporary folder.
 The figure is decode throughput (generated tokens per second, summed over the streams); the goal is at
-least 0.8x the base model's.
+least 0.8x the base model's. On the CPU the adapters' rows go through the C++ kernels of ``lora_rows.cpp``;
+the same cases with torch's batched products instead are measured beside them.
 
     python benchmarks/lora_throughput.py [--model NAME_OR_PATH] [--threads 2] [--repeats 3] [--rank 8]
 """
@@ -27,7 +28,9 @@ from common import machine_info, markdown_table, summarize, write_results  # noq
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine  # noqa: E402
 from gllm.loader.registry import DEFAULT_MODEL  # noqa: E402
+from gllm.lora import grouped  # noqa: E402
 from gllm.lora.adapter import projection_shapes  # noqa: E402
+from gllm.ops import cpu_kernels  # noqa: E402
 
 STREAMS = 16
 
@@ -80,10 +83,14 @@ def main() -> None:
         prompts = [torch.randint(100, 40000, (args.prompt_tokens,), generator=gen).tolist() for _ in range(STREAMS)]
         cases = {"base model": [None] * STREAMS, f"{STREAMS} adapters": [f"npc{i}" for i in range(STREAMS)],
                  "one adapter": ["npc0"] * STREAMS}  # fmt: skip
+        if engine.device.type == "cpu" and cpu_kernels.available():  # the same, with torch's products instead
+            cases |= {f"{STREAMS} adapters, torch products": cases[f"{STREAMS} adapters"],
+                      "one adapter, torch products": cases["one adapter"]}
         run(engine, prompts, cases["base model"], 8)  # warm-up
         rates = {name: [] for name in cases}
         for _ in range(args.repeats):  # interleaved, so that load on the machine hits every case alike
             for name, adapters in cases.items():
+                grouped.CPU_KERNELS = "torch products" not in name
                 engine.block_manager.pool.clear_cache()
                 rates[name].append(run(engine, prompts, adapters, args.new_tokens))
                 print(f"{name}: {rates[name][-1]:.1f} tok/s", file=sys.stderr, flush=True)

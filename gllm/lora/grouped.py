@@ -35,6 +35,7 @@ from gllm.ops.cpu_kernels import cpu_lora_rows
 
 LARGE_GROUP = 16  # rows of one adapter from which a group runs its own products
 STACKS_KEPT = 4
+CPU_KERNELS = True  # False: torch's products only (what ``benchmarks/lora_throughput.py`` compares with)
 
 
 def stack_sites(adapters: tuple[LoraAdapter, ...]) -> dict[str, SiteUpdate]:
@@ -124,7 +125,7 @@ class MixedRows:
         if self.triton:
             triton_add_updates(update, x if x.stride(-1) == 1 else x.contiguous(), y, self.row_index, self.row_slot)
             return
-        if self.on_cpu and cpu_lora_rows(update.a, update.parts, x, y, self.row_index, self.group_starts):
+        if self.on_cpu and CPU_KERNELS and cpu_lora_rows(update.a, update.parts, x, y, self.row_index, self.group_starts):
             return
         n, depth = self.count, self.depth
         if self.slots is None:
@@ -161,7 +162,7 @@ class LoraBatch:
         for a, s, e in runs:
             if e - s < LARGE_GROUP:
                 by_adapter.setdefault(a, []).extend(range(s, e))
-        kernels = device.type == "cpu" and cpu_kernels.available()  # they read one adapter once per 8 rows too
+        kernels = CPU_KERNELS and device.type == "cpu" and cpu_kernels.available()  # one adapter's rows too
         if len(by_adapter) == 1 and not kernels:
             (adapter, index), = by_adapter.items()
             rows: Rows = (slice(index[0], index[-1] + 1) if index[-1] - index[0] + 1 == len(index)
