@@ -121,14 +121,14 @@ def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveSe
     signals = Signals()
     signals.install()
     own_ray = args.ray_address is None
-    if own_ray:
-        ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas * threads), include_dashboard=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
-    else:
-        ray.init(address=args.ray_address, log_to_driver=True)
-    signals.install()
     relay, ran = None, False
     try:
+        if own_ray:
+            ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas * threads), include_dashboard=False,
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
+        else:
+            ray.init(address=args.ray_address, log_to_driver=True)
+        signals.install()
         serve.start(proxy_location="Disabled")
         config = ReplicaConfig(str(args.model), args.device, args.dtype, args.quantize, threads, args.max_batch_size,
                                args.max_seq_len, args.kv_blocks, args.kv_memory, args.max_pinned_memory, limits,
@@ -163,10 +163,14 @@ def serve_cluster(args: argparse.Namespace, limits: ServerLimits, curve: CurveSe
 
         def clean_up() -> None:
             try:
-                serve.delete(APP_NAME)
+                if ray.is_initialized():
+                    serve.delete(APP_NAME)
+                    if own_ray:
+                        serve.shutdown()
+            except Exception as exc:  # Ray gone, or Serve never started: nothing more to remove
+                log.warning("cleaning up Ray Serve: %s", exc)
             finally:
                 if own_ray:
-                    serve.shutdown()
                     ray.shutdown()
 
         cleaner = threading.Thread(target=clean_up, name="gllm-cluster-cleanup", daemon=True)
