@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ class SiteUpdate:
 
     a: torch.Tensor  # [in, total rank]; stacked (``gllm.lora.grouped``): [adapters, in, total rank]
     parts: list[SitePart]
+    kernel_args: Any = field(default=None, repr=False, compare=False)  # a stack's, as the CPU kernel reads it
 
 
 def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

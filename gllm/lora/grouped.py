@@ -125,7 +125,7 @@ class MixedRows:
         if self.triton:
             triton_add_updates(update, x if x.stride(-1) == 1 else x.contiguous(), y, self.row_index, self.row_slot)
             return
-        if self.on_cpu and CPU_KERNELS and cpu_lora_rows(update.a, update.parts, x, y, self.row_index, self.group_starts):
+        if self.on_cpu and CPU_KERNELS and cpu_lora_rows(update, x, y, self.row_index, self.group_starts):
             return
         n, depth = self.count, self.depth
         if self.slots is None:

@@ -36,8 +36,8 @@ SIGNATURES = {  # name: argument types, result type, dtypes it is compiled for
     "rope_write_kv": ([_PTR] * 7 + [_I64, _INT, _INT, _INT] + [_I64] * 4 + [_INT], None, SUFFIX),
     "decode_attention": ([_PTR] * 6 + [_INT] * 5 + [_I64, _I64, _FLOAT, _I64, _FLOAT, _INT], _INT, SUFFIX),
     "argmax_logsumexp": ([_PTR] + [_I64] * 3 + [_PTR, _PTR, _INT], None, [torch.float32]),
-    "lora_shrink": ([_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _INT], _INT, SUFFIX),
-    "lora_expand": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _INT], None, SUFFIX),
+    "lora_site": ([_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT], _INT,
+                  SUFFIX),
 }
 
 
@@ -175,27 +175,27 @@ def cpu_argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (argmax, lse) if rows == 0 or bool(torch.isfinite(lse).all()) else None
 
 
-def cpu_lora_rows(a: torch.Tensor, parts, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
-                  starts: torch.Tensor) -> bool:
-    """``y[rows[i], part.out] += (x[rows[i]] @ a[g])[part.cols] @ part.b[g]`` for every part and every ``i`` of
-    group ``g`` (``starts[g] <= i < starts[g + 1]``), in place (``lora_rows.cpp``); False, changing nothing,
-    when the kernels cannot take these tensors. ``a``: ``[adapters, in, R]``; each part's ``b``:
-    ``[adapters, w, out columns]``; ``rows``, ``starts``: int32."""
-    dtype = x.dtype
-    shrink, expand = kernels().get(("lora_shrink", dtype)), kernels().get(("lora_expand", dtype))
-    tensors = [a, y, *(part.b for part in parts)]
-    if (shrink is None or x.stride(-1) != 1 or y.stride(-1) != 1 or any(t.dtype != dtype for t in tensors)
-            or not all(t.is_contiguous() for t in [a, *(part.b for part in parts)])):
+def cpu_lora_rows(update, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor) -> bool:
+    """``y[rows[i], part.out] += (x[rows[i]] @ a[g])[part.cols] @ part.b[g]`` for every part of a stacked
+    ``update`` (``gllm.lora.grouped``) and every ``i`` of group ``g`` (``starts[g] <= i < starts[g + 1]``), in
+    place, in one call (``lora_rows.cpp``); False, changing nothing, when the kernel cannot take these
+    tensors. ``a``: ``[adapters, in, R]``; each part's ``b``: ``[adapters, w, out columns]``; ``rows``,
+    ``starts``: int32."""
+    fn = kernels().get(("lora_site", x.dtype))
+    if fn is None or x.stride(-1) != 1 or y.stride(-1) != 1 or y.dtype != x.dtype:
+        return False
+    args = update.kernel_args
+    if args is None:  # once per stacked update: the parts' places and matrices, as the kernel reads them
+        a, bs = update.a, [part.b for part in update.parts]
+        usable = all(t.dtype == x.dtype and t.is_contiguous() for t in [a, *bs]) and a.shape[2] <= 256
+        info = torch.tensor([[p.cols.start, p.b.shape[1], p.out.start, p.b.shape[2]] for p in update.parts])
+        pointers = torch.tensor([b.data_ptr() for b in bs], dtype=torch.int64)
+        args = update.kernel_args = (usable, a, info, pointers)
+    usable, a, info, pointers = args
+    if not usable or a.dtype != x.dtype:
         return False
     count, (d_in, rank) = rows.numel(), a.shape[1:]
     u = torch.empty(count, rank, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    groups = starts.numel() - 1
-    if shrink(x.data_ptr(), x.stride(0), rows.data_ptr(), starts.data_ptr(), groups, a.data_ptr(), d_in, rank,
-              u.data_ptr(), threads):
-        return False  # a total rank above the kernel's limit
-    for part in parts:
-        width, out = part.b.shape[1:]
-        expand(u.data_ptr(), rank, part.cols.start, width, rows.data_ptr(), starts.data_ptr(), groups,
-               part.b.data_ptr(), out, y.data_ptr(), y.stride(0), part.out.start, threads)
-    return True
+    return not fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), rows.data_ptr(), starts.data_ptr(),
+                  starts.numel() - 1, a.data_ptr(), d_in, rank, len(pointers), info.data_ptr(), pointers.data_ptr(),
+                  u.data_ptr(), torch.get_num_threads())

@@ -2,9 +2,9 @@
 //
 // The rows come grouped by adapter: group g is rows[starts[g]] .. rows[starts[g + 1] - 1] of the batch, under
 // the adapter at place g of the step's stacks (a: [adapters, in, R]; each output part's b: [adapters, w, out]).
-// Two passes, like the Triton kernels of gllm/lora/triton_lora.py:
-//   lora_shrink: u[i, :] = x[rows[i], :] @ a[g]                       (float32 u, summed in float32)
-//   lora_expand: y[rows[i], out0 + n] += u[i, col0 + :w] @ b[g][:, n]  (summed in float32, one rounding)
+// One call per site (lora_site), two passes, like the Triton kernels of gllm/lora/triton_lora.py:
+//   shrink: u[i, :] = x[rows[i], :] @ a[g]                       (float32 u, summed in float32)
+//   expand: y[rows[i], out0 + n] += u[i, col0 + :w] @ b[g][:, n]  (per projection; float32 sums, one rounding)
 // Each adapter's matrices are read in place, once for every ROW_BLOCK rows of its group: no padding to the
 // busiest adapter, no gathered copies, and one adapter's many decode rows read it about once. OpenMP
 // across groups, row blocks (and column tiles).
@@ -17,9 +17,9 @@ using bf16 = uint16_t;
 
 namespace {
 
-constexpr int64_t COLUMN_TILE = 256;  // output columns one task of lora_expand sums
+constexpr int64_t COLUMN_TILE = 256;  // output columns one expand task sums
 constexpr int64_t ROW_BLOCK = 8;      // rows of one group that share each read of the adapter
-constexpr int MAX_RANK = 256;         // total rank of a site that lora_shrink takes (the caller checks)
+constexpr int MAX_RANK = 256;         // total rank of a site the kernel takes (it refuses more)
 
 inline float load(float x) { return x; }
 inline float load(bf16 x) { return __builtin_bit_cast(float, uint32_t(x) << 16); }
@@ -43,51 +43,73 @@ std::vector<Block> blocks(const int32_t* starts, int64_t groups) {
 }
 
 template <typename T>
-void shrink(const T* x, int64_t sx, const int32_t* rows, const int32_t* starts, int64_t groups, const T* a,
-            int64_t d_in, int64_t rank, float* u, int threads) {
-    const std::vector<Block> work = blocks(starts, groups);
-    const int64_t tasks = int64_t(work.size());
-#pragma omp parallel for num_threads(threads) if (tasks > 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-        const Block b = work[t];
-        const T* ag = a + b.g * d_in * rank;
-        float acc[ROW_BLOCK][MAX_RANK] = {};
-        for (int64_t j = 0; j < d_in; ++j) {
-            const T* aj = ag + j * rank;
-            for (int64_t i = 0; i < b.count; ++i) {
-                const float xj = load(x[int64_t(rows[b.first + i]) * sx + j]);
-                float* acc_i = acc[i];
+void shrink_block(const T* x, int64_t sx, const int32_t* rows, Block b, const T* a, int64_t d_in, int64_t rank,
+                  float* u) {
+    const T* ag = a + b.g * d_in * rank;
+    float acc[ROW_BLOCK][MAX_RANK] = {};
+    for (int64_t j = 0; j < d_in; ++j) {
+        const T* aj = ag + j * rank;
+        for (int64_t i = 0; i < b.count; ++i) {
+            const float xj = load(x[int64_t(rows[b.first + i]) * sx + j]);
+            float* acc_i = acc[i];
 #pragma omp simd
-                for (int64_t r = 0; r < rank; ++r) acc_i[r] += xj * load(aj[r]);
-            }
+            for (int64_t r = 0; r < rank; ++r) acc_i[r] += xj * load(aj[r]);
         }
-        for (int64_t i = 0; i < b.count; ++i) std::copy(acc[i], acc[i] + rank, u + (b.first + i) * rank);
+    }
+    for (int64_t i = 0; i < b.count; ++i) std::copy(acc[i], acc[i] + rank, u + (b.first + i) * rank);
+}
+
+struct Part {  // one projection of the site: y[:, out0 : out0 + out_cols] += u[:, col0 : col0 + width] @ b
+    int64_t col0, width, out0, out_cols;
+};
+
+template <typename T>
+void expand_tile(const float* u, int64_t rank, const int32_t* rows, Block blk, Part p, const T* b, int64_t start,
+                 T* y, int64_t sy) {
+    const int64_t n = std::min(p.out_cols, start + COLUMN_TILE) - start;
+    const T* bg = b + blk.g * p.width * p.out_cols + start;
+    float acc[ROW_BLOCK][COLUMN_TILE] = {};
+    for (int64_t w = 0; w < p.width; ++w) {
+        const T* bw = bg + w * p.out_cols;
+        for (int64_t i = 0; i < blk.count; ++i) {
+            const float uw = u[(blk.first + i) * rank + p.col0 + w];
+            float* acc_i = acc[i];
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) acc_i[c] += uw * load(bw[c]);
+        }
+    }
+    for (int64_t i = 0; i < blk.count; ++i) {
+        T* yi = y + int64_t(rows[blk.first + i]) * sy + p.out0 + start;
+        for (int64_t c = 0; c < n; ++c) store(yi + c, load(yi[c]) + acc[i][c]);
     }
 }
 
+// One site in one call: the shrink of every row block, then (after the barrier) the expand of every part,
+// row block and column tile.
 template <typename T>
-void expand(const float* u, int64_t rank, int64_t col0, int64_t width, const int32_t* rows, const int32_t* starts,
-            int64_t groups, const T* b, int64_t out_cols, T* y, int64_t sy, int64_t out0, int threads) {
+void site(const T* x, int64_t sx, T* y, int64_t sy, const int32_t* rows, const int32_t* starts, int64_t groups,
+          const T* a, int64_t d_in, int64_t rank, int64_t num_parts, const int64_t* part_info, const int64_t* b_ptrs,
+          float* u, int threads) {
     const std::vector<Block> work = blocks(starts, groups);
-    const int64_t tiles = (out_cols + COLUMN_TILE - 1) / COLUMN_TILE, tasks = int64_t(work.size()) * tiles;
-#pragma omp parallel for num_threads(threads) if (tasks > 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-        const Block blk = work[t / tiles];
-        const int64_t start = (t % tiles) * COLUMN_TILE, n = std::min(out_cols, start + COLUMN_TILE) - start;
-        const T* bg = b + blk.g * width * out_cols + start;
-        float acc[ROW_BLOCK][COLUMN_TILE] = {};
-        for (int64_t w = 0; w < width; ++w) {
-            const T* bw = bg + w * out_cols;
-            for (int64_t i = 0; i < blk.count; ++i) {
-                const float uw = u[(blk.first + i) * rank + col0 + w];
-                float* acc_i = acc[i];
-#pragma omp simd
-                for (int64_t c = 0; c < n; ++c) acc_i[c] += uw * load(bw[c]);
-            }
-        }
-        for (int64_t i = 0; i < blk.count; ++i) {
-            T* yi = y + int64_t(rows[blk.first + i]) * sy + out0 + start;
-            for (int64_t c = 0; c < n; ++c) store(yi + c, load(yi[c]) + acc[i][c]);
+    struct Task {
+        int64_t part, block, start;
+    };
+    std::vector<Task> tasks;
+    for (int64_t p = 0; p < num_parts; ++p)
+        for (int64_t k = 0; k < int64_t(work.size()); ++k)
+            for (int64_t start = 0; start < part_info[4 * p + 3]; start += COLUMN_TILE) tasks.push_back({p, k, start});
+    const int64_t shrinks = int64_t(work.size()), expands = int64_t(tasks.size());
+#pragma omp parallel num_threads(threads) if (expands > 1)
+    {
+#pragma omp for
+        for (int64_t t = 0; t < shrinks; ++t) shrink_block(x, sx, rows, work[t], a, d_in, rank, u);
+#pragma omp for
+        for (int64_t t = 0; t < expands; ++t) {
+            const Task task = tasks[t];
+            const int64_t* info = part_info + 4 * task.part;
+            const Part part{info[0], info[1], info[2], info[3]};
+            expand_tile(u, rank, rows, work[task.block], part, reinterpret_cast<const T*>(b_ptrs[task.part]),
+                        task.start, y, sy);
         }
     }
 }
@@ -95,17 +117,13 @@ void expand(const float* u, int64_t rank, int64_t col0, int64_t width, const int
 }  // namespace
 
 #define LORA_KERNELS(T, suffix)                                                                                 \
-    extern "C" int lora_shrink_##suffix(const T* x, int64_t sx, const int32_t* rows, const int32_t* starts,     \
-                                        int64_t groups, const T* a, int64_t d_in, int64_t rank, float* u,       \
-                                        int threads) {                                                          \
+    extern "C" int lora_site_##suffix(const T* x, int64_t sx, T* y, int64_t sy, const int32_t* rows,             \
+                                      const int32_t* starts, int64_t groups, const T* a, int64_t d_in,           \
+                                      int64_t rank, int64_t num_parts, const int64_t* part_info,                 \
+                                      const int64_t* b_ptrs, float* u, int threads) {                            \
         if (rank > MAX_RANK) return 1;                                                                          \
-        shrink<T>(x, sx, rows, starts, groups, a, d_in, rank, u, threads);                                      \
+        site<T>(x, sx, y, sy, rows, starts, groups, a, d_in, rank, num_parts, part_info, b_ptrs, u, threads);   \
         return 0;                                                                                               \
-    }                                                                                                           \
-    extern "C" void lora_expand_##suffix(const float* u, int64_t rank, int64_t col0, int64_t width,            \
-                                         const int32_t* rows, const int32_t* starts, int64_t groups, const T* b, \
-                                         int64_t out_cols, T* y, int64_t sy, int64_t out0, int threads) {       \
-        expand<T>(u, rank, col0, width, rows, starts, groups, b, out_cols, y, sy, out0, threads);               \
     }
 
 LORA_KERNELS(float, f32)
