@@ -60,3 +60,9 @@ def test_adapter_in_bfloat16_stays_near_float32(setup):
 
     # bfloat16 moves logprobs by about 0.1 nat on average (test_default_model); the adapter by far more
     assert mean_gap(got, want) < min(0.3, mean_gap(plain, want) / 2)
+    # Decoding: each token's row goes through the grouped kernels (int8 copies of the adapter in bfloat16).
+    decoded = bf16.generate([GenerationRequest(messages=CHAT, max_new_tokens=24, temperature=0, adapter="guard")])[0]
+    rescored = ScoreRequest(messages=CHAT, candidates=[decoded.token_ids], adapter="guard")
+    want = f32.score(rescored).candidates[0].token_logprobs
+    plain = f32.score(ScoreRequest(messages=CHAT, candidates=[decoded.token_ids])).candidates[0].token_logprobs
+    assert mean_gap(decoded.logprobs, want) < min(0.3, mean_gap(plain, want) / 2)
