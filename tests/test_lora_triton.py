@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from gllm.engine import GenerationRequest, GeneratorParams, LLMEngine  # noqa: E402
-from gllm.lora import grouped  # noqa: E402
+from gllm.lora import grouped, triton_lora  # noqa: E402
 from gllm.lora.adapter import SitePart, SiteUpdate  # noqa: E402
 from gllm.ops.backend import triton_available  # noqa: E402
 from lora_fixtures import make_adapter  # noqa: E402
@@ -67,8 +67,8 @@ def test_an_engine_on_triton_runs_mixed_adapter_rows_through_the_kernels(gqa_mod
     make_adapter(hf, tmp_path / "a", seed=2)
     make_adapter(hf, tmp_path / "b", seed=3, targets=["q_proj", "v_proj", "down_proj"], r=8, alpha=4)
     launches = []
-    real = grouped.triton_add_updates
-    monkeypatch.setattr(grouped, "triton_add_updates", lambda *args: launches.append(1) or real(*args))
+    real = triton_lora.triton_add_updates
+    monkeypatch.setattr(triton_lora, "triton_add_updates", lambda *args: launches.append(1) or real(*args))
     params = GeneratorParams(block_size=8, max_batch_size=8, max_seq_len=128, max_num_batched_tokens=48)
     requests = [GenerationRequest(prompt_token_ids=p, max_new_tokens=6, temperature=0, adapter=name)
                 for p in PROMPTS[:2] for name in ("a", "b", None)]  # fmt: skip

@@ -29,7 +29,6 @@ from collections import OrderedDict
 import torch
 
 from gllm.lora.adapter import LoraAdapter, SitePart, SiteUpdate
-from gllm.lora.triton_lora import triton_add_updates
 from gllm.ops import cpu_kernels
 from gllm.ops.cpu_kernels import cpu_lora_rows
 
@@ -122,8 +121,11 @@ class MixedRows:
             self.slots = torch.tensor(slots, device=device)
 
     def apply(self, update: SiteUpdate, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.triton:
-            triton_add_updates(update, x if x.stride(-1) == 1 else x.contiguous(), y, self.row_index, self.row_slot)
+        if self.triton:  # imported here: Triton stays out of processes that never launch it
+            from gllm.lora import triton_lora
+
+            triton_lora.triton_add_updates(update, x if x.stride(-1) == 1 else x.contiguous(), y, self.row_index,
+                                           self.row_slot)
             return
         if self.on_cpu and CPU_KERNELS and cpu_lora_rows(update, x, y, self.row_index, self.group_starts):
             return
