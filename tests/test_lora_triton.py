@@ -17,7 +17,7 @@ from gllm.lora import grouped, triton_lora  # noqa: E402
 from gllm.lora.adapter import SitePart, SiteUpdate  # noqa: E402
 from gllm.ops.backend import triton_available  # noqa: E402
 from lora_fixtures import make_adapter  # noqa: E402
-from test_lora import PROMPTS, greedy  # noqa: E402
+from test_lora import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="no GPU and no Triton interpreter")
 
