@@ -43,7 +43,7 @@ SOURCES = {  # source: its x86 target flags
     "quant_amx.cpp": [*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
 }
 EXACT_SOURCES = {"quant_dispatch.cpp"}  # dequantizes as gguf does: no fused multiply-adds
-HEADERS = ("quant_formats.h", "quant_x86.h")
+HEADERS = ("bf16.h", "quant_formats.h", "quant_x86.h")
 FLAG_SETS = (  # tried in turn: the first that builds wins
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],

@@ -11,24 +11,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "bf16.h"
 #include <limits>
 #include <tuple>
 
 namespace {
 
-using bf16 = uint16_t;
 constexpr int TILE = 32;         // cached tokens scored at a time by decode attention
 constexpr int64_t PARALLEL_MIN = 1 << 13;  // element-wise work below this many values stays on one thread
-
-inline float load(float x) { return x; }
-inline float load(bf16 x) { return __builtin_bit_cast(float, uint32_t(x) << 16); }
-
-inline void store(float* p, float x) { *p = x; }
-inline void store(bf16* p, float x) {  // round to nearest even, as torch does; NaN stays NaN
-    uint32_t u = __builtin_bit_cast(uint32_t, x);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    *p = bf16((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-}
 
 template <typename T>
 inline float round_to(float x) {  // x as a T would hold it

@@ -11,24 +11,16 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "bf16.h"
 #include <vector>
 
-using bf16 = uint16_t;
 
 namespace {
 
 constexpr int64_t COLUMN_TILE = 256;  // output columns one expand task sums
 constexpr int64_t ROW_BLOCK = 8;      // rows of one group that share each read of the adapter
 constexpr int MAX_RANK = 256;         // total rank of a site the kernel takes (it refuses more)
-
-inline float load(float x) { return x; }
-inline float load(bf16 x) { return __builtin_bit_cast(float, uint32_t(x) << 16); }
-inline void store(float* p, float x) { *p = x; }
-inline void store(bf16* p, float x) {  // round to nearest even, as torch does; NaN stays NaN
-    uint32_t u = __builtin_bit_cast(uint32_t, x);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    *p = bf16((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-}
 
 struct Block {  // up to ROW_BLOCK rows of one group: rows list [first, first + count), adapter g
     int64_t g, first, count;
